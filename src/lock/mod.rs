@@ -1,0 +1,1 @@
+//! Cross-node locks on shared storage (placeholder; see issue 3).
