@@ -15,3 +15,4 @@
 
 pub mod config;
 pub mod lock;
+pub mod cluster;

@@ -1,0 +1,13 @@
+//! The cluster: the registry (trait + PostgreSQL + SQLite), the node
+//! lifecycle (start-up checks, check-ins, load reports, shutdown), address
+//! resolution, change notifications and the in-memory view of nodes and
+//! sessions that routing reads. It knows no HTTP.
+
+pub mod model;
+pub mod postgres;
+pub mod registry;
+mod sql;
+pub mod sqlite;
+
+pub use model::*;
+pub use registry::{NewSession, Registry, RegistryError, connect};
