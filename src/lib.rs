@@ -16,3 +16,6 @@
 pub mod config;
 pub mod lock;
 pub mod cluster;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;

@@ -1,1 +1,237 @@
-fn main(){}
+//! `sessionlb-demo-backend`: a small stand-in for an IDE server, for the
+//! quick start, the multi-node tests and the benchmarks.
+//!
+//! It says which backend it is on every response (`X-Backend` header) and
+//! mints Workbench-style session keys: `GET /new-session` returns a fresh
+//! `/s/<key>/` URL, and `/s/<key>/...` answers 200 only for keys this
+//! backend minted (404 otherwise), as a real IDE server would.
+//!
+//! Routes: `/` and `/s/<key>/...` (text), `/new-session`, `/headers` (the
+//! request headers as JSON), `/ws` and `/s/<key>/ws` (WebSocket echo, first
+//! message `hello from <name>`), `/sse?events=N&interval_ms=M`,
+//! `/download?bytes=N` (streamed), `POST /upload` (streamed; returns the
+//! byte count and SHA-256), `/status/<code>`, `/bench` (2-byte body).
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::response::Response;
+use axum::routing::{any, get, post};
+use axum::Router;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+struct Backend {
+    name: String,
+    keys: Mutex<HashSet<String>>,
+}
+
+type Shared = Arc<Backend>;
+
+fn tagged(state: &Backend, status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("x-backend", HeaderValue::from_str(&state.name).expect("name is a header value"));
+    resp
+}
+
+async fn root(State(s): State<Shared>) -> Response {
+    let body = format!("backend {}\n", s.name);
+    tagged(&s, StatusCode::OK, body)
+}
+
+async fn bench(State(s): State<Shared>) -> Response {
+    tagged(&s, StatusCode::OK, "ok")
+}
+
+async fn new_session(State(s): State<Shared>) -> Response {
+    // Workbench's shape: 5 hex (user) + 8 hex (project) + 8 hex (session).
+    let key = hex::encode(rand::random::<[u8; 11]>())[..21].to_string();
+    s.keys.lock().insert(key.clone());
+    let body = serde_json::json!({ "key": key, "url": format!("/s/{key}/"), "backend": s.name }).to_string();
+    let mut resp = tagged(&s, StatusCode::OK, body);
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn session_page(State(s): State<Shared>, Path((key, rest)): Path<(String, String)>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Response {
+    if !s.keys.lock().contains(&key) {
+        return tagged(&s, StatusCode::NOT_FOUND, format!("unknown session {key} on backend {}\n", s.name));
+    }
+    if rest == "ws" {
+        return match ws {
+            Ok(ws) => {
+                let name = s.name.clone();
+                ws.on_upgrade(move |socket| echo(socket, name))
+            }
+            Err(_) => tagged(&s, StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n"),
+        };
+    }
+    tagged(&s, StatusCode::OK, format!("session {key} on backend {}: /{rest}\n", s.name))
+}
+
+async fn session_root(state: State<Shared>, Path(key): Path<String>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Response {
+    session_page(state, Path((key, String::new())), ws).await
+}
+
+async fn headers(State(s): State<Shared>, req: Request) -> Response {
+    let mut map = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        map.insert(name.as_str().to_string(), serde_json::Value::String(value.to_str().unwrap_or("<binary>").to_string()));
+    }
+    let body = serde_json::json!({ "backend": s.name, "method": req.method().as_str(), "uri": req.uri().to_string(), "headers": map });
+    tagged(&s, StatusCode::OK, body.to_string())
+}
+
+async fn ws_root(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
+    let name = s.name.clone();
+    ws.on_upgrade(move |socket| echo(socket, name))
+}
+
+async fn echo(mut socket: WebSocket, name: String) {
+    if socket.send(Message::Text(format!("hello from {name}").into())).await.is_err() {
+        return;
+    }
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(t) => Message::Text(t),
+            Message::Binary(b) => Message::Binary(b),
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct SseParams {
+    events: Option<u32>,
+    interval_ms: Option<u64>,
+}
+
+async fn sse(State(s): State<Shared>, Query(p): Query<SseParams>) -> Response {
+    let events = p.events.unwrap_or(5);
+    let interval = Duration::from_millis(p.interval_ms.unwrap_or(100));
+    let name = s.name.clone();
+    let stream = futures::stream::unfold(0u32, move |i| {
+        let name = name.clone();
+        async move {
+            if i >= events {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: event {i} from {name}\n\n"))), i + 1))
+        }
+    });
+    let mut resp = tagged(&s, StatusCode::OK, Body::from_stream(stream));
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp
+}
+
+#[derive(Deserialize)]
+struct DownloadParams {
+    bytes: Option<u64>,
+}
+
+/// Deterministic content: byte i is `i % 251`.
+async fn download(State(s): State<Shared>, Query(p): Query<DownloadParams>) -> Response {
+    let total = p.bytes.unwrap_or(1 << 20);
+    const CHUNK: u64 = 64 * 1024;
+    let stream = futures::stream::unfold(0u64, move |sent| async move {
+        if sent >= total {
+            return None;
+        }
+        let n = CHUNK.min(total - sent);
+        let chunk: Vec<u8> = (sent..sent + n).map(|i| (i % 251) as u8).collect();
+        Some((Ok::<_, Infallible>(Bytes::from(chunk)), sent + n))
+    });
+    let mut resp = tagged(&s, StatusCode::OK, Body::from_stream(stream));
+    resp.headers_mut().insert("content-length", HeaderValue::from(total));
+    resp
+}
+
+async fn upload(State(s): State<Shared>, req: Request) -> Response {
+    let mut body = req.into_body().into_data_stream();
+    let mut hasher = Sha256::new();
+    let mut bytes: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => {
+                bytes += c.len() as u64;
+                hasher.update(&c);
+            }
+            Err(e) => return tagged(&s, StatusCode::BAD_REQUEST, format!("upload failed: {e}\n")),
+        }
+    }
+    let body = serde_json::json!({ "bytes": bytes, "sha256": hex::encode(hasher.finalize()), "backend": s.name });
+    tagged(&s, StatusCode::OK, body.to_string())
+}
+
+async fn status(State(s): State<Shared>, Path(code): Path<u16>) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+    tagged(&s, code, format!("status {code} from {}\n", s.name))
+}
+
+async fn fallback(State(s): State<Shared>, req: Request) -> Response {
+    tagged(&s, StatusCode::OK, format!("backend {}: {}\n", s.name, req.uri().path()))
+}
+
+fn usage() -> ! {
+    eprintln!("usage: sessionlb-demo-backend --listen ADDR:PORT --name NAME");
+    std::process::exit(64)
+}
+
+fn main() {
+    let mut listen: Option<SocketAddr> = None;
+    let mut name = String::from("backend");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listen = args.next().and_then(|v| v.parse().ok()).or_else(|| usage()),
+            "--name" => name = args.next().unwrap_or_else(|| usage()),
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    let listen = listen.unwrap_or_else(|| "127.0.0.1:8788".parse().expect("literal"));
+    let state = Arc::new(Backend { name, keys: Mutex::new(HashSet::new()) });
+    let app = Router::new()
+        .route("/", get(root))
+        .route("/bench", get(bench))
+        .route("/new-session", get(new_session))
+        .route("/s/{key}", any(session_root))
+        .route("/s/{key}/", any(session_root))
+        .route("/s/{key}/{*rest}", any(session_page))
+        .route("/headers", any(headers))
+        .route("/ws", get(ws_root))
+        .route("/sse", get(sse))
+        .route("/download", get(download))
+        .route("/upload", post(upload))
+        .route("/status/{code}", any(status))
+        .fallback(fallback)
+        .with_state(state);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| {
+            eprintln!("cannot listen on {listen}: {e}");
+            std::process::exit(1)
+        });
+        eprintln!("demo backend listening on {listen}");
+        axum::serve(listener, app).await.expect("server");
+    });
+}

@@ -1,21 +1,23 @@
 //! Command-line interface (clap derive): global options, the subcommand
 //! list, configuration loading and exit codes. Each command lives in its own
 //! file; this is the only place that uses `anyhow`.
+mod check_config;
 mod locktester;
+mod nodes;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use sessionlb::config::{Config, DEFAULT_CONFIG_PATH};
+use sessionlb::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
-/// Exit code for configuration errors (sysexits EX_USAGE... EX_CONFIG is 78).
+/// Exit code for configuration errors (sysexits `EX_CONFIG`).
 pub const EXIT_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "sessionlb", version, about = "Session-aware load balancer for web-IDE clusters")]
+#[command(name = "sessionlb", version, about = "Session-aware load balancer for web-IDE clusters (RStudio/Posit Workbench, Jupyter, code-server)")]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -26,49 +28,81 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
-    /// Native configuration file.
+    /// Native configuration file [default: /etc/sessionlb/sessionlb.toml if it exists, else built-in defaults].
     #[arg(long, global = true, env = "SESSIONLB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Read an existing Workbench configuration directory (load-balancer,
-    /// rserver.conf, database.conf, file-locks, secure-cookie-key) over the
-    /// native file.
+    /// Also read an existing Workbench configuration directory
+    /// (load-balancer, rserver.conf, database.conf, file-locks,
+    /// secure-cookie-key); its settings override the native file's.
     #[arg(long, global = true, value_name = "DIR")]
     pub rstudio_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run this node: join the cluster and proxy requests.
+    Serve(serve::ServeArgs),
+    /// List the cluster's nodes (online first), with status, last check-in, version and clock skew.
+    ListNodes,
+    /// Remove a node from the registry; its sessions are re-placed on their next request.
+    DeleteNode(nodes::DeleteNodeArgs),
+    /// Clear the cluster record: the next node to start defines key fingerprint and protocol anew.
+    ResetCluster,
+    /// Put this node (or --node ID) in offline mode: it keeps its sessions and takes no new ones.
+    Offline(nodes::ModeArgs),
+    /// Take this node (or --node ID) out of offline mode.
+    Online(nodes::ModeArgs),
+    /// Validate the configuration and print the effective settings (the key itself is never printed).
+    CheckConfig,
     /// Check which lock types the shared storage supports (run on two nodes).
     Locktester(locktester::LocktesterArgs),
 }
 
 impl GlobalOpts {
-    /// Load the configuration: `--config`, else the default path if it
-    /// exists, else built-in defaults; then `--rstudio-config` over it.
-    pub fn load_config(&self) -> Result<Config, sessionlb::config::ConfigError> {
-        let default = Path::new(DEFAULT_CONFIG_PATH);
-        let file = match &self.config {
-            Some(p) => Some(p.as_path()),
-            None if default.exists() => Some(default),
-            None => None,
-        };
-        Config::load(file, self.rstudio_config.as_deref())
+    /// The native file to read: `--config`, else the default path if it exists.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        match &self.config {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        }
     }
+
+    /// Load the configuration: `--config` (or the default file), then
+    /// `--rstudio-config` over it; built-in defaults for the rest.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        Config::load(self.config_file().as_deref(), self.rstudio_config.as_deref())
+    }
+}
+
+/// Print a configuration error and return the config exit code.
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args, &cli.global);
+    }
+    sessionlb::telemetry::init_cli();
     let config = match cli.global.load_config() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+        Err(e) => return config_failure(&e),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(_) => unreachable!("handled above"),
+            Command::ListNodes => nodes::list_nodes(&config).await,
+            Command::DeleteNode(args) => nodes::delete_node(&config, args).await,
+            Command::ResetCluster => nodes::reset_cluster(&config).await,
+            Command::Offline(args) => nodes::set_offline_mode(&config, args, true).await,
+            Command::Online(args) => nodes::set_offline_mode(&config, args, false).await,
+            Command::CheckConfig => check_config::run(&config, &cli.global),
+            Command::Locktester(args) => locktester::run(args, &config).await,
         }
-    };
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let result: anyhow::Result<()> = match cli.command {
-        Command::Locktester(args) => rt.block_on(locktester::run(args, &config)).context("locktester"),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -76,4 +110,9 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Display helper for paths in messages.
+pub fn show(p: &Path) -> String {
+    p.display().to_string()
 }

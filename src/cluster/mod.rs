@@ -3,11 +3,17 @@
 //! resolution, change notifications and the in-memory view of nodes and
 //! sessions that routing reads. It knows no HTTP.
 
+pub mod address;
+pub mod load;
 pub mod model;
+pub mod node;
 pub mod postgres;
 pub mod registry;
 mod sql;
 pub mod sqlite;
+pub mod sync;
+pub mod view;
 
 pub use model::*;
 pub use registry::{NewSession, Registry, RegistryError, connect};
+pub use view::ClusterView;

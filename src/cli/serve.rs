@@ -1,0 +1,81 @@
+//! `sessionlb serve`: run a node, optionally with the quick-start defaults.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use sessionlb::config::{Config, DatabaseUrl, key};
+
+use super::{GlobalOpts, config_failure, show};
+
+/// Options of `sessionlb serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Run a single node with everything local: a SQLite registry, a
+    /// secure cookie key generated (mode 0600) if missing, and a local
+    /// shared-storage folder, all under --state-dir; listen on
+    /// 127.0.0.1:8787 and proxy to a backend on 127.0.0.1:8788 unless the
+    /// configuration says otherwise.
+    #[arg(long)]
+    pub quick_start: bool,
+    /// Where --quick-start keeps its registry, key and shared storage.
+    #[arg(long, default_value = "sessionlb-quickstart", value_name = "DIR")]
+    pub state_dir: PathBuf,
+}
+
+pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
+    let mut config = match global.load_config() {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    if args.quick_start
+        && let Err(message) = apply_quick_start(&mut config, &args, global.config_file().is_some())
+    {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(diag) = sessionlb::telemetry::init_serve(&config.server) {
+        tracing::info!(file = %diag.display(), "node-communication diagnostics are written to this file");
+    }
+    match sessionlb::server::serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "sessionlb cannot start");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Local single-machine defaults. Settings from a given config file win,
+/// except the state paths, which always live under the state dir.
+fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> Result<(), String> {
+    let dir = std::path::absolute(&args.state_dir).map_err(|e| format!("state dir {}: {e}", show(&args.state_dir)))?;
+    std::fs::create_dir_all(dir.join("shared-storage")).map_err(|e| format!("cannot create {}: {e}", show(&dir)))?;
+    config.cluster.database = DatabaseUrl::Sqlite(dir.join("registry.db"));
+    config.cluster.secure_cookie_key_file = dir.join("secure-cookie-key");
+    config.cluster.shared_storage_path = dir.join("shared-storage");
+    config.server.run_dir = dir.clone();
+    if !has_file {
+        config.node.www_address = [127, 0, 0, 1].into();
+        config.node.www_address_set = true;
+        config.node.backend = Some("127.0.0.1:8788".into());
+    }
+    let created = key::generate_if_missing(&config.cluster.secure_cookie_key_file)
+        .map_err(|e| format!("cannot create the secure cookie key {}: {e}", show(&config.cluster.secure_cookie_key_file)))?;
+    eprintln!(
+        "quick start: registry {}, shared storage {}, secure cookie key {}{}",
+        config.cluster.database.redacted(),
+        show(&config.cluster.shared_storage_path),
+        show(&config.cluster.secure_cookie_key_file),
+        if created { " (generated)" } else { "" }
+    );
+    eprintln!(
+        "quick start: listening on http://{}:{}/, backend {}",
+        config.node.www_address,
+        config.node.www_port,
+        config.node.backend.as_deref().unwrap_or("none (router)")
+    );
+    Ok(())
+}

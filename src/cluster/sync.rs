@@ -1,0 +1,120 @@
+//! Keeping the [`ClusterView`] fresh: load a full snapshot, then apply
+//! registry notifications. Node and cluster changes reload the (small) node
+//! table; session changes apply row by row; a `Resync` (lost connection,
+//! pruned log) reloads everything, retrying until the database answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::model::{ChangeEvent, NodeStatus};
+use super::registry::{ChangeStream, Registry, Result};
+use super::view::{ClusterView, NodeChanges};
+
+/// Load nodes, sessions and the cluster record into the view.
+pub async fn load_snapshot(registry: &dyn Registry, view: &ClusterView) -> Result<NodeChanges> {
+    let nodes = registry.list_nodes().await?;
+    let sessions = registry.list_sessions().await?;
+    let cluster = registry.cluster().await?;
+    let changes = view.set_nodes(nodes);
+    view.set_sessions(sessions);
+    view.set_cluster(cluster);
+    Ok(changes)
+}
+
+async fn reload_nodes(registry: &dyn Registry, view: &ClusterView) -> Result<NodeChanges> {
+    let nodes = registry.list_nodes().await?;
+    let cluster = registry.cluster().await?;
+    view.set_cluster(cluster);
+    Ok(view.set_nodes(nodes))
+}
+
+/// Follow notifications until `shutdown` turns true. Sends `true` on
+/// `self_deleted` when this node's row disappears.
+pub async fn follow(
+    registry: Arc<dyn Registry>,
+    view: Arc<ClusterView>,
+    mut changes: ChangeStream,
+    self_deleted: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            ev = changes.recv() => match ev {
+                Some(ev) => ev,
+                None => {
+                    tracing::error!("registry notification stream ended");
+                    return;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        // Coalesce a burst: one node reload serves many node events.
+        let mut batch = vec![first];
+        while let Ok(ev) = changes.try_recv() {
+            batch.push(ev);
+        }
+        let resync = batch.iter().any(|e| *e == ChangeEvent::Resync);
+        let nodes_changed = batch.iter().any(|e| matches!(e, ChangeEvent::Node { .. } | ChangeEvent::Cluster));
+        if resync {
+            let mut backoff = Duration::from_millis(100);
+            let node_changes = loop {
+                match load_snapshot(registry.as_ref(), &view).await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reloading the registry failed; routing continues on the cached view");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {},
+                            _ = shutdown.changed() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            tracing::info!(sessions = view.session_count(), "registry reloaded");
+            report(&view, &node_changes, &self_deleted);
+            continue;
+        }
+        for ev in batch {
+            match ev {
+                ChangeEvent::Session(record) => view.upsert_session(record),
+                ChangeEvent::SessionDelete { key } => view.remove_session(&key),
+                _ => {}
+            }
+        }
+        if nodes_changed {
+            match reload_nodes(registry.as_ref(), &view).await {
+                Ok(c) => report(&view, &c, &self_deleted),
+                Err(e) => tracing::warn!(error = %e, "reloading nodes failed; keeping the cached view"),
+            }
+        }
+    }
+}
+
+fn report(view: &ClusterView, c: &NodeChanges, self_deleted: &watch::Sender<bool>) {
+    for node in &c.joined {
+        tracing::info!(node = %node, "node joined the cluster");
+    }
+    for node in &c.removed {
+        tracing::info!(node = %node, "node deleted from the cluster");
+    }
+    for (node, status) in &c.status_changed {
+        match status {
+            NodeStatus::Online => tracing::info!(node = %node, "node online"),
+            NodeStatus::Offline => tracing::info!(node = %node, "node left the cluster (stopped)"),
+            other => tracing::info!(node = %node, status = %other, "node status changed"),
+        }
+    }
+    for (node, offline) in &c.offline_mode_changed {
+        if *offline {
+            tracing::info!(node = %node, "node entered offline mode: it keeps its sessions and takes no new ones");
+        } else {
+            tracing::info!(node = %node, "node left offline mode");
+        }
+    }
+    if view.nodes().get(view.self_id()).is_none() {
+        tracing::warn!("this node was deleted from the registry");
+        let _ = self_deleted.send(true);
+    }
+}

@@ -1,0 +1,390 @@
+//! The in-memory view of the cluster that routing reads: nodes (a
+//! copy-on-write snapshot), sessions (indexed by key, node and user),
+//! peer reachability, and local activity waiting to be written back.
+//!
+//! Kept fresh by `sync` from registry notifications; read on every request
+//! without touching the database. Local placements are inserted at once so
+//! that a node never waits for its own notification.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
+
+use super::model::*;
+
+/// All known nodes, sorted by id.
+#[derive(Debug, Default)]
+pub struct NodeSnapshot {
+    pub nodes: Vec<NodeRecord>,
+}
+
+impl NodeSnapshot {
+    pub fn get(&self, id: NodeId) -> Option<&NodeRecord> {
+        self.nodes.binary_search_by_key(&id, |n| n.id).ok().map(|i| &self.nodes[i])
+    }
+}
+
+/// A session as this node knows it, with local activity counters.
+#[derive(Debug)]
+pub struct SessionEntry {
+    pub record: SessionRecord,
+    /// Last request seen by this node (ms, local clock); 0 = none since the last write-back.
+    local_active: AtomicI64,
+    /// Upgraded/streaming connections open through this node.
+    open_streams: AtomicU32,
+}
+
+impl SessionEntry {
+    fn new(record: SessionRecord) -> SessionEntry {
+        SessionEntry { record, local_active: AtomicI64::new(0), open_streams: AtomicU32::new(0) }
+    }
+
+    /// Note a request for this session (cheap: one atomic store).
+    pub fn touch(&self, now_ms: i64) {
+        self.local_active.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// A long-lived connection opened (`+1`) or closed (`-1`).
+    pub fn stream_opened(&self) {
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stream_closed(&self) {
+        let _ = self.open_streams.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn open_streams(&self) -> u32 {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct SessionIndex {
+    by_key: HashMap<String, Arc<SessionEntry>>,
+    per_node: HashMap<NodeId, usize>,
+    by_user: HashMap<String, HashSet<String>>,
+}
+
+impl SessionIndex {
+    fn insert(&mut self, record: SessionRecord) {
+        let key = record.key.clone();
+        let fresh = Arc::new(SessionEntry::new(record));
+        if let Some(old) = self.by_key.get(&key) {
+            // Keep activity counters across updates of the same session.
+            fresh.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.remove(&key);
+        if let Some(node) = fresh.record.node_id {
+            *self.per_node.entry(node).or_default() += 1;
+        }
+        if let Some(user) = &fresh.record.user_name {
+            self.by_user.entry(user.clone()).or_default().insert(key.clone());
+        }
+        self.by_key.insert(key, fresh);
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Arc<SessionEntry>> {
+        let old = self.by_key.remove(key)?;
+        if let Some(node) = old.record.node_id
+            && let Some(n) = self.per_node.get_mut(&node)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_node.remove(&node);
+            }
+        }
+        if let Some(user) = &old.record.user_name
+            && let Some(keys) = self.by_user.get_mut(user)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+        Some(old)
+    }
+}
+
+/// What changed between two node snapshots, for logs and reactions.
+#[derive(Debug, Default, PartialEq)]
+pub struct NodeChanges {
+    pub joined: Vec<String>,
+    pub removed: Vec<String>,
+    pub status_changed: Vec<(String, NodeStatus)>,
+    pub offline_mode_changed: Vec<(String, bool)>,
+}
+
+/// This node's picture of the cluster.
+pub struct ClusterView {
+    self_id: NodeId,
+    nodes: ArcSwap<NodeSnapshot>,
+    cluster: RwLock<Option<ClusterRecord>>,
+    sessions: RwLock<SessionIndex>,
+    unreachable: RwLock<HashSet<NodeId>>,
+}
+
+impl ClusterView {
+    pub fn new(self_id: NodeId) -> ClusterView {
+        ClusterView {
+            self_id,
+            nodes: ArcSwap::from_pointee(NodeSnapshot::default()),
+            cluster: RwLock::new(None),
+            sessions: RwLock::new(SessionIndex::default()),
+            unreachable: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// This node's id.
+    pub fn self_id(&self) -> NodeId {
+        self.self_id
+    }
+
+    // --- nodes
+
+    /// The current node snapshot (cheap: one atomic load).
+    pub fn nodes(&self) -> Arc<NodeSnapshot> {
+        self.nodes.load_full()
+    }
+
+    /// This node's own row, if present.
+    pub fn self_node(&self) -> Option<NodeRecord> {
+        self.nodes().get(self.self_id).cloned()
+    }
+
+    /// Replace the node list; returns what changed.
+    pub fn set_nodes(&self, mut nodes: Vec<NodeRecord>) -> NodeChanges {
+        nodes.sort_by_key(|n| n.id);
+        let old = self.nodes.load_full();
+        let mut changes = NodeChanges::default();
+        for n in &nodes {
+            match old.get(n.id) {
+                None => changes.joined.push(n.address()),
+                Some(prev) => {
+                    if prev.status != n.status {
+                        changes.status_changed.push((n.address(), n.status));
+                    }
+                    if prev.offline_mode != n.offline_mode {
+                        changes.offline_mode_changed.push((n.address(), n.offline_mode));
+                    }
+                }
+            }
+        }
+        let new = NodeSnapshot { nodes };
+        for n in &old.nodes {
+            if new.get(n.id).is_none() {
+                changes.removed.push(n.address());
+                self.unreachable.write().remove(&n.id);
+            }
+        }
+        self.nodes.store(Arc::new(new));
+        changes
+    }
+
+    // --- cluster record
+
+    pub fn set_cluster(&self, record: Option<ClusterRecord>) {
+        *self.cluster.write() = record;
+    }
+
+    pub fn cluster(&self) -> Option<ClusterRecord> {
+        self.cluster.read().clone()
+    }
+
+    // --- reachability (from probes and connect failures)
+
+    /// Mark a peer unreachable; returns whether that is news.
+    pub fn mark_unreachable(&self, id: NodeId) -> bool {
+        self.unreachable.write().insert(id)
+    }
+
+    /// Mark a peer reachable again; returns whether that is news.
+    pub fn mark_reachable(&self, id: NodeId) -> bool {
+        if !self.unreachable.read().contains(&id) {
+            return false;
+        }
+        self.unreachable.write().remove(&id)
+    }
+
+    pub fn is_reachable(&self, id: NodeId) -> bool {
+        !self.unreachable.read().contains(&id)
+    }
+
+    /// Whether new sessions may be placed on this node: Online, reachable,
+    /// not in offline mode, not a router.
+    pub fn is_eligible(&self, node: &NodeRecord) -> bool {
+        node.status == NodeStatus::Online && !node.offline_mode && !node.router && self.is_reachable(node.id)
+    }
+
+    /// Whether existing sessions may be routed to this node: Online and
+    /// reachable (offline mode still serves its sessions).
+    pub fn can_serve(&self, node: &NodeRecord) -> bool {
+        node.status == NodeStatus::Online && !node.router && self.is_reachable(node.id)
+    }
+
+    // --- sessions
+
+    pub fn session(&self, key: &str) -> Option<Arc<SessionEntry>> {
+        self.sessions.read().by_key.get(key).cloned()
+    }
+
+    /// The user's most recently active session that has a node.
+    pub fn latest_session_of(&self, user: &str) -> Option<Arc<SessionEntry>> {
+        let index = self.sessions.read();
+        index
+            .by_user
+            .get(user)?
+            .iter()
+            .filter_map(|k| index.by_key.get(k))
+            .filter(|e| e.record.node_id.is_some())
+            .max_by_key(|e| {
+                let local = e.local_active.load(Ordering::Relaxed);
+                (e.record.last_active.max(local), e.record.created, e.record.key.clone())
+            })
+            .cloned()
+    }
+
+    pub fn upsert_session(&self, record: SessionRecord) {
+        self.sessions.write().insert(record);
+    }
+
+    pub fn remove_session(&self, key: &str) {
+        self.sessions.write().remove(key);
+    }
+
+    /// Replace all sessions (after a full reload), keeping local activity.
+    pub fn set_sessions(&self, records: Vec<SessionRecord>) {
+        let mut index = self.sessions.write();
+        let mut fresh = SessionIndex::default();
+        for r in records {
+            let key = r.key.clone();
+            fresh.insert(r);
+            if let (Some(old), Some(new)) = (index.by_key.get(&key), fresh.by_key.get(&key)) {
+                new.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        *index = fresh;
+    }
+
+    /// Sessions per node.
+    pub fn session_counts(&self) -> HashMap<NodeId, usize> {
+        self.sessions.read().per_node.clone()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().by_key.len()
+    }
+
+    /// All sessions (for the status page), sorted by key.
+    pub fn sessions(&self) -> Vec<Arc<SessionEntry>> {
+        let mut all: Vec<_> = self.sessions.read().by_key.values().cloned().collect();
+        all.sort_by(|a, b| a.record.key.cmp(&b.record.key));
+        all
+    }
+
+    /// Keys active through this node since the last call (requests seen, or
+    /// a connection still open), clearing the request marks.
+    pub fn take_active_keys(&self) -> Vec<String> {
+        let index = self.sessions.read();
+        index
+            .by_key
+            .values()
+            .filter(|e| e.local_active.swap(0, Ordering::Relaxed) != 0 || e.open_streams() > 0)
+            .map(|e| e.record.key.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(key: &str, node: Option<NodeId>, user: Option<&str>, last_active: i64) -> SessionRecord {
+        SessionRecord {
+            key: key.into(),
+            node_id: node,
+            user_name: user.map(Into::into),
+            kind: SessionKind::Backend,
+            created: 1,
+            last_active,
+        }
+    }
+
+    #[test]
+    fn counts_follow_inserts_moves_and_removals() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("a", Some(1), None, 1));
+        v.upsert_session(session("b", Some(1), None, 1));
+        v.upsert_session(session("c", Some(2), None, 1));
+        assert_eq!(v.session_counts(), HashMap::from([(1, 2), (2, 1)]));
+        v.upsert_session(session("a", Some(2), None, 1));
+        assert_eq!(v.session_counts(), HashMap::from([(1, 1), (2, 2)]));
+        v.remove_session("b");
+        v.remove_session("b");
+        assert_eq!(v.session_counts(), HashMap::from([(2, 2)]));
+        v.upsert_session(session("c", None, None, 1));
+        assert_eq!(v.session_counts(), HashMap::from([(2, 1)]));
+    }
+
+    #[test]
+    fn latest_session_of_a_user_prefers_recent_activity() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("old", Some(1), Some("ann"), 100));
+        v.upsert_session(session("new", Some(2), Some("ann"), 200));
+        v.upsert_session(session("orphan", None, Some("ann"), 300));
+        assert_eq!(v.latest_session_of("ann").unwrap().record.key, "new");
+        v.session("old").unwrap().touch(500);
+        assert_eq!(v.latest_session_of("ann").unwrap().record.key, "old");
+        assert!(v.latest_session_of("bob").is_none());
+    }
+
+    #[test]
+    fn activity_survives_updates_and_is_taken_once() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("a", Some(1), None, 1));
+        v.upsert_session(session("b", Some(1), None, 1));
+        v.session("a").unwrap().touch(10);
+        v.session("b").unwrap().stream_opened();
+        v.upsert_session(session("a", Some(2), None, 1));
+        let mut keys = v.take_active_keys();
+        keys.sort();
+        assert_eq!(keys, vec!["a", "b"]);
+        assert_eq!(v.take_active_keys(), vec!["b"], "open streams stay active; requests are taken once");
+        v.session("b").unwrap().stream_closed();
+        v.session("b").unwrap().stream_closed();
+        assert!(v.take_active_keys().is_empty());
+    }
+
+    #[test]
+    fn node_changes_are_reported() {
+        let v = ClusterView::new(1);
+        let mut n = NodeRecord {
+            id: 1,
+            host: "a".into(),
+            port: 1,
+            ipv4: None,
+            status: NodeStatus::Starting,
+            last_seen: None,
+            load: [0.0; 3],
+            cpus: 1,
+            router: false,
+            version: String::new(),
+            clock_skew_ms: None,
+            offline_mode: false,
+            started_at: None,
+        };
+        assert_eq!(v.set_nodes(vec![n.clone()]).joined, vec!["a:1"]);
+        n.status = NodeStatus::Online;
+        n.offline_mode = true;
+        let c = v.set_nodes(vec![n.clone()]);
+        assert_eq!(c.status_changed, vec![("a:1".to_string(), NodeStatus::Online)]);
+        assert_eq!(c.offline_mode_changed, vec![("a:1".to_string(), true)]);
+        assert!(!v.is_eligible(&n), "offline mode takes no new sessions");
+        assert!(v.can_serve(&n), "but still serves its own");
+        assert_eq!(v.set_nodes(vec![]).removed, vec!["a:1"]);
+    }
+}
