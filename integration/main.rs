@@ -1,5 +1,6 @@
 //! Integration tests: one binary (one link step) of modules that use real
 //! PostgreSQL, real `sessionlb` processes and real HTTP/WebSocket backends.
 
+mod cluster_core;
 mod common;
 mod registry;

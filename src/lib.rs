@@ -13,9 +13,9 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod cluster;
 pub mod config;
 pub mod lock;
-pub mod cluster;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

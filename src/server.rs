@@ -54,7 +54,10 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
     let config = Arc::new(config);
     let listen = format!("{}:{}", config.node.www_address, config.node.www_port);
     // Fail early and clearly if the port is taken (Pingora would exit later).
-    TcpListener::bind(&listen).map_err(|source| ServeError::Listen { address: listen.clone(), source })?;
+    TcpListener::bind(&listen).map_err(|source| ServeError::Listen {
+        address: listen.clone(),
+        source,
+    })?;
 
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -65,8 +68,14 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
 
     let url = config.cluster.database.redacted();
     let registry = control
-        .block_on(cluster::connect(&config.cluster.database, config.cluster.poll_interval))
-        .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
+        .block_on(cluster::connect(
+            &config.cluster.database,
+            config.cluster.poll_interval,
+        ))
+        .map_err(|source| ServeError::Registry {
+            url: url.clone(),
+            source,
+        })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 
     let started = control.block_on(node::start(&config, registry.as_ref(), resolver.as_ref()))?;
@@ -108,7 +117,11 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
 
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
-    let proxy = Proxy { config: config.clone(), view: view.clone(), node_address };
+    let proxy = Proxy {
+        config: config.clone(),
+        view: view.clone(),
+        node_address,
+    };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     service.add_tcp(&listen);
     server.add_service(service);
@@ -119,7 +132,9 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
         control: control.handle().clone(),
         self_deleted: self_deleted_rx,
     };
-    server.run(RunArgs { shutdown_signal: Box::new(watch) });
+    server.run(RunArgs {
+        shutdown_signal: Box::new(watch),
+    });
 
     // Pingora has drained; stop the control plane and record the stop.
     let _ = shutdown_tx.send(true);
@@ -127,7 +142,13 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        if let Err(e) = node::stop(registry.as_ref(), started.id, config.node.delete_node_on_exit).await {
+        if let Err(e) = node::stop(
+            registry.as_ref(),
+            started.id,
+            config.node.delete_node_on_exit,
+        )
+        .await
+        {
             tracing::error!(error = %e, "could not record this node as stopped");
         }
         registry.close().await;
@@ -142,11 +163,23 @@ fn pingora_conf(config: &Config) -> ServerConf {
     let port = config.node.www_port;
     let address = config.node.www_address;
     ServerConf {
-        threads: if s.threads == 0 { crate::cluster::load::cpu_count() as usize } else { s.threads },
+        threads: if s.threads == 0 {
+            crate::cluster::load::cpu_count() as usize
+        } else {
+            s.threads
+        },
         grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
-        pid_file: s.run_dir.join(format!("sessionlb-{address}-{port}.pid")).display().to_string(),
-        upgrade_sock: s.run_dir.join(format!("sessionlb-{address}-{port}.upgrade.sock")).display().to_string(),
+        pid_file: s
+            .run_dir
+            .join(format!("sessionlb-{address}-{port}.pid"))
+            .display()
+            .to_string(),
+        upgrade_sock: s
+            .run_dir
+            .join(format!("sessionlb-{address}-{port}.upgrade.sock"))
+            .display()
+            .to_string(),
         ..ServerConf::default()
     }
 }
@@ -175,7 +208,11 @@ impl ShutdownSignalWatch for StopWatch {
         let registry = self.registry.clone();
         let id = self.node_id;
         let marked = self.control.spawn(async move {
-            tokio::time::timeout(Duration::from_secs(5), node::stop(registry.as_ref(), id, false)).await
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                node::stop(registry.as_ref(), id, false),
+            )
+            .await
         });
         if !matches!(marked.await, Ok(Ok(Ok(())))) {
             tracing::warn!("could not mark this node Offline before draining");

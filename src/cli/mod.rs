@@ -17,7 +17,11 @@ use sessionlb::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 pub const EXIT_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "sessionlb", version, about = "Session-aware load balancer for web-IDE clusters (RStudio/Posit Workbench, Jupyter, code-server)")]
+#[command(
+    name = "sessionlb",
+    version,
+    about = "Session-aware load balancer for web-IDE clusters (RStudio/Posit Workbench, Jupyter, code-server)"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -70,7 +74,10 @@ impl GlobalOpts {
     /// Load the configuration: `--config` (or the default file), then
     /// `--rstudio-config` over it; built-in defaults for the rest.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
-        Config::load(self.config_file().as_deref(), self.rstudio_config.as_deref())
+        Config::load(
+            self.config_file().as_deref(),
+            self.rstudio_config.as_deref(),
+        )
     }
 }
 
@@ -90,7 +97,10 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_failure(&e),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Serve(_) => unreachable!("handled above"),

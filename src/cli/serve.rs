@@ -51,8 +51,10 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
 /// Local single-machine defaults. Settings from a given config file win,
 /// except the state paths, which always live under the state dir.
 fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> Result<(), String> {
-    let dir = std::path::absolute(&args.state_dir).map_err(|e| format!("state dir {}: {e}", show(&args.state_dir)))?;
-    std::fs::create_dir_all(dir.join("shared-storage")).map_err(|e| format!("cannot create {}: {e}", show(&dir)))?;
+    let dir = std::path::absolute(&args.state_dir)
+        .map_err(|e| format!("state dir {}: {e}", show(&args.state_dir)))?;
+    std::fs::create_dir_all(dir.join("shared-storage"))
+        .map_err(|e| format!("cannot create {}: {e}", show(&dir)))?;
     config.cluster.database = DatabaseUrl::Sqlite(dir.join("registry.db"));
     config.cluster.secure_cookie_key_file = dir.join("secure-cookie-key");
     config.cluster.shared_storage_path = dir.join("shared-storage");
@@ -62,8 +64,13 @@ fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> R
         config.node.www_address_set = true;
         config.node.backend = Some("127.0.0.1:8788".into());
     }
-    let created = key::generate_if_missing(&config.cluster.secure_cookie_key_file)
-        .map_err(|e| format!("cannot create the secure cookie key {}: {e}", show(&config.cluster.secure_cookie_key_file)))?;
+    let created =
+        key::generate_if_missing(&config.cluster.secure_cookie_key_file).map_err(|e| {
+            format!(
+                "cannot create the secure cookie key {}: {e}",
+                show(&config.cluster.secure_cookie_key_file)
+            )
+        })?;
     eprintln!(
         "quick start: registry {}, shared storage {}, secure cookie key {}{}",
         config.cluster.database.redacted(),

@@ -39,7 +39,10 @@ impl PgRegistry {
 
     async fn begin_cluster_lock(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLUSTER_LOCK_ID).execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CLUSTER_LOCK_ID)
+            .execute(&mut *tx)
+            .await?;
         Ok(tx)
     }
 
@@ -57,13 +60,21 @@ impl PgRegistry {
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) => {
-                        if tx.send(ChangeEvent::from_payload(n.payload())).await.is_err() {
+                        if tx
+                            .send(ChangeEvent::from_payload(n.payload()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         continue;
                     }
-                    Ok(None) => tracing::warn!("registry notification connection lost; reconnecting"),
-                    Err(e) => tracing::warn!(error = %e, "registry notification connection failed; reconnecting"),
+                    Ok(None) => {
+                        tracing::warn!("registry notification connection lost; reconnecting")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry notification connection failed; reconnecting")
+                    }
                 }
                 // Start over on a fresh connection, then ask for a full reload:
                 // notifications sent while we were away are gone.

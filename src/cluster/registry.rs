@@ -69,7 +69,13 @@ pub trait Registry: Send + Sync + 'static {
     /// differs and no *other* node is Online and seen within `freshness`;
     /// otherwise refuse and set this node `Invalid secure cookie key`.
     /// On success the node is `Online` and seen now.
-    async fn join_cluster(&self, id: NodeId, fingerprint: &str, protocol: &str, freshness: Duration) -> Result<JoinOutcome>;
+    async fn join_cluster(
+        &self,
+        id: NodeId,
+        fingerprint: &str,
+        protocol: &str,
+        freshness: Duration,
+    ) -> Result<JoinOutcome>;
     /// Record a check-in: last seen = now (database clock) and the node's
     /// clock skew. `NodeNotFound` if the row was deleted.
     async fn check_in(&self, id: NodeId, clock_skew_ms: i64) -> Result<()>;
@@ -97,7 +103,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn place_session(&self, session: &NewSession<'_>) -> Result<SessionRecord>;
     /// Move a session from `from` (its node as the caller saw it) to `to`,
     /// only if it is still on `from`; return the row as it now stands.
-    async fn move_session(&self, key: &str, from: Option<NodeId>, to: NodeId) -> Result<SessionRecord>;
+    async fn move_session(
+        &self,
+        key: &str,
+        from: Option<NodeId>,
+        to: NodeId,
+    ) -> Result<SessionRecord>;
     /// Set last active = now for these keys (one batch).
     async fn touch_sessions(&self, keys: &[String]) -> Result<u64>;
     /// Set the user of a session whose user was unknown.
@@ -122,7 +133,11 @@ pub trait Registry: Send + Sync + 'static {
 /// Connect to the registry named by `url` and run its migrations.
 pub async fn connect(url: &DatabaseUrl, poll_interval: Duration) -> Result<Arc<dyn Registry>> {
     match url {
-        DatabaseUrl::Postgres(url) => Ok(Arc::new(super::postgres::PgRegistry::connect(url).await?)),
-        DatabaseUrl::Sqlite(path) => Ok(Arc::new(super::sqlite::SqliteRegistry::connect(path, poll_interval).await?)),
+        DatabaseUrl::Postgres(url) => {
+            Ok(Arc::new(super::postgres::PgRegistry::connect(url).await?))
+        }
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(
+            super::sqlite::SqliteRegistry::connect(path, poll_interval).await?,
+        )),
     }
 }

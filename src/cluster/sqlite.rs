@@ -6,8 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use tokio::sync::mpsc;
 
 use super::model::*;
@@ -54,17 +56,27 @@ impl SqliteRegistry {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| RegistryError::SqliteDir { path: lock_path.display().to_string(), source })?;
+            .map_err(|source| RegistryError::SqliteDir {
+                path: lock_path.display().to_string(),
+                source,
+            })?;
         let lock_file = tokio::task::spawn_blocking(move || {
-            rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map(|()| lock_file)
+            rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive)
+                .map(|()| lock_file)
         })
         .await
         .expect("flock task")
-        .map_err(|e| RegistryError::SqliteDir { path: lock_path.display().to_string(), source: e.into() })?;
+        .map_err(|e| RegistryError::SqliteDir {
+            path: lock_path.display().to_string(),
+            source: e.into(),
+        })?;
         let migrated = sqlx::migrate!("./migrations/sqlite").run(&pool).await;
         drop(lock_file);
         migrated?;
-        Ok(SqliteRegistry { pool, poll_interval })
+        Ok(SqliteRegistry {
+            pool,
+            poll_interval,
+        })
     }
 
     async fn begin_cluster_lock(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -76,9 +88,10 @@ impl SqliteRegistry {
         let (tx, rx) = mpsc::channel(4096);
         let pool = self.pool.clone();
         let interval = self.poll_interval;
-        let mut last_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM sessionlb_changes")
-            .fetch_one(&pool)
-            .await?;
+        let mut last_id: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM sessionlb_changes")
+                .fetch_one(&pool)
+                .await?;
         tokio::spawn(async move {
             let mut polls: u64 = 0;
             let mut failed = false;
@@ -88,7 +101,7 @@ impl SqliteRegistry {
                     return;
                 }
                 polls += 1;
-                if polls % 120 == 0 {
+                if polls.is_multiple_of(120) {
                     let pruned = sqlx::query(
                         "DELETE FROM sessionlb_changes WHERE at < CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) - $1",
                     )
@@ -114,10 +127,11 @@ impl SqliteRegistry {
                 let first = rows.first().and_then(|r| r.try_get::<i64, _>("id").ok());
                 // Rows we never saw were pruned, or polling failed: reload.
                 if failed || first.is_some_and(|id| id > last_id + 1 && last_id > 0) {
-                    let min: Option<i64> = sqlx::query_scalar("SELECT MIN(id) FROM sessionlb_changes")
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap_or(None);
+                    let min: Option<i64> =
+                        sqlx::query_scalar("SELECT MIN(id) FROM sessionlb_changes")
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap_or(None);
                     if failed || min.is_some_and(|m| m > last_id + 1) {
                         failed = false;
                         if tx.send(ChangeEvent::Resync).await.is_err() {
@@ -126,7 +140,10 @@ impl SqliteRegistry {
                     }
                 }
                 for row in rows {
-                    let (Ok(id), Ok(payload)) = (row.try_get::<i64, _>("id"), row.try_get::<String, _>("payload")) else {
+                    let (Ok(id), Ok(payload)) = (
+                        row.try_get::<i64, _>("id"),
+                        row.try_get::<String, _>("payload"),
+                    ) else {
                         continue;
                     };
                     last_id = id;

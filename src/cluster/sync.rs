@@ -55,8 +55,10 @@ pub async fn follow(
         while let Ok(ev) = changes.try_recv() {
             batch.push(ev);
         }
-        let resync = batch.iter().any(|e| *e == ChangeEvent::Resync);
-        let nodes_changed = batch.iter().any(|e| matches!(e, ChangeEvent::Node { .. } | ChangeEvent::Cluster));
+        let resync = batch.contains(&ChangeEvent::Resync);
+        let nodes_changed = batch
+            .iter()
+            .any(|e| matches!(e, ChangeEvent::Node { .. } | ChangeEvent::Cluster));
         if resync {
             let mut backoff = Duration::from_millis(100);
             let node_changes = loop {
@@ -86,7 +88,9 @@ pub async fn follow(
         if nodes_changed {
             match reload_nodes(registry.as_ref(), &view).await {
                 Ok(c) => report(&view, &c, &self_deleted),
-                Err(e) => tracing::warn!(error = %e, "reloading nodes failed; keeping the cached view"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reloading nodes failed; keeping the cached view")
+                }
             }
         }
     }

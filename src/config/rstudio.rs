@@ -119,10 +119,20 @@ pub fn read_dir(dir: &Path) -> Result<RawConfig, Vec<ConfigProblem>> {
                     file = %path.display(), line = kv.line, node = %kv.key,
                     "legacy [nodes] entry ignored: nodes join the cluster through the registry"
                 ),
-                None | Some("config") => map_key(&mut raw, &mut problems, &path, &kv, LOAD_BALANCER_KEYS, true),
-                Some(other) => problems.push(problem(&path, kv.line, None, format!(
-                    "unknown section [{other}]; allowed: [config], [nodes]"
-                ))),
+                None | Some("config") => map_key(
+                    &mut raw,
+                    &mut problems,
+                    &path,
+                    &kv,
+                    LOAD_BALANCER_KEYS,
+                    true,
+                ),
+                Some(other) => problems.push(problem(
+                    &path,
+                    kv.line,
+                    None,
+                    format!("unknown section [{other}]; allowed: [config], [nodes]"),
+                )),
             }
         }
         raw.files.push(path);
@@ -153,7 +163,11 @@ pub fn read_dir(dir: &Path) -> Result<RawConfig, Vec<ConfigProblem>> {
             1,
         );
     }
-    if problems.is_empty() { Ok(raw) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(raw)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Parse a Workbench `file-locks` file into `locks.*` settings.
@@ -164,7 +178,11 @@ pub fn file_locks(path: &Path, src: &str) -> Result<RawConfig, Vec<ConfigProblem
         map_key(&mut raw, &mut problems, path, &kv, FILE_LOCKS_KEYS, true);
     }
     raw.files.push(path.to_path_buf());
-    if problems.is_empty() { Ok(raw) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(raw)
+    } else {
+        Err(problems)
+    }
 }
 
 fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &Path, src: &str) {
@@ -176,9 +194,14 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
     if let Some(pw) = get("password")
         && looks_encrypted(&pw.value)
     {
-        problems.push(problem(path, pw.line, Some("password"), 
+        problems.push(problem(
+            path,
+            pw.line,
+            Some("password"),
             "encrypted passwords (`rstudio-server encrypt-password`) are not supported yet; \
-             put the plain password in database.conf (mode 0600) or in the connection-uri".into()));
+             put the plain password in database.conf (mode 0600) or in the connection-uri"
+                .into(),
+        ));
         return;
     }
     let url = match provider.as_str() {
@@ -195,16 +218,26 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
                 let db = get("database").map_or("rstudio", |kv| kv.value.as_str());
                 let user = get("username").map_or("postgres", |kv| kv.value.as_str());
                 let password = get("password").map(|kv| kv.value.as_str()).unwrap_or("");
-                let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
-                let auth = if password.is_empty() { enc(user) } else { format!("{}:{}", enc(user), enc(password)) };
+                let enc = |s: &str| {
+                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string()
+                };
+                let auth = if password.is_empty() {
+                    enc(user)
+                } else {
+                    format!("{}:{}", enc(user), enc(password))
+                };
                 format!("postgres://{auth}@{host}:{port}/{db}")
             }
         }
         other => {
             let line = get("provider").map_or(first_line, |kv| kv.line);
-            problems.push(problem(path, line, Some("provider"), format!(
-                "`provider` must be one of sqlite, postgresql; found {other:?}"
-            )));
+            problems.push(problem(
+                path,
+                line,
+                Some("provider"),
+                format!("`provider` must be one of sqlite, postgresql; found {other:?}"),
+            ));
             return;
         }
     };
@@ -232,15 +265,22 @@ fn map_key(
         Some((_, native)) => raw.set(*native, RawValue::Text(kv.value.clone()), path, kv.line),
         None if strict => {
             let allowed: Vec<&str> = table.iter().map(|(name, _)| *name).collect();
-            problems.push(problem(path, kv.line, Some(&kv.key), format!(
-                "unknown key `{}`; allowed: {}", kv.key, allowed.join(", ")
-            )));
+            problems.push(problem(
+                path,
+                kv.line,
+                Some(&kv.key),
+                format!("unknown key `{}`; allowed: {}", kv.key, allowed.join(", ")),
+            ));
         }
         None => {}
     }
 }
 
-fn read_optional(dir: &Path, name: &str, problems: &mut Vec<ConfigProblem>) -> Option<(PathBuf, String)> {
+fn read_optional(
+    dir: &Path,
+    name: &str,
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<(PathBuf, String)> {
     let path = dir.join(name);
     match fs::read_to_string(&path) {
         Ok(src) => Some((path, src)),
@@ -286,16 +326,29 @@ mod tests {
 
     #[test]
     fn file_locks_keys_map_to_native_names_and_unknown_keys_fail() {
-        let raw = file_locks(Path::new("file-locks"), "lock-type=advisory\nrefresh-rate=5\n").unwrap();
-        assert_eq!(raw.entries["locks.lock-type"].value, RawValue::Text("advisory".into()));
+        let raw = file_locks(
+            Path::new("file-locks"),
+            "lock-type=advisory\nrefresh-rate=5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            raw.entries["locks.lock-type"].value,
+            RawValue::Text("advisory".into())
+        );
         assert_eq!(raw.entries["locks.refresh-rate"].origin.line, 2);
         let errs = file_locks(Path::new("file-locks"), "lock-typ=advisory\n").unwrap_err();
-        assert!(errs[0].message.contains("allowed: lock-type"), "{}", errs[0]);
+        assert!(
+            errs[0].message.contains("allowed: lock-type"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
     fn encrypted_password_is_recognised() {
-        assert!(looks_encrypted("BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145"));
+        assert!(looks_encrypted(
+            "BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145"
+        ));
         assert!(!looks_encrypted("plain-password"));
     }
 }

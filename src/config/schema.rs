@@ -62,10 +62,7 @@ impl Reader {
     pub fn problem_at(&mut self, key: &str, message: String) {
         let (file, line) = match self.raw.entries.get(key) {
             Some(e) => (e.origin.file.clone(), Some(e.origin.line)),
-            None => (
-                self.raw.files.first().cloned().unwrap_or_default(),
-                None,
-            ),
+            None => (self.raw.files.first().cloned().unwrap_or_default(), None),
         };
         self.problems.push(ConfigProblem {
             file,
@@ -95,7 +92,9 @@ impl Reader {
     }
 
     pub fn string(&mut self, key: &str, default: &str) -> String {
-        self.get(key, default.to_string(), |v| text(v).map(str::to_string).ok_or_else(|| "a string".into()))
+        self.get(key, default.to_string(), |v| {
+            text(v).map(str::to_string).ok_or_else(|| "a string".into())
+        })
     }
 
     /// A string where the empty string means "not set".
@@ -141,7 +140,8 @@ impl Reader {
                 RawValue::Text(s) => s.parse::<f64>().ok(),
                 _ => None,
             };
-            n.filter(|n| n.is_finite() && *n >= min && *n <= max).ok_or(expected)
+            n.filter(|n| n.is_finite() && *n >= min && *n <= max)
+                .ok_or(expected)
         })
     }
 
@@ -152,7 +152,9 @@ impl Reader {
             "a duration of at least {} (seconds as a number, or a string like \"500ms\", \"30s\", \"5m\", \"2h\")",
             humanize(min)
         );
-        self.get(key, default, |v| parse_duration(v).filter(|d| *d >= min).ok_or(expected))
+        self.get(key, default, |v| {
+            parse_duration(v).filter(|d| *d >= min).ok_or(expected)
+        })
     }
 
     /// One of a fixed set of names.
@@ -187,11 +189,22 @@ impl Reader {
         let expected = expected.to_string();
         self.get(key, Vec::new(), |v| {
             let items: Vec<&str> = match v {
-                RawValue::Array(items) => items.iter().map(text).collect::<Option<_>>().ok_or_else(|| expected.clone())?,
-                RawValue::Text(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+                RawValue::Array(items) => items
+                    .iter()
+                    .map(text)
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| expected.clone())?,
+                RawValue::Text(s) => s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect(),
                 _ => return Err(expected.clone()),
             };
-            items.into_iter().map(|s| item(s).ok_or_else(|| format!("{expected} (bad item {s:?})"))).collect()
+            items
+                .into_iter()
+                .map(|s| item(s).ok_or_else(|| format!("{expected} (bad item {s:?})")))
+                .collect()
         })
     }
 
@@ -210,7 +223,11 @@ impl Reader {
                 .known
                 .iter()
                 .filter(|k| k.rsplit_once('.').map(|(s, _)| s) == section)
-                .map(|k| k.rsplit_once('.').map_or(k.as_str(), |(_, n)| n).to_string())
+                .map(|k| {
+                    k.rsplit_once('.')
+                        .map_or(k.as_str(), |(_, n)| n)
+                        .to_string()
+                })
                 .collect();
             let mut message = format!("unknown key `{key}`");
             if let Some(best) = closest(&key, &self.known) {
@@ -220,10 +237,17 @@ impl Reader {
                 message.push_str(&format!(
                     "; allowed top-level keys: {}; sections: {}",
                     allowed.join(", "),
-                    SECTIONS.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")
+                    SECTIONS
+                        .iter()
+                        .map(|s| format!("[{s}]"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             } else {
-                message.push_str(&format!("; allowed in this section: {}", allowed.join(", ")));
+                message.push_str(&format!(
+                    "; allowed in this section: {}",
+                    allowed.join(", ")
+                ));
             }
             self.problems.push(ConfigProblem {
                 file: entry.origin.file.clone(),
@@ -232,7 +256,8 @@ impl Reader {
                 message,
             });
         }
-        self.problems.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        self.problems
+            .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         (self.raw, self.problems)
     }
 }
@@ -275,13 +300,13 @@ pub fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".into()
-    } else if ms % 86_400_000 == 0 {
+    } else if ms.is_multiple_of(86_400_000) {
         format!("{}d", ms / 86_400_000)
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -318,10 +343,22 @@ mod tests {
 
     #[test]
     fn durations_accept_numbers_and_units() {
-        assert_eq!(parse_duration(&RawValue::Int(30)), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration(&RawValue::Float(0.25)), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration(&RawValue::Str("500ms".into())), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration(&RawValue::Text("2h".into())), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_duration(&RawValue::Int(30)),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_duration(&RawValue::Float(0.25)),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration(&RawValue::Str("500ms".into())),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration(&RawValue::Text("2h".into())),
+            Some(Duration::from_secs(7200))
+        );
         assert_eq!(parse_duration(&RawValue::Str("5 parsecs".into())), None);
         assert_eq!(parse_duration(&RawValue::Int(-1)), None);
         assert_eq!(humanize(Duration::from_secs(7200)), "2h");

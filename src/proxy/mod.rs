@@ -50,15 +50,24 @@ impl ProxyHttp for Proxy {
             resp.insert_header("content-length", body.len().to_string())?;
             resp.insert_header("cache-control", "no-store")?;
             session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(Bytes::from(body)), true).await?;
+            session
+                .write_response_body(Some(Bytes::from(body)), true)
+                .await?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(backend) = &self.config.node.backend else {
-            return Err(Error::explain(ErrorType::HTTPStatus(503), "router node without a backend"));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "router node without a backend",
+            ));
         };
         let mut peer = HttpPeer::new(backend.as_str(), false, String::new());
         peer.options.connection_timeout = self.config.proxy.timeout;
