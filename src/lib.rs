@@ -19,3 +19,4 @@ pub mod lock;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
+pub mod balancer;

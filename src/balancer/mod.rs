@@ -1,0 +1,54 @@
+//! Placement of new sessions: one [`Balancer`] trait, one balancer per file.
+//!
+//! A balancer chooses from a snapshot of candidate nodes handed to it; it
+//! touches no database and no HTTP, so each is testable as a function of its
+//! input. Candidates are already filtered to the *eligible* nodes (Online,
+//! reachable, not in offline mode, not routers) and sorted by id; ties must
+//! break deterministically.
+
+use async_trait::async_trait;
+
+use crate::cluster::NodeId;
+
+/// A node a new session may be placed on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub id: NodeId,
+    /// `host:port`, as peers and `RSTUDIO_NODES` name it.
+    pub address: String,
+    /// Active sessions on the node, cluster-wide (from the registry).
+    pub sessions: usize,
+    /// 1, 5 and 15 minute load averages as the node reported them.
+    pub load: [f64; 3],
+    pub cpus: u32,
+}
+
+/// What is being placed.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacementRequest<'a> {
+    /// The session key being placed.
+    pub key: &'a str,
+    /// The user, when known.
+    pub user: Option<&'a str>,
+    /// Eligible nodes, sorted by id; never empty when a balancer is called.
+    pub candidates: &'a [Candidate],
+}
+
+/// A balancer's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub node: NodeId,
+    /// Set when the balancer could not do its own job and fell back (e.g.
+    /// the custom plug-in timed out), saying why; counted and logged by the caller.
+    pub fallback: Option<String>,
+}
+
+/// Chooses a node for a new session.
+#[async_trait]
+pub trait Balancer: Send + Sync {
+    /// The `balancer=` name.
+    fn name(&self) -> &'static str;
+
+    /// Choose one of `req.candidates`. Returns `None` only when there are no candidates.
+    async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice>;
+}
