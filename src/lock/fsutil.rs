@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustix::fs::{AtFlags, StatxFlags, StatxTimestamp};
 use rustix::io::Errno;
 
+/// Prefix of the probe files that read the file system's clock.
+pub(crate) const CLOCK_PREFIX: &str = ".sessionlb-clock-";
+
 /// Identity of a file: device and inode number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileId {

@@ -70,8 +70,8 @@
 //!
 //! # Leftovers
 //!
-//! Proxy files and moved-aside files of crashed processes are removed by the
-//! refresher once their last change (mtime or ctime) is older than
+//! Proxy files, moved-aside files and clock probes of crashed processes are
+//! removed by the refresher once their last change (mtime or ctime) is older than
 //! `timeout-interval`, at most once per `timeout-interval`.
 
 use std::fs::{self, File, OpenOptions};
@@ -174,7 +174,7 @@ impl LinkBased {
                 refresh_rate,
                 timeout,
                 log.clone(),
-                &[PROXY_PREFIX, REAPED_PREFIX],
+                &[PROXY_PREFIX, REAPED_PREFIX, fsutil::CLOCK_PREFIX],
             ),
             log,
         }
@@ -257,8 +257,10 @@ impl LinkBased {
             .map_err(|e| LockError::io("check the link count of", &proxy.path, e))?;
         if meta.nlink == 2 {
             let file = proxy.file.take();
-            fsutil::remove_if_present(&proxy.path)
-                .map_err(|e| LockError::io("remove the proxy file", &proxy.path, e))?;
+            if let Err(e) = fsutil::remove_if_present(&proxy.path) {
+                // Harmless: a second name of our lock, cleaned up later.
+                tracing::warn!(path = %proxy.path.display(), error = %e, "cannot remove a proxy file");
+            }
             return Ok(file);
         }
         match linked {

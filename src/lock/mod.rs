@@ -456,7 +456,8 @@ impl Backoff {
 /// tools compare file ages without trusting this node's clock.
 pub fn filesystem_time(dir: &Path) -> Result<SystemTime, LockError> {
     let probe = dir.join(format!(
-        ".sessionlb-clock-{}-{}",
+        "{}{}-{}",
+        fsutil::CLOCK_PREFIX,
         std::process::id(),
         fsutil::random_hex64()
     ));

@@ -355,3 +355,42 @@ fn cleanup(settings: &Settings, fs_now: SystemTime) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LockSettings;
+
+    #[test]
+    fn cleanup_removes_only_old_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(LockLog::new(&LockSettings::default()).unwrap());
+        let settings = Settings {
+            dir: dir.path().to_path_buf(),
+            refresh_rate: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+            log,
+            leftover_prefixes: &[".sessionlb-proxy-", ".sessionlb-reaped-"],
+        };
+        for name in [
+            ".sessionlb-proxy-h-1-aa",
+            ".sessionlb-reaped-h-1-bb",
+            "alice-0123.lock",
+            ".other",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        // Young (their ctime is now, whatever their mtime): kept.
+        cleanup(&settings, SystemTime::now() + Duration::from_secs(10));
+        assert_eq!(count(), 4);
+        // Older than the timeout on the file system's clock: removed.
+        cleanup(&settings, SystemTime::now() + Duration::from_secs(31));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".other", "alice-0123.lock"]);
+    }
+}
