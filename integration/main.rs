@@ -3,4 +3,5 @@
 
 mod cluster_core;
 mod common;
+mod lock;
 mod registry;

@@ -1,17 +1,606 @@
-//! `sessionlb locktester` (placeholder; see issue 3).
+//! `sessionlb locktester`: checks which lock types a shared folder supports
+//! (run it on two nodes, as the same user), and `--stress` proves mutual
+//! exclusion under contention (run it in several processes or on several
+//! nodes at once).
+//!
+//! Test mode: the first instance takes a lock of each type, says which it
+//! could take (`* Acquired advisory lock`, `* Acquired link-based lock`),
+//! records itself in `DIR/locktester.instance` and holds the locks until
+//! SIGINT/SIGTERM. A later instance sees that record (or finds the locks
+//! busy), tries each type, and concludes: a type it could *not* take while
+//! the first instance holds it works on this file system; a type both could
+//! take does not.
 
-use clap::Args;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use sessionlb::config::Config;
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+use sessionlb::config::{Config, LockSettings, LockType};
+use sessionlb::lock::{LockError, LockGuard, LockManager, filesystem_time};
 
 /// Options of `sessionlb locktester`.
 #[derive(Debug, Args)]
 pub struct LocktesterArgs {
     /// Folder on the shared storage to test (default: server-shared-storage-path).
-    #[arg(long)]
-    pub path: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub path: Option<PathBuf>,
+    /// Test only this lock type (default: both). With --stress, the lock
+    /// type to use (default: `[locks] lock-type`).
+    #[arg(long, value_name = "TYPE")]
+    pub lock_type: Option<LockTypeArg>,
+    /// Stress mode: ROUNDS times take the lock, check-and-create the marker
+    /// DIR/locktester-stress.inside (it existing means two holders overlap),
+    /// increment the counter in DIR/locktester-stress.counter, remove the
+    /// marker, release. Exits non-zero if any overlap was seen.
+    #[arg(long, value_name = "ROUNDS")]
+    pub stress: Option<u64>,
+    /// Stress mode: milliseconds to stay inside the lock each round.
+    #[arg(long, value_name = "MS", default_value_t = 0, requires = "stress")]
+    pub hold_ms: u64,
+    /// Stress mode: give up when one acquisition waits longer than this many seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 120,
+        requires = "stress"
+    )]
+    pub wait_secs: u64,
 }
 
-pub async fn run(_args: LocktesterArgs, _config: &Config) -> anyhow::Result<()> {
-    anyhow::bail!("locktester is not built yet")
+/// A lock type on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockTypeArg {
+    Linkbased,
+    Advisory,
+}
+
+impl From<LockTypeArg> for LockType {
+    fn from(arg: LockTypeArg) -> LockType {
+        match arg {
+            LockTypeArg::Linkbased => LockType::LinkBased,
+            LockTypeArg::Advisory => LockType::Advisory,
+        }
+    }
+}
+
+/// The lock held by test mode.
+const TEST_LOCK: &str = "locktester";
+/// The lock used by stress mode.
+const STRESS_LOCK: &str = "locktester-stress";
+const STRESS_COUNTER: &str = "locktester-stress.counter";
+const STRESS_MARKER: &str = "locktester-stress.inside";
+/// The first instance's record.
+const INSTANCE_FILE: &str = "locktester.instance";
+/// A record older than this (on the file system's clock) is left over.
+const INSTANCE_FRESH: Duration = Duration::from_secs(10);
+/// How often the first instance touches its record.
+const INSTANCE_TOUCH: Duration = Duration::from_secs(1);
+
+fn label(t: LockType) -> &'static str {
+    match t {
+        LockType::Advisory => "advisory",
+        LockType::LinkBased => "link-based",
+    }
+}
+
+pub async fn run(args: LocktesterArgs, config: &Config) -> anyhow::Result<()> {
+    let dir = args
+        .path
+        .clone()
+        .unwrap_or_else(|| config.cluster.shared_storage_path.clone());
+    if config.locks.enable_logging && config.locks.log_file.is_none() {
+        // Lock events go to the normal log: make it visible on stderr.
+        let _ = tracing_subscriber::fmt().with_writer(io::stderr).try_init();
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    match args.stress {
+        Some(rounds) => {
+            let lock_type = args
+                .lock_type
+                .map_or(config.locks.lock_type, LockType::from);
+            let stress = Stress {
+                dir,
+                rounds,
+                hold: Duration::from_millis(args.hold_ms),
+                wait: Duration::from_secs(args.wait_secs),
+                settings: LockSettings {
+                    lock_type,
+                    ..config.locks.clone()
+                },
+            };
+            stress.run().await
+        }
+        None => {
+            let types = match args.lock_type {
+                Some(t) => vec![LockType::from(t)],
+                None => vec![LockType::Advisory, LockType::LinkBased],
+            };
+            test(&dir, &types, &config.locks).await
+        }
+    }
+}
+
+/// What one lock type did in this instance.
+enum Attempt {
+    Acquired(LockGuard),
+    Busy,
+    Failed(LockError),
+}
+
+/// The first instance, as recorded in its instance file.
+#[derive(Debug, Default, PartialEq)]
+struct OtherInstance {
+    host: String,
+    pid: String,
+    held: Vec<String>,
+}
+
+impl OtherInstance {
+    fn parse(text: &str) -> OtherInstance {
+        let mut other = OtherInstance::default();
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("host", v)) => other.host = v.to_string(),
+                Some(("pid", v)) => other.pid = v.to_string(),
+                Some(("held", v)) => {
+                    other.held = v
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                _ => {}
+            }
+        }
+        other
+    }
+
+    fn holds(&self, t: LockType) -> bool {
+        self.held.iter().any(|h| h == t.as_str())
+    }
+}
+
+/// A fresh record of another instance in `dir`, if any.
+fn other_instance(dir: &Path) -> anyhow::Result<Option<OtherInstance>> {
+    let path = dir.join(INSTANCE_FILE);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let modified = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let now = filesystem_time(dir)?;
+    if now.duration_since(modified).unwrap_or(Duration::ZERO) >= INSTANCE_FRESH {
+        return Ok(None);
+    }
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(OtherInstance::parse(&text)))
+}
+
+async fn test(dir: &Path, types: &[LockType], settings: &LockSettings) -> anyhow::Result<()> {
+    // Handle the signals before holding anything, so that an interrupt at
+    // any point releases cleanly.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    println!(
+        "Testing lock types in {} (host {host}, pid {})",
+        dir.display(),
+        std::process::id()
+    );
+    let other = other_instance(dir)?;
+    if let Some(o) = &other {
+        println!(
+            "Another locktester instance (host {}, pid {}) holds: {}",
+            o.host,
+            o.pid,
+            o.held.join(", ")
+        );
+    }
+    let mut attempts = Vec::new();
+    for &t in types {
+        let manager = LockManager::new(
+            dir,
+            &LockSettings {
+                lock_type: t,
+                ..settings.clone()
+            },
+        )?;
+        let attempt = match manager.try_acquire(TEST_LOCK) {
+            Ok(Some(guard)) => Attempt::Acquired(guard),
+            Ok(None) => Attempt::Busy,
+            Err(e) => Attempt::Failed(e),
+        };
+        attempts.push((t, attempt));
+    }
+    let someone_holds = attempts.iter().any(|(_, a)| matches!(a, Attempt::Busy));
+    if other.is_none() && !someone_holds {
+        first_instance(dir, attempts, &mut interrupt, &mut terminate).await
+    } else {
+        later_instance(dir, attempts, other.as_ref()).await
+    }
+}
+
+async fn first_instance(
+    dir: &Path,
+    attempts: Vec<(LockType, Attempt)>,
+    interrupt: &mut tokio::signal::unix::Signal,
+    terminate: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    let mut failed = Vec::new();
+    for (t, attempt) in attempts {
+        match attempt {
+            Attempt::Acquired(guard) => held.push((t, guard)),
+            Attempt::Failed(e) => failed.push((t, e.to_string())),
+            Attempt::Busy => failed.push((t, "held by another process".to_string())),
+        }
+    }
+    if held.is_empty() {
+        for (t, why) in &failed {
+            println!("* Could not acquire {} lock: {why}", label(*t));
+        }
+        println!(
+            "No lock type could be acquired in {}: locking does not work there.",
+            dir.display()
+        );
+        bail!("no lock type works in {}", dir.display());
+    }
+    let record = dir.join(INSTANCE_FILE);
+    let held_names: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    fs::write(
+        &record,
+        format!(
+            "host={host}\npid={}\nheld={}\n",
+            std::process::id(),
+            held_names.join(",")
+        ),
+    )
+    .with_context(|| format!("cannot write {}", record.display()))?;
+    for (t, _) in &held {
+        println!("* Acquired {} lock", label(*t));
+    }
+    for (t, why) in &failed {
+        println!("* Could not acquire {} lock: {why}", label(*t));
+    }
+    println!(
+        "Holding the lock{}. Now run `sessionlb locktester --path {}` on another node, as the same user.",
+        if held.len() == 1 { "" } else { "s" },
+        dir.display()
+    );
+    println!("Press Ctrl+C to release.");
+
+    let mut touch = tokio::time::interval(INSTANCE_TOUCH);
+    let signal_name = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = touch.tick() => {
+                // Keep the record fresh (file system clock) for later instances.
+                if let Ok(f) = OpenOptions::new().write(true).open(&record) {
+                    let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
+                    let _ = rustix::fs::futimens(&f, &rustix::fs::Timestamps { last_access: now, last_modification: now });
+                }
+            }
+        }
+    };
+    println!("Received {signal_name}: releasing.");
+    let _ = fs::remove_file(&record);
+    let mut clean = true;
+    for (t, guard) in held {
+        let lost = guard.is_lost();
+        match guard.release().await {
+            Ok(()) if !lost => println!("* Released {} lock", label(t)),
+            Ok(()) => {
+                clean = false;
+                println!(
+                    "* The {} lock had been lost while held (it was not refreshed in time)",
+                    label(t)
+                );
+            }
+            Err(e) => {
+                clean = false;
+                println!("* Could not release {} lock: {e}", label(t));
+            }
+        }
+    }
+    if !clean {
+        bail!("the locks were not released cleanly");
+    }
+    println!("Locks released cleanly.");
+    Ok(())
+}
+
+/// The conclusion lines of a later instance, and whether any type works.
+fn conclude(results: &[(LockType, Outcome)]) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let works: Vec<LockType> = results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Excluded)
+        .map(|(t, _)| *t)
+        .collect();
+    let broken: Vec<LockType> = results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::BothAcquired)
+        .map(|(t, _)| *t)
+        .collect();
+    for t in &works {
+        lines.push(format!(
+            "Your filesystem appears to support {} locks.",
+            label(*t)
+        ));
+    }
+    for t in &broken {
+        lines.push(format!(
+            "Both instances could take the {} lock: {} locking does NOT work here (or the two instances do not see the same folder).",
+            label(*t),
+            label(*t)
+        ));
+    }
+    if works.is_empty() {
+        lines.push("Your filesystem appears to support no lock type: sessionlb cannot serialise session creation here.".into());
+    }
+    (lines, !works.is_empty())
+}
+
+/// What a later instance learned about one lock type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Held by the other instance, and we could not take it: it works.
+    Excluded,
+    /// Held by the other instance, yet we took it too: broken.
+    BothAcquired,
+    /// The other instance does not hold it, so nothing was tested.
+    Untested,
+    /// Taking it failed with an error: not supported.
+    Error,
+}
+
+async fn later_instance(
+    dir: &Path,
+    attempts: Vec<(LockType, Attempt)>,
+    other: Option<&OtherInstance>,
+) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for (t, attempt) in attempts {
+        // Without a record, a busy lock proves another holder.
+        let other_holds = other.is_none_or(|o| o.holds(t));
+        let outcome = match attempt {
+            Attempt::Busy => {
+                println!(
+                    "* Could not acquire {} lock (held by another process)",
+                    label(t)
+                );
+                Outcome::Excluded
+            }
+            Attempt::Failed(e) => {
+                println!("* Could not acquire {} lock: {e}", label(t));
+                Outcome::Error
+            }
+            Attempt::Acquired(guard) => {
+                let outcome = if other_holds {
+                    println!(
+                        "* Acquired {} lock, although the other instance holds it",
+                        label(t)
+                    );
+                    Outcome::BothAcquired
+                } else {
+                    println!(
+                        "* Acquired {} lock (the other instance does not hold one: not tested)",
+                        label(t)
+                    );
+                    Outcome::Untested
+                };
+                guard.release().await?;
+                outcome
+            }
+        };
+        results.push((t, outcome));
+    }
+    let (lines, any_works) = conclude(&results);
+    for line in &lines {
+        println!("{line}");
+    }
+    if !any_works {
+        bail!("no lock type works in {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `--stress`: rounds of lock, check marker, increment, unlock.
+struct Stress {
+    dir: PathBuf,
+    rounds: u64,
+    hold: Duration,
+    wait: Duration,
+    settings: LockSettings,
+}
+
+impl Stress {
+    async fn run(&self) -> anyhow::Result<()> {
+        let manager = LockManager::new(&self.dir, &self.settings)?;
+        let counter = self.dir.join(STRESS_COUNTER);
+        let marker = self.dir.join(STRESS_MARKER);
+        let kind = self.settings.lock_type.as_str();
+        println!(
+            "stress: {} rounds with the {kind} lock in {} (pid {})",
+            self.rounds,
+            self.dir.display(),
+            std::process::id()
+        );
+        let start = Instant::now();
+        let (mut overlaps, mut contended, mut total_wait, mut max_wait) =
+            (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+        for round in 1..=self.rounds {
+            let guard = manager
+                .acquire(STRESS_LOCK, Instant::now() + self.wait)
+                .await
+                .with_context(|| format!("round {round}"))?;
+            contended += u64::from(guard.contended());
+            total_wait += guard.waited();
+            max_wait = max_wait.max(guard.waited());
+            let entered = match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+            {
+                Ok(_) => true,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    overlaps += 1;
+                    eprintln!(
+                        "stress: OVERLAP in round {round}: {} exists: another holder is inside the lock",
+                        marker.display()
+                    );
+                    false
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", marker.display()));
+                }
+            };
+            let value = read_counter(&counter)?;
+            fs::write(&counter, format!("{}\n", value + 1))
+                .with_context(|| format!("cannot write {}", counter.display()))?;
+            if !self.hold.is_zero() {
+                tokio::time::sleep(self.hold).await;
+            }
+            if entered {
+                match fs::remove_file(&marker) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        overlaps += 1;
+                        eprintln!(
+                            "stress: OVERLAP in round {round}: {} vanished: another holder was inside the lock",
+                            marker.display()
+                        );
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot remove {}", marker.display()));
+                    }
+                }
+            }
+            if guard.is_lost() {
+                eprintln!("stress: round {round}: the lock was lost while held");
+            }
+            guard
+                .release()
+                .await
+                .with_context(|| format!("round {round}"))?;
+        }
+        let elapsed = start.elapsed();
+        let rate = self.rounds as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
+        let mean_ms = if self.rounds == 0 {
+            0.0
+        } else {
+            total_wait.as_secs_f64() * 1e3 / self.rounds as f64
+        };
+        println!(
+            "stress: {} rounds in {:.3} s: {rate:.1} acquisitions/s; wait mean {mean_ms:.3} ms, max {:.3} ms; contended {contended}; overlaps seen {overlaps}",
+            self.rounds,
+            elapsed.as_secs_f64(),
+            max_wait.as_secs_f64() * 1e3
+        );
+        if overlaps > 0 {
+            bail!(
+                "{overlaps} overlaps: {kind} locks did not exclude each other in {}",
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn read_counter(path: &Path) -> anyhow::Result<u64> {
+    match fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Ok(0),
+        Ok(text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a number: {text:?}", path.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conclusions_name_working_broken_and_missing_lock_types() {
+        let (lines, ok) = conclude(&[
+            (LockType::Advisory, Outcome::Excluded),
+            (LockType::LinkBased, Outcome::Excluded),
+        ]);
+        assert!(ok);
+        assert_eq!(
+            lines,
+            [
+                "Your filesystem appears to support advisory locks.",
+                "Your filesystem appears to support link-based locks."
+            ]
+        );
+        let (lines, ok) = conclude(&[
+            (LockType::Advisory, Outcome::Error),
+            (LockType::LinkBased, Outcome::Excluded),
+        ]);
+        assert!(ok);
+        assert_eq!(
+            lines,
+            ["Your filesystem appears to support link-based locks."]
+        );
+        let (lines, ok) = conclude(&[
+            (LockType::Advisory, Outcome::BothAcquired),
+            (LockType::LinkBased, Outcome::Error),
+        ]);
+        assert!(!ok);
+        assert!(
+            lines[0].starts_with(
+                "Both instances could take the advisory lock: advisory locking does NOT work here"
+            ),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("support no lock type"), "{lines:?}");
+        let (lines, ok) = conclude(&[(LockType::Advisory, Outcome::Untested)]);
+        assert!(!ok);
+        assert_eq!(lines.len(), 1);
+    }
+
+    #[test]
+    fn instance_records_parse() {
+        let o = OtherInstance::parse("host=n1\npid=42\nheld=advisory,linkbased\n");
+        assert_eq!(o.host, "n1");
+        assert_eq!(o.pid, "42");
+        assert!(o.holds(LockType::Advisory) && o.holds(LockType::LinkBased));
+        assert!(!OtherInstance::parse("held=advisory\n").holds(LockType::LinkBased));
+    }
+
+    #[test]
+    fn counters_read_missing_and_empty_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        assert_eq!(read_counter(&p).unwrap(), 0);
+        fs::write(&p, "").unwrap();
+        assert_eq!(read_counter(&p).unwrap(), 0);
+        fs::write(&p, "41\n").unwrap();
+        assert_eq!(read_counter(&p).unwrap(), 41);
+        fs::write(&p, "x").unwrap();
+        assert!(read_counter(&p).is_err());
+    }
 }
