@@ -358,11 +358,9 @@ fn linkbased_lock_of_a_killed_holder_is_reaped_after_the_timeout_and_not_before(
         "reaped {:?} too early",
         earliest.duration_since(taken_wall).unwrap_or_default()
     );
-    // ...so the lock resisted for about timeout - refresh-rate after the kill.
-    assert!(
-        taken_at >= timeout - refresh - Duration::from_millis(500),
-        "taken {taken_at:?} after the kill"
-    );
+    // ...so the lock resisted for about timeout - refresh-rate (1.75 s) after
+    // the kill; with a wide margin for a holder whose refresher ran late.
+    assert!(taken_at >= timeout / 2, "taken {taken_at:?} after the kill");
     assert!(
         failed_polls >= 20,
         "the contender kept trying: {failed_polls}"

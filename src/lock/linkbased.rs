@@ -1,7 +1,7 @@
 //! Link-based locks (`lock-type = linkbased`, the default; for NFS).
 //!
 //! Owns the file protocol: acquiring with a hard link, refreshing (through
-//! the [`refresher`](super::refresher)), reaping stale locks and releasing.
+//! the refresher thread of `refresher.rs`), reaping stale locks and releasing.
 //! A lock `<stem>.lock` in the lock directory is held by whoever's file it
 //! is; the file holds `host=`, `pid=` and a random 128-bit `token=`.
 //!
@@ -71,8 +71,8 @@
 //! # Leftovers
 //!
 //! Proxy files, moved-aside files and clock probes of crashed processes are
-//! removed by the refresher once their last change (mtime or ctime) is older than
-//! `timeout-interval`, at most once per `timeout-interval`.
+//! removed by the refresher once their last change (mtime or ctime) is
+//! older than `timeout-interval`, at most once per `timeout-interval`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
