@@ -358,11 +358,9 @@ fn linkbased_lock_of_a_killed_holder_is_reaped_after_the_timeout_and_not_before(
         "reaped {:?} too early",
         earliest.duration_since(taken_wall).unwrap_or_default()
     );
-    // ...so the lock resisted for about timeout - refresh-rate after the kill.
-    assert!(
-        taken_at >= timeout - refresh - Duration::from_millis(500),
-        "taken {taken_at:?} after the kill"
-    );
+    // ...so the lock resisted for about timeout - refresh-rate (1.75 s) after
+    // the kill; with a wide margin for a holder whose refresher ran late.
+    assert!(taken_at >= timeout / 2, "taken {taken_at:?} after the kill");
     assert!(
         failed_polls >= 20,
         "the contender kept trying: {failed_polls}"
@@ -796,4 +794,57 @@ fn locktester_stress_reads_the_workbench_file_locks_file() {
         5,
         "{log}"
     );
+}
+
+#[test]
+fn locktester_stress_stops_between_rounds_when_interrupted() {
+    let setup = Setup::new("linkbased", "500ms", "5s", false);
+    let mut p = Proc::spawn(
+        "stress",
+        &[
+            "--config",
+            setup.config(),
+            "locktester",
+            "--stress",
+            "1000000",
+            "--hold-ms",
+            "2",
+        ],
+    );
+    p.wait_for_line(&format!(
+        "stress: 1000000 rounds with the linkbased lock in {} (pid {})",
+        setup.shared(),
+        p.child.id()
+    ));
+    let counter = setup.shared.join("locktester-stress.counter");
+    let deadline = Instant::now() + STARTUP;
+    while fs::read_to_string(&counter).map_or(0, |c| c.trim().parse::<u64>().unwrap_or(0)) < 3 {
+        assert!(Instant::now() < deadline, "no progress\n{}", p.output());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.signal(Signal::INT);
+    let status = p.wait_exit(STARTUP);
+    assert!(
+        !status.success(),
+        "an interrupted run is not a success\n{}",
+        p.output()
+    );
+    let done: u64 = fs::read_to_string(&counter)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        p.has_line(&format!(
+            "stress: interrupted by SIGINT after {done} of 1000000 rounds"
+        )),
+        "{}",
+        p.output()
+    );
+    let left: Vec<_> = fs::read_dir(&setup.shared)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "locktester-stress.counter")
+        .collect();
+    assert!(left.is_empty(), "lock or marker left behind: {left:?}");
 }

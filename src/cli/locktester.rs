@@ -36,7 +36,8 @@ pub struct LocktesterArgs {
     /// Stress mode: ROUNDS times take the lock, check-and-create the marker
     /// DIR/locktester-stress.inside (it existing means two holders overlap),
     /// increment the counter in DIR/locktester-stress.counter, remove the
-    /// marker, release. Exits non-zero if any overlap was seen.
+    /// marker, release. Exits non-zero if any overlap was seen. SIGINT or
+    /// SIGTERM stops it between rounds.
     #[arg(long, value_name = "ROUNDS")]
     pub stress: Option<u64>,
     /// Stress mode: milliseconds to stay inside the lock each round.
@@ -444,14 +445,22 @@ impl Stress {
             self.dir.display(),
             std::process::id()
         );
+        // An interrupt ends the run between rounds, never inside the lock.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut interrupted = None;
+        let mut done = 0u64;
         let start = Instant::now();
         let (mut overlaps, mut contended, mut total_wait, mut max_wait) =
             (0u64, 0u64, Duration::ZERO, Duration::ZERO);
         for round in 1..=self.rounds {
-            let guard = manager
-                .acquire(STRESS_LOCK, Instant::now() + self.wait)
-                .await
-                .with_context(|| format!("round {round}"))?;
+            let acquire = manager.acquire(STRESS_LOCK, Instant::now() + self.wait);
+            let guard = tokio::select! {
+                biased;
+                _ = interrupt.recv() => { interrupted = Some("SIGINT"); break }
+                _ = terminate.recv() => { interrupted = Some("SIGTERM"); break }
+                acquired = acquire => acquired.with_context(|| format!("round {round}"))?,
+            };
             contended += u64::from(guard.contended());
             total_wait += guard.waited();
             max_wait = max_wait.max(guard.waited());
@@ -502,17 +511,23 @@ impl Stress {
                 .release()
                 .await
                 .with_context(|| format!("round {round}"))?;
+            done = round;
         }
         let elapsed = start.elapsed();
-        let rate = self.rounds as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
-        let mean_ms = if self.rounds == 0 {
+        let rate = done as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
+        let mean_ms = if done == 0 {
             0.0
         } else {
-            total_wait.as_secs_f64() * 1e3 / self.rounds as f64
+            total_wait.as_secs_f64() * 1e3 / done as f64
         };
+        if let Some(signal) = interrupted {
+            println!(
+                "stress: interrupted by {signal} after {done} of {} rounds",
+                self.rounds
+            );
+        }
         println!(
-            "stress: {} rounds in {:.3} s: {rate:.1} acquisitions/s; wait mean {mean_ms:.3} ms, max {:.3} ms; contended {contended}; overlaps seen {overlaps}",
-            self.rounds,
+            "stress: {done} rounds in {:.3} s: {rate:.1} acquisitions/s; wait mean {mean_ms:.3} ms, max {:.3} ms; contended {contended}; overlaps seen {overlaps}",
             elapsed.as_secs_f64(),
             max_wait.as_secs_f64() * 1e3
         );
@@ -521,6 +536,9 @@ impl Stress {
                 "{overlaps} overlaps: {kind} locks did not exclude each other in {}",
                 self.dir.display()
             );
+        }
+        if let Some(signal) = interrupted {
+            bail!("interrupted by {signal}");
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Link-based locks (`lock-type = linkbased`, the default; for NFS).
 //!
 //! Owns the file protocol: acquiring with a hard link, refreshing (through
-//! the [`refresher`](super::refresher)), reaping stale locks and releasing.
+//! the refresher thread of `refresher.rs`), reaping stale locks and releasing.
 //! A lock `<stem>.lock` in the lock directory is held by whoever's file it
 //! is; the file holds `host=`, `pid=` and a random 128-bit `token=`.
 //!
@@ -71,8 +71,8 @@
 //! # Leftovers
 //!
 //! Proxy files, moved-aside files and clock probes of crashed processes are
-//! removed by the refresher once their last change (mtime or ctime) is older than
-//! `timeout-interval`, at most once per `timeout-interval`.
+//! removed by the refresher once their last change (mtime or ctime) is
+//! older than `timeout-interval`, at most once per `timeout-interval`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -80,7 +80,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustix::io::Errno;
 
@@ -140,6 +140,8 @@ struct Proxy {
     id: FileId,
     /// The file system's time when the proxy was written.
     fs_now: SystemTime,
+    /// Taken before the proxy was created: a lock made from it is no older.
+    created: Instant,
 }
 
 impl Drop for Proxy {
@@ -202,6 +204,7 @@ impl LinkBased {
     }
 
     fn create_proxy(&self) -> Result<Proxy, LockError> {
+        let created = Instant::now();
         let path = self.unique_name(PROXY_PREFIX);
         let token = format!("{:032x}", rand::random::<u128>());
         let content = format!("host={}\npid={}\ntoken={token}\n", self.host, self.pid).into_bytes();
@@ -223,6 +226,7 @@ impl LinkBased {
                 content,
                 id: meta.id,
                 fs_now: meta.mtime,
+                created,
             }),
             Err(source) => {
                 let _ = fsutil::remove_if_present(&path);
@@ -462,7 +466,7 @@ impl LinkBased {
             if let Some(file) = self.claim(&mut proxy, &lock_path)? {
                 let content = std::mem::take(&mut proxy.content);
                 return self
-                    .won(name, &lock_path, file, content, proxy.fs_now)
+                    .won(name, &lock_path, file, content, proxy.fs_now, proxy.created)
                     .map(Some);
             }
             let outcome = match Self::observe(&lock_path)? {
@@ -486,11 +490,14 @@ impl LinkBased {
         file: File,
         content: Vec<u8>,
         fs_now: SystemTime,
+        lease_start: Instant,
     ) -> Result<Held, LockError> {
         let id = fsutil::meta(&file)
             .map_err(|e| LockError::io("check", lock_path, e))?
             .id;
-        let entry = self.refresher.entry(name, lock_path, file, id, content);
+        let entry = self
+            .refresher
+            .entry(name, lock_path, file, id, content, lease_start);
         // From here on dropping `held` releases the lock.
         let held = Held {
             lb: self.clone(),

@@ -252,9 +252,14 @@ fn an_owner_whose_lease_ran_out_stops_refreshing_and_reports_the_loss() {
     let file = File::create(dir.path().join("x.lock")).unwrap();
     let id = fsutil::meta(&file).unwrap().id;
     let a = link_based(dir.path(), None);
-    let entry = a
-        .refresher()
-        .entry(NAME, &dir.path().join("x.lock"), file, id, Vec::new());
+    let entry = a.refresher().entry(
+        NAME,
+        &dir.path().join("x.lock"),
+        file,
+        id,
+        Vec::new(),
+        Instant::now(),
+    );
     assert!(
         super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log),
         "fresh lease: touched"

@@ -8,7 +8,7 @@
 //! by the code that meets them.
 //!
 //! A file line reads:
-//! `2025-11-28T08:00:00.123456Z host=node1 pid=4242 type=linkbased event=acquire name="alice" path=/shared/locks/alice-….lock waited=0.4ms`
+//! `2026-11-28T08:00:00.123456Z host=node1 pid=4242 type=linkbased event=acquire name="alice" path=/shared/locks/alice-….lock waited=0.4ms`
 
 use std::fmt;
 use std::fs::{File, OpenOptions};

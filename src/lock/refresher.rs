@@ -125,7 +125,8 @@ impl Refresher {
         }
     }
 
-    /// A new entry for a lock just acquired (not yet refreshed).
+    /// A new entry for a lock just acquired (not yet refreshed), whose file
+    /// was written no earlier than `lease_start`.
     pub(crate) fn entry(
         &self,
         name: &str,
@@ -133,6 +134,7 @@ impl Refresher {
         file: File,
         id: FileId,
         content: Vec<u8>,
+        lease_start: Instant,
     ) -> Arc<Entry> {
         Arc::new(Entry {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
@@ -143,7 +145,7 @@ impl Refresher {
             state: Mutex::new(EntryState {
                 file: Some(file),
                 released: false,
-                last_refresh: Instant::now(),
+                last_refresh: lease_start,
             }),
             lost: AtomicBool::new(false),
         })
