@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `sessions` (default) | [`SessionsBalancer`] | `sessions.rs` |
 //! | `system-load` | [`SystemLoadBalancer`] | `system_load.rs` |
+//! | `user-hash` | [`UserHashBalancer`] | `user_hash.rs` |
 
 use async_trait::async_trait;
 
@@ -17,9 +18,11 @@ use crate::cluster::NodeId;
 
 pub mod sessions;
 pub mod system_load;
+pub mod user_hash;
 
 pub use sessions::SessionsBalancer;
 pub use system_load::SystemLoadBalancer;
+pub use user_hash::{HashKey, UserHashBalancer};
 
 /// A node a new session may be placed on.
 #[derive(Debug, Clone, PartialEq)]
