@@ -11,15 +11,18 @@
 //! | `sessions` (default) | [`SessionsBalancer`] | `sessions.rs` |
 //! | `system-load` | [`SystemLoadBalancer`] | `system_load.rs` |
 //! | `user-hash` | [`UserHashBalancer`] | `user_hash.rs` |
+//! | `custom` | [`CustomBalancer`] | `custom.rs` (protocol: `plugins/README.md`) |
 
 use async_trait::async_trait;
 
 use crate::cluster::NodeId;
 
+pub mod custom;
 pub mod sessions;
 pub mod system_load;
 pub mod user_hash;
 
+pub use custom::{CustomBalancer, PluginError};
 pub use sessions::SessionsBalancer;
 pub use system_load::SystemLoadBalancer;
 pub use user_hash::{HashKey, UserHashBalancer};
