@@ -12,10 +12,15 @@
 //! | `system-load` | [`SystemLoadBalancer`] | `system_load.rs` |
 //! | `user-hash` | [`UserHashBalancer`] | `user_hash.rs` |
 //! | `custom` | [`CustomBalancer`] | `custom.rs` (protocol: `plugins/README.md`) |
+//!
+//! [`build`] turns the configuration into the balancer to use.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::cluster::NodeId;
+use crate::config::{BalancerConfig, BalancerKind};
 
 pub mod custom;
 pub mod sessions;
@@ -73,6 +78,21 @@ pub trait Balancer: Send + Sync {
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice>;
 }
 
+/// The balancer `config` selects (`balancer=`), with its settings: the
+/// custom plug-in's command and timeout, the user-hash balance factor.
+/// Cheap; build a new one when the configuration changes.
+pub fn build(config: &BalancerConfig) -> Arc<dyn Balancer> {
+    match config.kind {
+        BalancerKind::Sessions => Arc::new(SessionsBalancer),
+        BalancerKind::SystemLoad => Arc::new(SystemLoadBalancer),
+        BalancerKind::UserHash => Arc::new(UserHashBalancer::new(config.user_hash_balance_factor)),
+        BalancerKind::Custom => Arc::new(CustomBalancer::new(
+            config.custom_command.clone(),
+            config.custom_timeout,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod test_support {
     use super::*;
@@ -100,5 +120,26 @@ mod test_support {
         let choice = balancer.choose(&req).await.expect("a choice");
         assert_eq!(choice.fallback, None);
         choice.node
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn build_maps_every_kind_to_its_balancer() {
+        for (name, kind) in BalancerKind::CHOICES {
+            let config = BalancerConfig {
+                kind: *kind,
+                custom_command: PathBuf::from("/bin/false"),
+                custom_timeout: Duration::from_secs(2),
+                user_hash_balance_factor: 1.25,
+            };
+            assert_eq!(build(&config).name(), *name);
+        }
     }
 }
