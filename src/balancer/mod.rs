@@ -5,14 +5,37 @@
 //! input. Candidates are already filtered to the *eligible* nodes (Online,
 //! reachable, not in offline mode, not routers) and sorted by id; ties must
 //! break deterministically.
+//!
+//! | `balancer=` | type | file |
+//! |---|---|---|
+//! | `sessions` (default) | [`SessionsBalancer`] | `sessions.rs` |
+//! | `system-load` | [`SystemLoadBalancer`] | `system_load.rs` |
+//! | `user-hash` | [`UserHashBalancer`] | `user_hash.rs` |
+//! | `custom` | [`CustomBalancer`] | `custom.rs` (protocol: `plugins/README.md`) |
+//!
+//! [`build`] turns the configuration into the balancer to use.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::cluster::NodeId;
+use crate::config::{BalancerConfig, BalancerKind};
+
+pub mod custom;
+pub mod sessions;
+pub mod system_load;
+pub mod user_hash;
+
+pub use custom::{CustomBalancer, PluginError};
+pub use sessions::SessionsBalancer;
+pub use system_load::SystemLoadBalancer;
+pub use user_hash::{HashKey, UserHashBalancer};
 
 /// A node a new session may be placed on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
+    /// The node's registry id.
     pub id: NodeId,
     /// `host:port`, as peers and `RSTUDIO_NODES` name it.
     pub address: String,
@@ -20,6 +43,7 @@ pub struct Candidate {
     pub sessions: usize,
     /// 1, 5 and 15 minute load averages as the node reported them.
     pub load: [f64; 3],
+    /// CPUs of the node as it reported them (0 is taken as 1).
     pub cpus: u32,
 }
 
@@ -37,6 +61,7 @@ pub struct PlacementRequest<'a> {
 /// A balancer's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
+    /// The chosen node, one of the candidates.
     pub node: NodeId,
     /// Set when the balancer could not do its own job and fell back (e.g.
     /// the custom plug-in timed out), saying why; counted and logged by the caller.
@@ -51,4 +76,70 @@ pub trait Balancer: Send + Sync {
 
     /// Choose one of `req.candidates`. Returns `None` only when there are no candidates.
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice>;
+}
+
+/// The balancer `config` selects (`balancer=`), with its settings: the
+/// custom plug-in's command and timeout, the user-hash balance factor.
+/// Cheap; build a new one when the configuration changes.
+pub fn build(config: &BalancerConfig) -> Arc<dyn Balancer> {
+    match config.kind {
+        BalancerKind::Sessions => Arc::new(SessionsBalancer),
+        BalancerKind::SystemLoad => Arc::new(SystemLoadBalancer),
+        BalancerKind::UserHash => Arc::new(UserHashBalancer::new(config.user_hash_balance_factor)),
+        BalancerKind::Custom => Arc::new(CustomBalancer::new(
+            config.custom_command.clone(),
+            config.custom_timeout,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod test_support {
+    use super::*;
+
+    /// Node `id` at `10.0.0.<10+id>:8787` with `sessions` sessions, load 0.5
+    /// on 4 CPUs.
+    pub fn candidate(id: NodeId, sessions: usize) -> Candidate {
+        Candidate {
+            id,
+            address: format!("10.0.0.{}:8787", 10 + id),
+            sessions,
+            load: [0.5, 0.5, 0.5],
+            cpus: 4,
+        }
+    }
+
+    /// What `balancer` chooses for an anonymous session among `candidates`,
+    /// which it must not report as a fallback.
+    pub async fn choose_node(balancer: &dyn Balancer, candidates: &[Candidate]) -> NodeId {
+        let req = PlacementRequest {
+            key: "session",
+            user: None,
+            candidates,
+        };
+        let choice = balancer.choose(&req).await.expect("a choice");
+        assert_eq!(choice.fallback, None);
+        choice.node
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn build_maps_every_kind_to_its_balancer() {
+        for (name, kind) in BalancerKind::CHOICES {
+            let config = BalancerConfig {
+                kind: *kind,
+                custom_command: PathBuf::from("/bin/false"),
+                custom_timeout: Duration::from_secs(2),
+                user_hash_balance_factor: 1.25,
+            };
+            assert_eq!(build(&config).name(), *name);
+        }
+    }
 }
