@@ -55,29 +55,17 @@ async fn node_with_another_key_is_refused_until_reset_cluster() {
     let status = c.proc.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
     let log = c.proc.log_text();
-    assert!(
-        log.contains("refusing to come online") && log.contains(&a.address()),
-        "{log}"
-    );
-    assert_eq!(
-        status_of(&fx, &a.config, &c_spec).as_deref(),
-        Some("Invalid secure cookie key")
-    );
+    assert!(log.contains("refusing to come online") && log.contains(&a.address()), "{log}");
+    assert_eq!(status_of(&fx, &a.config, &c_spec).as_deref(), Some("Invalid secure cookie key"));
 
     let out = fx.admin(&a.config, &["reset-cluster"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("Cluster record cleared"));
     let c = fx.start(&c_spec).await;
-    assert_eq!(
-        status_of(&fx, &a.config, &c.spec).as_deref(),
-        Some("Online")
-    );
+    assert_eq!(status_of(&fx, &a.config, &c.spec).as_deref(), Some("Online"));
     let listing = String::from_utf8_lossy(&fx.admin(&a.config, &["list-nodes"]).stdout).to_string();
     let fingerprint = sessionlb::config::key::SecureKey::from_bytes(KEY2.to_vec()).fingerprint();
-    assert!(
-        listing.contains(&fingerprint),
-        "the new node defined the cluster:\n{listing}"
-    );
+    assert!(listing.contains(&fingerprint), "the new node defined the cluster:\n{listing}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,20 +80,8 @@ async fn key_files_are_checked_before_coming_online() {
             "Invalid permissions on secure cookie key",
             "has mode 0644",
         ),
-        (
-            "short",
-            b"0123456789abcde",
-            0o600,
-            "Invalid secure cookie key",
-            "holds 15 bytes; at least 16 bytes",
-        ),
-        (
-            "missing",
-            b"",
-            0,
-            "Missing secure cookie key",
-            "does not exist",
-        ),
+        ("short", b"0123456789abcde", 0o600, "Invalid secure cookie key", "holds 15 bytes; at least 16 bytes"),
+        ("missing", b"", 0, "Missing secure cookie key", "does not exist"),
     ];
     for (name, content, mode, status, message) in cases {
         let path = fx.path().join(format!("key-{name}"));
@@ -115,21 +91,11 @@ async fn key_files_are_checked_before_coming_online() {
         let mut spec = fx.spec("127.0.0.2", None);
         spec.key_file = path;
         let mut node = fx.spawn(&spec);
-        assert!(
-            !node.proc.wait_exit(Duration::from_secs(20)).success(),
-            "{name}"
-        );
+        assert!(!node.proc.wait_exit(Duration::from_secs(20)).success(), "{name}");
         let log = node.proc.log_text();
         assert!(log.contains(message), "{name}: {log}");
-        assert!(
-            !log.contains("0123456789abcde"),
-            "{name}: the key must never be logged"
-        );
-        assert_eq!(
-            status_of(&fx, &node.config, &spec).as_deref(),
-            Some(status),
-            "{name}"
-        );
+        assert!(!log.contains("0123456789abcde"), "{name}: the key must never be logged");
+        assert_eq!(status_of(&fx, &node.config, &spec).as_deref(), Some(status), "{name}");
     }
     // 16 bytes is enough, with a warning.
     let path = fx.path().join("key-16");
@@ -137,10 +103,7 @@ async fn key_files_are_checked_before_coming_online() {
     let mut spec = fx.spec("127.0.0.2", None);
     spec.key_file = path;
     let node = fx.start(&spec).await;
-    assert_eq!(
-        status_of(&fx, &node.config, &spec).as_deref(),
-        Some("Online")
-    );
+    assert_eq!(status_of(&fx, &node.config, &spec).as_deref(), Some("Online"));
     assert!(node.proc.log_text().contains("shorter than 32 bytes"));
 }
 
@@ -154,19 +117,13 @@ async fn stopped_cluster_is_redefined_by_the_first_node_with_the_new_key() {
         n.proc.signal(Signal::TERM);
         assert!(n.proc.wait_exit(Duration::from_secs(20)).success());
     }
-    assert_eq!(
-        status_of(&fx, &a.config, &a.spec).as_deref(),
-        Some("Offline")
-    );
+    assert_eq!(status_of(&fx, &a.config, &a.spec).as_deref(), Some("Offline"));
     // The key changes on every node; the first restart redefines the cluster.
     write_key(&fx.key_file, KEY2, 0o600);
     let a = fx.start(&a.spec).await;
     assert!(a.proc.log_text().contains("cluster redefined by this node"));
     let b = fx.start(&b.spec).await;
-    assert_eq!(
-        status_of(&fx, &a.config, &b.spec).as_deref(),
-        Some("Online")
-    );
+    assert_eq!(status_of(&fx, &a.config, &b.spec).as_deref(), Some("Online"));
 
     // While a node with the (now) current key is online, a node with another key is refused.
     let stale_key = fx.path().join("stale");
@@ -175,10 +132,7 @@ async fn stopped_cluster_is_redefined_by_the_first_node_with_the_new_key() {
     c_spec.key_file = stale_key;
     let mut c = fx.spawn(&c_spec);
     assert!(!c.proc.wait_exit(Duration::from_secs(20)).success());
-    assert_eq!(
-        status_of(&fx, &a.config, &c_spec).as_deref(),
-        Some("Invalid secure cookie key")
-    );
+    assert_eq!(status_of(&fx, &a.config, &c_spec).as_deref(), Some("Invalid secure cookie key"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,15 +144,9 @@ async fn unresolvable_host_name_records_failed_to_resolve() {
     let mut node = fx.spawn(&spec);
     assert!(!node.proc.wait_exit(Duration::from_secs(20)).success());
     let log = node.proc.log_text();
-    assert!(
-        log.contains("no-such-node.invalid") && log.contains("does not resolve"),
-        "{log}"
-    );
+    assert!(log.contains("no-such-node.invalid") && log.contains("does not resolve"), "{log}");
     let rows = list_nodes(&fx, &node.config);
-    let row = rows
-        .iter()
-        .find(|r| r.host == "no-such-node.invalid")
-        .unwrap_or_else(|| panic!("{rows:?}"));
+    let row = rows.iter().find(|r| r.host == "no-such-node.invalid").unwrap_or_else(|| panic!("{rows:?}"));
     assert_eq!(row.status, "Failed to resolve");
     assert_eq!(row.port, spec.port);
 }
@@ -212,34 +160,17 @@ async fn offline_mode_is_live_persistent_and_reversible() {
     let pid = a.proc.pid();
 
     let out = fx.admin(&a.config, &["offline"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let started = Instant::now();
-    eventually(
-        Duration::from_secs(2),
-        "list-nodes to show offline mode",
-        || async {
-            let rows = list_nodes(&fx, &a.config);
-            row_of(&rows, &a.spec)
-                .filter(|r| r.notes.contains("offline mode") && r.status == "Online")
-                .map(|_| ())
-        },
-    )
+    eventually(Duration::from_secs(2), "list-nodes to show offline mode", || async {
+        let rows = list_nodes(&fx, &a.config);
+        row_of(&rows, &a.spec).filter(|r| r.notes.contains("offline mode") && r.status == "Online").map(|_| ())
+    })
     .await;
     // The running node learned it without a restart.
-    eventually(
-        Duration::from_secs(2),
-        "the node to learn it is in offline mode",
-        || async {
-            a.health()
-                .await
-                .filter(|h| h["offline_mode"] == true)
-                .map(|_| ())
-        },
-    )
+    eventually(Duration::from_secs(2), "the node to learn it is in offline mode", || async {
+        a.health().await.filter(|h| h["offline_mode"] == true).map(|_| ())
+    })
     .await;
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(a.proc.pid(), pid, "same process");
@@ -250,31 +181,14 @@ async fn offline_mode_is_live_persistent_and_reversible() {
     a.proc.wait_exit(Duration::from_secs(20));
     let a = fx.start(&a.spec).await;
     assert_eq!(a.health().await.unwrap()["offline_mode"], true);
-    assert!(
-        row_of(&list_nodes(&fx, &a.config), &a.spec)
-            .unwrap()
-            .notes
-            .contains("offline mode")
-    );
+    assert!(row_of(&list_nodes(&fx, &a.config), &a.spec).unwrap().notes.contains("offline mode"));
     // ...until `online`.
     assert!(fx.admin(&a.config, &["online"]).status.success());
-    eventually(
-        Duration::from_secs(2),
-        "the node to leave offline mode",
-        || async {
-            a.health()
-                .await
-                .filter(|h| h["offline_mode"] == false)
-                .map(|_| ())
-        },
-    )
+    eventually(Duration::from_secs(2), "the node to leave offline mode", || async {
+        a.health().await.filter(|h| h["offline_mode"] == false).map(|_| ())
+    })
     .await;
-    assert!(
-        !row_of(&list_nodes(&fx, &a.config), &a.spec)
-            .unwrap()
-            .notes
-            .contains("offline mode")
-    );
+    assert!(!row_of(&list_nodes(&fx, &a.config), &a.spec).unwrap().notes.contains("offline mode"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,34 +205,18 @@ async fn delete_node_removes_stopped_nodes_and_protects_online_ones_with_session
     b.proc.signal(Signal::TERM);
     b.proc.wait_exit(Duration::from_secs(20));
     let out = fx.admin(&a.config, &["delete-node", &b_id.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(row_of(&list_nodes(&fx, &a.config), &b.spec).is_none());
-    eventually(
-        Duration::from_secs(5),
-        "a to drop the deleted node",
-        || async {
-            a.health()
-                .await
-                .filter(|h| h["cluster_nodes"] == 1)
-                .map(|_| ())
-        },
-    )
+    eventually(Duration::from_secs(5), "a to drop the deleted node", || async {
+        a.health().await.filter(|h| h["cluster_nodes"] == 1).map(|_| ())
+    })
     .await;
     assert!(a.proc.log_text().contains("node deleted from the cluster"));
 
     // An online node with a session is protected unless forced.
     let registry = db.registry().await;
     registry
-        .place_session(&NewSession {
-            key: "s1",
-            node_id: a_id,
-            user_name: Some("ann"),
-            kind: SessionKind::Backend,
-        })
+        .place_session(&NewSession { key: "s1", node_id: a_id, user_name: Some("ann"), kind: SessionKind::Backend })
         .await
         .unwrap();
     let out = fx.admin(&a.config, &["delete-node", &a_id.to_string()]);
@@ -328,10 +226,7 @@ async fn delete_node_removes_stopped_nodes_and_protects_online_ones_with_session
     let out = fx.admin(&a.config, &["delete-node", &a_id.to_string(), "--force"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 session(s) will be re-placed"));
-    assert_eq!(
-        registry.get_session("s1").await.unwrap().unwrap().node_id,
-        None
-    );
+    assert_eq!(registry.get_session("s1").await.unwrap().unwrap().node_id, None);
     let out = fx.admin(&a.config, &["delete-node", "424242"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node with ID 424242"));
@@ -357,13 +252,8 @@ async fn killed_node_shows_missed_check_in_and_live_node_never_does() {
     let mut missed_seen = None;
     while killed_at.elapsed() < Duration::from_secs(6) {
         let rows = list_nodes(&fx, &live.config);
-        assert_eq!(
-            row_of(&rows, &live_spec).unwrap().status,
-            "Online",
-            "{rows:?}"
-        );
-        if missed_seen.is_none() && row_of(&rows, &doomed_spec).unwrap().status == "Missed check-in"
-        {
+        assert_eq!(row_of(&rows, &live_spec).unwrap().status, "Online", "{rows:?}");
+        if missed_seen.is_none() && row_of(&rows, &doomed_spec).unwrap().status == "Missed check-in" {
             missed_seen = Some(killed_at.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -382,39 +272,19 @@ fn malformed_configuration_reports_every_problem_at_once() {
     )
     .unwrap();
     for command in [&["check-config"][..], &["serve"][..], &["list-nodes"][..]] {
-        let out = std::process::Command::new(SESSIONLB)
-            .arg("--config")
-            .arg(&path)
-            .args(command)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(SESSIONLB).arg("--config").arg(&path).args(command).output().unwrap();
         assert_eq!(out.status.code(), Some(78), "{command:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         let file = path.display().to_string();
         for (line, needle) in [
-            (
-                1,
-                "`www-port` must be an integer from 1 to 65535; found \"eighty\"",
-            ),
-            (
-                2,
-                "`balancer` must be one of sessions, system-load, user-hash, custom; found \"fastest\"",
-            ),
+            (1, "`www-port` must be an integer from 1 to 65535; found \"eighty\""),
+            (2, "`balancer` must be one of sessions, system-load, user-hash, custom; found \"fastest\""),
             (3, "`www-address` must be an IP address"),
             (4, "`backend` must be host:port"),
-            (
-                5,
-                "unknown key `chekin-interval` (did you mean `checkin-interval`?)",
-            ),
-            (
-                7,
-                "`locks.lock-type` must be one of linkbased, advisory; found integer 3",
-            ),
+            (5, "unknown key `chekin-interval` (did you mean `checkin-interval`?)"),
+            (7, "`locks.lock-type` must be one of linkbased, advisory; found integer 3"),
         ] {
-            assert!(
-                err.contains(&format!("{file}:{line}: {needle}")),
-                "{command:?} missing line {line}: {err}"
-            );
+            assert!(err.contains(&format!("{file}:{line}: {needle}")), "{command:?} missing line {line}: {err}");
         }
         assert!(err.contains("6 problems"), "{err}");
     }
@@ -428,29 +298,14 @@ fn check_config_prints_effective_settings_without_the_key() {
     let path = dir.path().join("ok.toml");
     std::fs::write(
         &path,
-        format!(
-            "secure-cookie-key-file = \"{}\"\ndatabase = \"postgres://lb:hunter2@db/lb\"\n",
-            key.display()
-        ),
+        format!("secure-cookie-key-file = \"{}\"\ndatabase = \"postgres://lb:hunter2@db/lb\"\n", key.display()),
     )
     .unwrap();
-    let out = std::process::Command::new(SESSIONLB)
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(SESSIONLB).arg("--config").arg(&path).arg("check-config").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("Configuration OK"));
     assert!(text.contains("balancer = \"sessions\""));
     assert!(text.contains("postgres://lb:***@db/lb"));
-    assert!(
-        !text.contains("s3cr3t") && !text.contains("hunter2"),
-        "{text}"
-    );
+    assert!(!text.contains("s3cr3t") && !text.contains("hunter2"), "{text}");
 }

@@ -62,13 +62,7 @@ impl Proc {
             collect(child.stdout.take().unwrap(), stdout.clone()),
             collect(child.stderr.take().unwrap(), stderr.clone()),
         ];
-        Proc {
-            name: name.to_string(),
-            child,
-            stdout,
-            stderr,
-            readers,
-        }
+        Proc { name: name.to_string(), child, stdout, stderr, readers }
     }
 
     fn stdout(&self) -> Vec<String> {
@@ -102,12 +96,7 @@ impl Proc {
                 );
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not print {line:?} in time\n{}",
-                self.name,
-                self.output()
-            );
+            assert!(Instant::now() < deadline, "{} did not print {line:?} in time\n{}", self.name, self.output());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -124,12 +113,7 @@ impl Proc {
                 self.join_readers();
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit in time\n{}",
-                self.name,
-                self.output()
-            );
+            assert!(Instant::now() < deadline, "{} did not exit in time\n{}", self.name, self.output());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -180,11 +164,7 @@ impl Setup {
             ));
         }
         fs::write(&config, text).unwrap();
-        Setup {
-            tmp,
-            shared,
-            config,
-        }
+        Setup { tmp, shared, config }
     }
 
     fn shared(&self) -> &str {
@@ -200,13 +180,7 @@ impl Setup {
     }
 
     /// A manager in this test process, as another node would have.
-    fn manager(
-        &self,
-        lock_type: LockType,
-        refresh: Duration,
-        timeout: Duration,
-        log: &str,
-    ) -> LockManager {
+    fn manager(&self, lock_type: LockType, refresh: Duration, timeout: Duration, log: &str) -> LockManager {
         let settings = LockSettings {
             lock_type,
             refresh_rate: refresh,
@@ -221,15 +195,7 @@ impl Setup {
     fn holder(&self, lock_type: &str, line: &str) -> Proc {
         let mut holder = Proc::spawn(
             "holder",
-            &[
-                "--config",
-                self.config(),
-                "locktester",
-                "--path",
-                self.shared(),
-                "--lock-type",
-                lock_type,
-            ],
+            &["--config", self.config(), "locktester", "--path", self.shared(), "--lock-type", lock_type],
         );
         holder.wait_for_line(line);
         holder
@@ -272,43 +238,22 @@ fn contention_across_processes(lock_type: &str) {
     for p in &mut procs {
         let status = p.wait_exit(Duration::from_secs(300));
         assert!(status.success(), "{status}\n{}", p.output());
-        let summary = p
-            .stdout()
-            .into_iter()
-            .find(|l| l.contains("acquisitions/s"))
-            .expect("summary line");
-        assert!(
-            summary.starts_with(&format!("stress: {ROUNDS} rounds in ")),
-            "{summary}"
-        );
+        let summary = p.stdout().into_iter().find(|l| l.contains("acquisitions/s")).expect("summary line");
+        assert!(summary.starts_with(&format!("stress: {ROUNDS} rounds in ")), "{summary}");
         assert!(summary.ends_with("overlaps seen 0"), "{summary}");
-        let n = summary
-            .split("contended ")
-            .nth(1)
-            .and_then(|s| s.split(';').next())
-            .expect("contended count");
+        let n = summary.split("contended ").nth(1).and_then(|s| s.split(';').next()).expect("contended count");
         contended += n.parse::<u64>().unwrap();
     }
     let count = fs::read_to_string(setup.shared.join("locktester-stress.counter")).unwrap();
-    assert_eq!(
-        count.trim(),
-        (PROCESSES as u64 * ROUNDS).to_string(),
-        "lost updates: the lock let two writers in"
-    );
+    assert_eq!(count.trim(), (PROCESSES as u64 * ROUNDS).to_string(), "lost updates: the lock let two writers in");
     assert!(!setup.shared.join("locktester-stress.inside").exists());
-    assert!(
-        contended > 0,
-        "the processes never contended: the test proves nothing"
-    );
+    assert!(contended > 0, "the processes never contended: the test proves nothing");
     let left: Vec<String> = fs::read_dir(&setup.shared)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n != "locktester-stress.counter")
         .collect();
-    assert!(
-        left.is_empty(),
-        "locks, proxies or markers left behind: {left:?}"
-    );
+    assert!(left.is_empty(), "locks, proxies or markers left behind: {left:?}");
 }
 
 #[test]
@@ -329,10 +274,7 @@ fn linkbased_lock_of_a_killed_holder_is_reaped_after_the_timeout_and_not_before(
     let setup = Setup::new("linkbased", "250ms", "2s", false);
     let mut holder = setup.holder("linkbased", "* Acquired link-based lock");
     let contender = setup.manager(LockType::LinkBased, refresh, timeout, "contender.log");
-    assert!(
-        contender.try_acquire(TESTER_LOCK).unwrap().is_none(),
-        "the holder holds it"
-    );
+    assert!(contender.try_acquire(TESTER_LOCK).unwrap().is_none(), "the holder holds it");
     let lock = contender.lock_path(TESTER_LOCK);
 
     holder.kill_hard();
@@ -345,38 +287,21 @@ fn linkbased_lock_of_a_killed_holder_is_reaped_after_the_timeout_and_not_before(
             break (killed.elapsed(), SystemTime::now(), guard);
         }
         failed_polls += 1;
-        assert!(
-            killed.elapsed() < timeout + Duration::from_secs(10),
-            "the dead holder's lock was never reaped"
-        );
+        assert!(killed.elapsed() < timeout + Duration::from_secs(10), "the dead holder's lock was never reaped");
         std::thread::sleep(Duration::from_millis(10));
     };
     // Not before: never earlier than last refresh + timeout-interval...
     let earliest = last_refresh + timeout;
-    assert!(
-        taken_wall >= earliest,
-        "reaped {:?} too early",
-        earliest.duration_since(taken_wall).unwrap_or_default()
-    );
+    assert!(taken_wall >= earliest, "reaped {:?} too early", earliest.duration_since(taken_wall).unwrap_or_default());
     // ...so the lock resisted for about timeout - refresh-rate (1.75 s) after
     // the kill; with a wide margin for a holder whose refresher ran late.
     assert!(taken_at >= timeout / 2, "taken {taken_at:?} after the kill");
-    assert!(
-        failed_polls >= 20,
-        "the contender kept trying: {failed_polls}"
-    );
+    assert!(failed_polls >= 20, "the contender kept trying: {failed_polls}");
     // After: within the timeout (plus a margin for a busy machine).
-    assert!(
-        taken_at <= timeout + Duration::from_millis(1500),
-        "taken only {taken_at:?} after the kill"
-    );
+    assert!(taken_at <= timeout + Duration::from_millis(1500), "taken only {taken_at:?} after the kill");
     let log = fs::read_to_string(setup.tmp.path().join("contender.log")).unwrap();
     let pid = format!("pid={}", holder.child.id());
-    assert!(
-        log.lines()
-            .any(|l| l.contains("event=reap") && l.contains(&pid)),
-        "reap not logged:\n{log}"
-    );
+    assert!(log.lines().any(|l| l.contains("event=reap") && l.contains(&pid)), "reap not logged:\n{log}");
     drop(guard);
 }
 
@@ -384,33 +309,19 @@ fn linkbased_lock_of_a_killed_holder_is_reaped_after_the_timeout_and_not_before(
 fn advisory_lock_of_a_killed_holder_is_free_at_once() {
     let setup = Setup::new("advisory", "20s", "30s", false);
     let mut holder = setup.holder("advisory", "* Acquired advisory lock");
-    let contender = setup.manager(
-        LockType::Advisory,
-        Duration::from_secs(20),
-        Duration::from_secs(30),
-        "contender.log",
-    );
-    assert!(
-        contender.try_acquire(TESTER_LOCK).unwrap().is_none(),
-        "the holder holds it"
-    );
+    let contender =
+        setup.manager(LockType::Advisory, Duration::from_secs(20), Duration::from_secs(30), "contender.log");
+    assert!(contender.try_acquire(TESTER_LOCK).unwrap().is_none(), "the holder holds it");
     holder.kill_hard();
     let killed = Instant::now();
     let guard = loop {
         if let Some(guard) = contender.try_acquire(TESTER_LOCK).unwrap() {
             break guard;
         }
-        assert!(
-            killed.elapsed() < Duration::from_secs(10),
-            "the dead holder's advisory lock was not released"
-        );
+        assert!(killed.elapsed() < Duration::from_secs(10), "the dead holder's advisory lock was not released");
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert!(
-        killed.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() < Duration::from_secs(1), "took {:?}", killed.elapsed());
     drop(guard);
 }
 
@@ -436,24 +347,12 @@ fn a_refreshed_lock_survives_three_timeouts_then_its_killed_holder_loses_it_with
     }
     assert!(polls >= 50, "{polls}");
     let refreshed_for = mtime(&lock).duration_since(first_mtime).unwrap_or_default();
-    assert!(
-        refreshed_for >= timeout * 2,
-        "the holder's refreshes only moved mtime by {refreshed_for:?}"
-    );
+    assert!(refreshed_for >= timeout * 2, "the holder's refreshes only moved mtime by {refreshed_for:?}");
     let holder_log = setup.log();
     let pid = format!("pid={}", holder.child.id());
+    assert!(holder_log.lines().any(|l| l.contains(&pid) && l.contains("event=acquire")), "{holder_log}");
     assert!(
-        holder_log
-            .lines()
-            .any(|l| l.contains(&pid) && l.contains("event=acquire")),
-        "{holder_log}"
-    );
-    assert!(
-        holder_log
-            .lines()
-            .filter(|l| l.contains(&pid) && l.contains("event=refresh"))
-            .count()
-            >= 6,
+        holder_log.lines().filter(|l| l.contains(&pid) && l.contains("event=refresh")).count() >= 6,
         "{holder_log}"
     );
 
@@ -463,18 +362,11 @@ fn a_refreshed_lock_survives_three_timeouts_then_its_killed_holder_loses_it_with
         if let Some(guard) = contender.try_acquire(TESTER_LOCK).unwrap() {
             break guard;
         }
-        assert!(
-            killed.elapsed() < timeout + refresh + Duration::from_secs(10),
-            "never reaped"
-        );
+        assert!(killed.elapsed() < timeout + refresh + Duration::from_secs(10), "never reaped");
         std::thread::sleep(Duration::from_millis(10));
     };
     let bound = timeout + refresh + Duration::from_secs(1);
-    assert!(
-        killed.elapsed() <= bound,
-        "took {:?}, bound {bound:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() <= bound, "took {:?}, bound {bound:?}", killed.elapsed());
     drop(guard);
 }
 
@@ -498,22 +390,12 @@ async fn tasks_never_overlap(lock_type: LockType, shared_manager: bool) {
     let contended = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
-        let manager = if shared_manager {
-            one.clone()
-        } else {
-            LockManager::new(dir.path(), &settings).unwrap()
-        };
+        let manager = if shared_manager { one.clone() } else { LockManager::new(dir.path(), &settings).unwrap() };
         let (inside, count, contended) = (inside.clone(), count.clone(), contended.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..ROUNDS {
-                let guard = manager
-                    .acquire("same-name", Instant::now() + Duration::from_secs(60))
-                    .await
-                    .unwrap();
-                assert!(
-                    !inside.swap(true, Ordering::SeqCst),
-                    "two tasks inside the {lock_type:?} lock"
-                );
+                let guard = manager.acquire("same-name", Instant::now() + Duration::from_secs(60)).await.unwrap();
+                assert!(!inside.swap(true, Ordering::SeqCst), "two tasks inside the {lock_type:?} lock");
                 contended.fetch_add(u64::from(guard.contended()), Ordering::Relaxed);
                 let seen = count.load(Ordering::SeqCst);
                 tokio::task::yield_now().await;
@@ -527,10 +409,7 @@ async fn tasks_never_overlap(lock_type: LockType, shared_manager: bool) {
         task.await.unwrap();
     }
     assert_eq!(count.load(Ordering::SeqCst), TASKS as u64 * ROUNDS);
-    assert!(
-        contended.load(Ordering::Relaxed) > 0,
-        "the tasks never contended"
-    );
+    assert!(contended.load(Ordering::Relaxed) > 0, "the tasks never contended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -571,46 +450,24 @@ fn hostile_lock_names_map_to_distinct_bounded_files_inside_the_directory() {
         long_b.as_str(),
     ];
     for lock_type in [LockType::LinkBased, LockType::Advisory] {
-        let m = LockManager::new(
-            &dir,
-            &LockSettings {
-                lock_type,
-                ..LockSettings::default()
-            },
-        )
-        .unwrap();
+        let m = LockManager::new(&dir, &LockSettings { lock_type, ..LockSettings::default() }).unwrap();
         let mut files = HashSet::new();
         let guards: Vec<_> = keys
             .iter()
             .map(|key| {
                 let path = m.lock_path(key);
-                assert_eq!(
-                    path.parent(),
-                    Some(dir.as_path()),
-                    "{key:?} escapes the directory"
-                );
+                assert_eq!(path.parent(), Some(dir.as_path()), "{key:?} escapes the directory");
                 let file = path.file_name().unwrap().to_str().unwrap().to_string();
                 assert!(file.len() <= names::MAX_STEM_LEN + ".flock".len(), "{file}");
                 assert!(!file.starts_with('.') && !file.starts_with('-'), "{file}");
                 assert!(files.insert(file.clone()), "two keys share {file}");
-                m.try_acquire(key)
-                    .unwrap()
-                    .unwrap_or_else(|| panic!("{key:?} contends with another key"))
+                m.try_acquire(key).unwrap().unwrap_or_else(|| panic!("{key:?} contends with another key"))
             })
             .collect();
-        let listed: HashSet<String> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            listed, files,
-            "{lock_type:?}: exactly one file per key, all inside the directory"
-        );
-        assert_eq!(
-            fs::read_dir(outer.path()).unwrap().count(),
-            1,
-            "nothing created outside the directory"
-        );
+        let listed: HashSet<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(listed, files, "{lock_type:?}: exactly one file per key, all inside the directory");
+        assert_eq!(fs::read_dir(outer.path()).unwrap().count(), 1, "nothing created outside the directory");
         drop(guards);
     }
 }
@@ -626,16 +483,7 @@ fn locktester_first_instance_holds_second_reports_support_and_interrupt_releases
     first.wait_for_line("* Acquired link-based lock");
     first.wait_for_line("Press Ctrl+C to release.");
 
-    let mut second = Proc::spawn(
-        "second",
-        &[
-            "locktester",
-            "--path",
-            setup.shared(),
-            "--config",
-            setup.config(),
-        ],
-    );
+    let mut second = Proc::spawn("second", &["locktester", "--path", setup.shared(), "--config", setup.config()]);
     let status = second.wait_exit(STARTUP);
     assert!(status.success(), "{}", second.output());
     for line in [
@@ -644,17 +492,9 @@ fn locktester_first_instance_holds_second_reports_support_and_interrupt_releases
         "Your filesystem appears to support advisory locks.",
         "Your filesystem appears to support link-based locks.",
     ] {
-        assert!(
-            second.has_line(line),
-            "missing {line:?}\n{}",
-            second.output()
-        );
+        assert!(second.has_line(line), "missing {line:?}\n{}", second.output());
     }
-    assert!(
-        !second.stdout().iter().any(|l| l.starts_with("* Acquired")),
-        "{}",
-        second.output()
-    );
+    assert!(!second.stdout().iter().any(|l| l.starts_with("* Acquired")), "{}", second.output());
 
     first.signal(Signal::INT);
     let status = first.wait_exit(STARTUP);
@@ -667,39 +507,16 @@ fn locktester_first_instance_holds_second_reports_support_and_interrupt_releases
     ] {
         assert!(first.has_line(line), "missing {line:?}\n{}", first.output());
     }
-    let left: Vec<_> = fs::read_dir(&setup.shared)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        left.is_empty(),
-        "released cleanly means nothing left: {left:?}"
-    );
+    let left: Vec<_> = fs::read_dir(&setup.shared).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "released cleanly means nothing left: {left:?}");
 
     // Free again: a new instance is a first instance; SIGTERM releases too.
-    let mut third = Proc::spawn(
-        "third",
-        &[
-            "--config",
-            setup.config(),
-            "locktester",
-            "--lock-type",
-            "advisory",
-        ],
-    );
+    let mut third = Proc::spawn("third", &["--config", setup.config(), "locktester", "--lock-type", "advisory"]);
     third.wait_for_line("* Acquired advisory lock");
     third.signal(Signal::TERM);
     assert!(third.wait_exit(STARTUP).success(), "{}", third.output());
-    assert!(
-        third.has_line("* Released advisory lock"),
-        "{}",
-        third.output()
-    );
-    assert!(
-        !third.stdout().iter().any(|l| l.contains("link-based")),
-        "--lock-type restricts: {}",
-        third.output()
-    );
+    assert!(third.has_line("* Released advisory lock"), "{}", third.output());
+    assert!(!third.stdout().iter().any(|l| l.contains("link-based")), "--lock-type restricts: {}", third.output());
 }
 
 #[test]
@@ -707,43 +524,25 @@ fn locktester_says_when_both_instances_could_take_a_lock() {
     let setup = Setup::new("linkbased", "500ms", "5s", false);
     // A live first instance on a node whose locks this one cannot see (as
     // with two different local folders behind one record).
-    fs::write(
-        setup.shared.join("locktester.instance"),
-        "host=elsewhere\npid=1\nheld=advisory,linkbased\n",
-    )
-    .unwrap();
+    fs::write(setup.shared.join("locktester.instance"), "host=elsewhere\npid=1\nheld=advisory,linkbased\n").unwrap();
     let mut second = Proc::spawn("second", &["--config", setup.config(), "locktester"]);
     let status = second.wait_exit(STARTUP);
-    assert!(
-        !status.success(),
-        "locking is broken: must fail\n{}",
-        second.output()
-    );
+    assert!(!status.success(), "locking is broken: must fail\n{}", second.output());
     let out = second.stdout();
     assert!(
-        out.iter()
-            .any(|l| l.starts_with("Another locktester instance (host elsewhere, pid 1)")),
+        out.iter().any(|l| l.starts_with("Another locktester instance (host elsewhere, pid 1)")),
         "{}",
         second.output()
     );
-    assert!(
-        second.has_line("* Acquired advisory lock, although the other instance holds it"),
-        "{}",
-        second.output()
-    );
-    assert!(
-        out.iter().any(|l| l.starts_with(
-            "Both instances could take the link-based lock: link-based locking does NOT work here"
-        )),
-        "{}",
-        second.output()
-    );
+    assert!(second.has_line("* Acquired advisory lock, although the other instance holds it"), "{}", second.output());
     assert!(
         out.iter()
-            .any(|l| l.contains("appears to support no lock type")),
+            .any(|l| l
+                .starts_with("Both instances could take the link-based lock: link-based locking does NOT work here")),
         "{}",
         second.output()
     );
+    assert!(out.iter().any(|l| l.contains("appears to support no lock type")), "{}", second.output());
 }
 
 #[test]
@@ -772,45 +571,17 @@ fn locktester_stress_reads_the_workbench_file_locks_file() {
         ],
     );
     assert!(p.wait_exit(STARTUP).success(), "{}", p.output());
-    assert!(
-        p.stdout()
-            .iter()
-            .any(|l| l.starts_with("stress: 5 rounds with the advisory lock in")),
-        "{}",
-        p.output()
-    );
+    assert!(p.stdout().iter().any(|l| l.starts_with("stress: 5 rounds with the advisory lock in")), "{}", p.output());
     let log = fs::read_to_string(tmp.path().join("wb.log")).unwrap();
-    assert_eq!(
-        log.lines()
-            .filter(|l| l.contains("type=advisory event=acquire"))
-            .count(),
-        5,
-        "{log}"
-    );
-    assert_eq!(
-        log.lines()
-            .filter(|l| l.contains("type=advisory event=release"))
-            .count(),
-        5,
-        "{log}"
-    );
+    assert_eq!(log.lines().filter(|l| l.contains("type=advisory event=acquire")).count(), 5, "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("type=advisory event=release")).count(), 5, "{log}");
 }
 
 #[test]
 fn locktester_stress_stops_between_rounds_when_interrupted() {
     let setup = Setup::new("linkbased", "500ms", "5s", false);
-    let mut p = Proc::spawn(
-        "stress",
-        &[
-            "--config",
-            setup.config(),
-            "locktester",
-            "--stress",
-            "1000000",
-            "--hold-ms",
-            "2",
-        ],
-    );
+    let mut p =
+        Proc::spawn("stress", &["--config", setup.config(), "locktester", "--stress", "1000000", "--hold-ms", "2"]);
     p.wait_for_line(&format!(
         "stress: 1000000 rounds with the linkbased lock in {} (pid {})",
         setup.shared(),
@@ -824,23 +595,9 @@ fn locktester_stress_stops_between_rounds_when_interrupted() {
     }
     p.signal(Signal::INT);
     let status = p.wait_exit(STARTUP);
-    assert!(
-        !status.success(),
-        "an interrupted run is not a success\n{}",
-        p.output()
-    );
-    let done: u64 = fs::read_to_string(&counter)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        p.has_line(&format!(
-            "stress: interrupted by SIGINT after {done} of 1000000 rounds"
-        )),
-        "{}",
-        p.output()
-    );
+    assert!(!status.success(), "an interrupted run is not a success\n{}", p.output());
+    let done: u64 = fs::read_to_string(&counter).unwrap().trim().parse().unwrap();
+    assert!(p.has_line(&format!("stress: interrupted by SIGINT after {done} of 1000000 rounds")), "{}", p.output());
     let left: Vec<_> = fs::read_dir(&setup.shared)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

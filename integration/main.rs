@@ -3,5 +3,8 @@
 
 mod cluster_core;
 mod common;
+mod failover;
 mod lock;
+mod passthrough;
 mod registry;
+mod routing;

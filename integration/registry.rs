@@ -39,12 +39,7 @@ on_both!(
 );
 
 fn reg(host: &str, port: u16) -> NodeRegistration {
-    NodeRegistration {
-        host: host.into(),
-        port,
-        router: false,
-        version: "1.0.0".into(),
-    }
+    NodeRegistration { host: host.into(), port, router: false, version: "1.0.0".into() }
 }
 
 const FRESH: Duration = Duration::from_secs(600);
@@ -52,10 +47,7 @@ const FRESH: Duration = Duration::from_secs(600);
 async fn online_node(r: &Arc<dyn Registry>, host: &str, fp: &str) -> NodeId {
     let id = r.register_node(&reg(host, 8787)).await.unwrap();
     let outcome = r.join_cluster(id, fp, "http", FRESH).await.unwrap();
-    assert!(
-        matches!(outcome, JoinOutcome::Defined | JoinOutcome::Joined),
-        "{outcome:?}"
-    );
+    assert!(matches!(outcome, JoinOutcome::Defined | JoinOutcome::Joined), "{outcome:?}");
     id
 }
 
@@ -74,10 +66,7 @@ async fn node_rows_are_keyed_by_host_port_and_keep_offline_mode(b: Backend) {
     assert!(node.offline_mode, "offline mode survives a restart");
     assert_eq!(node.version, "1.0.0");
     assert!(r.find_node("127.0.0.2", 8788).await.unwrap().is_some());
-    assert!(matches!(
-        r.set_node_status(9999, NodeStatus::Online).await,
-        Err(RegistryError::NodeNotFound(9999))
-    ));
+    assert!(matches!(r.set_node_status(9999, NodeStatus::Online).await, Err(RegistryError::NodeNotFound(9999))));
 }
 
 async fn first_node_defines_cluster_and_matching_nodes_join(b: Backend) {
@@ -85,33 +74,13 @@ async fn first_node_defines_cluster_and_matching_nodes_join(b: Backend) {
     let r = db.registry().await;
     assert!(r.cluster().await.unwrap().is_none());
     let a = r.register_node(&reg("a", 1)).await.unwrap();
-    assert_eq!(
-        r.join_cluster(a, "sha256:aa", "http", FRESH).await.unwrap(),
-        JoinOutcome::Defined
-    );
+    assert_eq!(r.join_cluster(a, "sha256:aa", "http", FRESH).await.unwrap(), JoinOutcome::Defined);
     let c = r.cluster().await.unwrap().unwrap();
-    assert_eq!(
-        (
-            c.key_fingerprint.as_str(),
-            c.protocol.as_str(),
-            c.defined_by
-        ),
-        ("sha256:aa", "http", Some(a))
-    );
+    assert_eq!((c.key_fingerprint.as_str(), c.protocol.as_str(), c.defined_by), ("sha256:aa", "http", Some(a)));
     let bnode = r.register_node(&reg("b", 1)).await.unwrap();
-    assert_eq!(
-        r.join_cluster(bnode, "sha256:aa", "http", FRESH)
-            .await
-            .unwrap(),
-        JoinOutcome::Joined
-    );
+    assert_eq!(r.join_cluster(bnode, "sha256:aa", "http", FRESH).await.unwrap(), JoinOutcome::Joined);
     let nodes = r.list_nodes().await.unwrap();
-    assert!(
-        nodes
-            .iter()
-            .all(|n| n.status == NodeStatus::Online && n.last_seen.is_some()),
-        "{nodes:?}"
-    );
+    assert!(nodes.iter().all(|n| n.status == NodeStatus::Online && n.last_seen.is_some()), "{nodes:?}");
 }
 
 async fn mismatched_key_is_refused_while_another_node_is_live(b: Backend) {
@@ -124,23 +93,11 @@ async fn mismatched_key_is_refused_while_another_node_is_live(b: Backend) {
         matches!(&outcome, JoinOutcome::Rejected { live_nodes, .. } if live_nodes == &vec!["a:8787".to_string()]),
         "{outcome:?}"
     );
-    assert_eq!(
-        r.get_node(c).await.unwrap().unwrap().status,
-        NodeStatus::InvalidSecureCookieKey
-    );
+    assert_eq!(r.get_node(c).await.unwrap().unwrap().status, NodeStatus::InvalidSecureCookieKey);
     // A protocol mismatch is refused the same way.
     let d = r.register_node(&reg("d", 1)).await.unwrap();
-    assert!(matches!(
-        r.join_cluster(d, "sha256:aa", "https", FRESH)
-            .await
-            .unwrap(),
-        JoinOutcome::Rejected { .. }
-    ));
-    assert_eq!(
-        r.cluster().await.unwrap().unwrap().key_fingerprint,
-        "sha256:aa",
-        "record unchanged"
-    );
+    assert!(matches!(r.join_cluster(d, "sha256:aa", "https", FRESH).await.unwrap(), JoinOutcome::Rejected { .. }));
+    assert_eq!(r.cluster().await.unwrap().unwrap().key_fingerprint, "sha256:aa", "record unchanged");
 }
 
 async fn mismatched_key_redefines_when_no_node_is_live(b: Backend) {
@@ -149,14 +106,8 @@ async fn mismatched_key_redefines_when_no_node_is_live(b: Backend) {
     let a = online_node(&r, "a", "sha256:aa").await;
     r.set_node_status(a, NodeStatus::Offline).await.unwrap();
     let c = r.register_node(&reg("c", 1)).await.unwrap();
-    assert!(matches!(
-        r.join_cluster(c, "sha256:bb", "http", FRESH).await.unwrap(),
-        JoinOutcome::Redefined { .. }
-    ));
-    assert_eq!(
-        r.cluster().await.unwrap().unwrap().key_fingerprint,
-        "sha256:bb"
-    );
+    assert!(matches!(r.join_cluster(c, "sha256:bb", "http", FRESH).await.unwrap(), JoinOutcome::Redefined { .. }));
+    assert_eq!(r.cluster().await.unwrap().unwrap().key_fingerprint, "sha256:bb");
     // An Online node that has not been seen within `freshness` does not count as live.
     let db2 = TestDb::new(b).await;
     let r2 = db2.registry().await;
@@ -166,11 +117,7 @@ async fn mismatched_key_redefines_when_no_node_is_live(b: Backend) {
     let outcome = crate::common::eventually(Duration::from_secs(5), "a to go stale", || {
         let r2 = r2.clone();
         async move {
-            match r2
-                .join_cluster(c2, "sha256:bb", "http", stale)
-                .await
-                .unwrap()
-            {
+            match r2.join_cluster(c2, "sha256:bb", "http", stale).await.unwrap() {
                 o @ JoinOutcome::Redefined { .. } => Some(o),
                 _ => None,
             }
@@ -192,17 +139,10 @@ async fn simultaneous_joins_with_different_keys_cannot_both_win(b: Backend) {
         let outcomes = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
             let r = r.clone();
             let id = *id;
-            async move {
-                r.join_cluster(id, &format!("sha256:{i}"), "http", FRESH)
-                    .await
-                    .unwrap()
-            }
+            async move { r.join_cluster(id, &format!("sha256:{i}"), "http", FRESH).await.unwrap() }
         }))
         .await;
-        let winners = outcomes
-            .iter()
-            .filter(|o| !matches!(o, JoinOutcome::Rejected { .. }))
-            .count();
+        let winners = outcomes.iter().filter(|o| !matches!(o, JoinOutcome::Rejected { .. })).count();
         assert_eq!(winners, 1, "round {round}: {outcomes:?}");
         assert!(outcomes.contains(&JoinOutcome::Defined));
     }
@@ -226,14 +166,8 @@ async fn check_in_records_clock_skew_and_fails_for_deleted_nodes(b: Backend) {
     let node = r.get_node(a).await.unwrap().unwrap();
     assert_eq!((node.load, node.cpus), ([1.5, 1.0, 0.5], 4));
     r.set_node_status(a, NodeStatus::Offline).await.unwrap();
-    assert!(matches!(
-        r.delete_node(a, false).await.unwrap(),
-        DeleteOutcome::Deleted { .. }
-    ));
-    assert!(matches!(
-        r.check_in(a, 0).await,
-        Err(RegistryError::NodeNotFound(_))
-    ));
+    assert!(matches!(r.delete_node(a, false).await.unwrap(), DeleteOutcome::Deleted { .. }));
+    assert!(matches!(r.check_in(a, 0).await, Err(RegistryError::NodeNotFound(_))));
 }
 
 async fn delete_refuses_online_node_with_sessions_unless_forced(b: Backend) {
@@ -241,41 +175,16 @@ async fn delete_refuses_online_node_with_sessions_unless_forced(b: Backend) {
     let r = db.registry().await;
     let a = online_node(&r, "a", "sha256:aa").await;
     let empty = online_node(&r, "b", "sha256:aa").await;
-    r.place_session(&NewSession {
-        key: "k1",
-        node_id: a,
-        user_name: Some("ann"),
-        kind: SessionKind::Backend,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        r.delete_node(a, false).await.unwrap(),
-        DeleteOutcome::RefusedOnlineWithSessions { sessions: 1 }
-    );
+    r.place_session(&NewSession { key: "k1", node_id: a, user_name: Some("ann"), kind: SessionKind::Backend })
+        .await
+        .unwrap();
+    assert_eq!(r.delete_node(a, false).await.unwrap(), DeleteOutcome::RefusedOnlineWithSessions { sessions: 1 });
     assert!(r.get_node(a).await.unwrap().is_some());
-    assert_eq!(
-        r.delete_node(empty, false).await.unwrap(),
-        DeleteOutcome::Deleted {
-            sessions_released: 0
-        }
-    );
-    assert_eq!(
-        r.delete_node(a, true).await.unwrap(),
-        DeleteOutcome::Deleted {
-            sessions_released: 1
-        }
-    );
+    assert_eq!(r.delete_node(empty, false).await.unwrap(), DeleteOutcome::Deleted { sessions_released: 0 });
+    assert_eq!(r.delete_node(a, true).await.unwrap(), DeleteOutcome::Deleted { sessions_released: 1 });
     assert!(r.get_node(a).await.unwrap().is_none());
-    assert_eq!(
-        r.get_session("k1").await.unwrap().unwrap().node_id,
-        None,
-        "session kept, node released"
-    );
-    assert_eq!(
-        r.delete_node(a, true).await.unwrap(),
-        DeleteOutcome::NotFound
-    );
+    assert_eq!(r.get_session("k1").await.unwrap().unwrap().node_id, None, "session kept, node released");
+    assert_eq!(r.delete_node(a, true).await.unwrap(), DeleteOutcome::NotFound);
 }
 
 async fn placement_is_insert_if_absent_under_concurrency(b: Backend) {
@@ -290,23 +199,15 @@ async fn placement_is_insert_if_absent_under_concurrency(b: Backend) {
         let r = r.clone();
         let node = nodes[i % 3];
         async move {
-            r.place_session(&NewSession {
-                key: "same",
-                node_id: node,
-                user_name: None,
-                kind: SessionKind::Affinity,
-            })
-            .await
-            .unwrap()
+            r.place_session(&NewSession { key: "same", node_id: node, user_name: None, kind: SessionKind::Affinity })
+                .await
+                .unwrap()
         }
     }))
     .await;
     let winner = results[0].node_id;
     assert!(winner.is_some());
-    assert!(
-        results.iter().all(|s| s.node_id == winner),
-        "every placer sees the one winner"
-    );
+    assert!(results.iter().all(|s| s.node_id == winner), "every placer sees the one winner");
     assert_eq!(r.list_sessions().await.unwrap().len(), 1);
 }
 
@@ -315,23 +216,11 @@ async fn deleted_nodes_sessions_are_claimed_by_next_placement(b: Backend) {
     let r = db.registry().await;
     let a = online_node(&r, "a", "sha256:aa").await;
     let bn = online_node(&r, "b", "sha256:aa").await;
-    r.place_session(&NewSession {
-        key: "k",
-        node_id: a,
-        user_name: None,
-        kind: SessionKind::Backend,
-    })
-    .await
-    .unwrap();
+    r.place_session(&NewSession { key: "k", node_id: a, user_name: None, kind: SessionKind::Backend }).await.unwrap();
     r.set_node_status(a, NodeStatus::Offline).await.unwrap();
     r.delete_node(a, false).await.unwrap();
     let s = r
-        .place_session(&NewSession {
-            key: "k",
-            node_id: bn,
-            user_name: Some("ann"),
-            kind: SessionKind::Backend,
-        })
+        .place_session(&NewSession { key: "k", node_id: bn, user_name: Some("ann"), kind: SessionKind::Backend })
         .await
         .unwrap();
     assert_eq!(s.node_id, Some(bn));
@@ -344,27 +233,11 @@ async fn move_is_compare_and_set(b: Backend) {
     let a = online_node(&r, "a", "sha256:aa").await;
     let bn = online_node(&r, "b", "sha256:aa").await;
     let c = online_node(&r, "c", "sha256:aa").await;
-    r.place_session(&NewSession {
-        key: "k",
-        node_id: a,
-        user_name: None,
-        kind: SessionKind::Backend,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        r.move_session("k", Some(a), bn).await.unwrap().node_id,
-        Some(bn)
-    );
+    r.place_session(&NewSession { key: "k", node_id: a, user_name: None, kind: SessionKind::Backend }).await.unwrap();
+    assert_eq!(r.move_session("k", Some(a), bn).await.unwrap().node_id, Some(bn));
     // A second mover who still thinks it is on `a` loses and learns where it is.
-    assert_eq!(
-        r.move_session("k", Some(a), c).await.unwrap().node_id,
-        Some(bn)
-    );
-    assert!(matches!(
-        r.move_session("nope", None, c).await,
-        Err(RegistryError::SessionNotFound(_))
-    ));
+    assert_eq!(r.move_session("k", Some(a), c).await.unwrap().node_id, Some(bn));
+    assert!(matches!(r.move_session("nope", None, c).await, Err(RegistryError::SessionNotFound(_))));
 }
 
 async fn touch_and_idle_expiry(b: Backend) {
@@ -372,46 +245,21 @@ async fn touch_and_idle_expiry(b: Backend) {
     let r = db.registry().await;
     let a = online_node(&r, "a", "sha256:aa").await;
     for k in ["old", "active"] {
-        r.place_session(&NewSession {
-            key: k,
-            node_id: a,
-            user_name: None,
-            kind: SessionKind::Affinity,
-        })
-        .await
-        .unwrap();
+        r.place_session(&NewSession { key: k, node_id: a, user_name: None, kind: SessionKind::Affinity })
+            .await
+            .unwrap();
     }
     let created = r.get_session("active").await.unwrap().unwrap().last_active;
     // Wait until 300 ms have passed on the database clock, touch one, expire with 200 ms idle.
-    eventually(
-        Duration::from_secs(5),
-        "300 ms on the database clock",
-        || {
-            let r = r.clone();
-            async move { (r.now_ms().await.unwrap() > created + 300).then_some(()) }
-        },
-    )
+    eventually(Duration::from_secs(5), "300 ms on the database clock", || {
+        let r = r.clone();
+        async move { (r.now_ms().await.unwrap() > created + 300).then_some(()) }
+    })
     .await;
-    assert_eq!(
-        r.touch_sessions(&["active".to_string(), "unknown".to_string()])
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(r.touch_sessions(&["active".to_string(), "unknown".to_string()]).await.unwrap(), 1);
     assert!(r.get_session("active").await.unwrap().unwrap().last_active > created);
-    assert_eq!(
-        r.expire_idle_sessions(Duration::from_millis(200))
-            .await
-            .unwrap(),
-        1
-    );
-    let left: Vec<String> = r
-        .list_sessions()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.key)
-        .collect();
+    assert_eq!(r.expire_idle_sessions(Duration::from_millis(200)).await.unwrap(), 1);
+    let left: Vec<String> = r.list_sessions().await.unwrap().into_iter().map(|s| s.key).collect();
     assert_eq!(left, vec!["active".to_string()]);
 }
 
@@ -421,14 +269,9 @@ async fn changes_are_announced(b: Backend) {
     let mut rx = r.subscribe().await.unwrap();
     let a = online_node(&r, "a", "sha256:aa").await;
     let bn = online_node(&r, "b", "sha256:aa").await;
-    r.place_session(&NewSession {
-        key: "k",
-        node_id: a,
-        user_name: Some("ann"),
-        kind: SessionKind::Backend,
-    })
-    .await
-    .unwrap();
+    r.place_session(&NewSession { key: "k", node_id: a, user_name: Some("ann"), kind: SessionKind::Backend })
+        .await
+        .unwrap();
     r.touch_sessions(&["k".to_string()]).await.unwrap();
     r.move_session("k", Some(a), bn).await.unwrap();
     r.delete_session("k").await.unwrap();
@@ -450,10 +293,7 @@ async fn changes_are_announced(b: Backend) {
         }
     }
     // Touches alone are not announced: exactly two session upserts (insert, move).
-    let upserts = seen
-        .iter()
-        .filter(|e| matches!(e, ChangeEvent::Session(_)))
-        .count();
+    let upserts = seen.iter().filter(|e| matches!(e, ChangeEvent::Session(_))).count();
     assert_eq!(upserts, 2, "{seen:?}");
 }
 
@@ -465,8 +305,5 @@ async fn reset_cluster_clears_the_record(b: Backend) {
     assert!(r.cluster().await.unwrap().is_none());
     assert!(!r.reset_cluster().await.unwrap());
     let c = r.register_node(&reg("c", 1)).await.unwrap();
-    assert_eq!(
-        r.join_cluster(c, "sha256:bb", "http", FRESH).await.unwrap(),
-        JoinOutcome::Defined
-    );
+    assert_eq!(r.join_cluster(c, "sha256:bb", "http", FRESH).await.unwrap(), JoinOutcome::Defined);
 }

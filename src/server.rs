@@ -7,7 +7,7 @@
 //! On SIGTERM/SIGINT (or when an admin deletes this node) the node is marked
 //! `Offline` *first*, so peers stop sending it new work, then Pingora drains.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +17,19 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use parking_lot::RwLock;
+
+use crate::balancer::{self, Balancer};
 use crate::cluster::address::{Resolver, SystemResolver};
 use crate::cluster::node::{self, NodeContext, StartError};
 use crate::cluster::{self, ClusterView, Registry, RegistryError};
-use crate::config::Config;
-use crate::proxy::Proxy;
+use crate::config::{Config, ConfigError};
+use crate::lock::{LockError, LockManager};
+use crate::proxy::Router;
+use crate::proxy::health::Prober;
+
+/// Re-reads the configuration (on SIGHUP).
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// `serve` failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,22 +50,32 @@ pub enum ServeError {
     Start(#[from] StartError),
     #[error("cannot start the control runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot use the shared storage {path} for locks: {source}")]
+    SharedStorage {
+        path: String,
+        #[source]
+        source: LockError,
+    },
+    #[error("cannot resolve the backend {backend}: {reason}")]
+    Backend { backend: String, reason: String },
 }
 
-/// Run a node until it is told to stop.
-pub fn serve(config: Config) -> Result<(), ServeError> {
-    serve_with(config, Arc::new(SystemResolver))
+/// Run a node until it is told to stop. `reload` re-reads the
+/// configuration on SIGHUP (the balancer changes without a restart).
+pub fn serve(config: Config, reload: Option<Reload>) -> Result<(), ServeError> {
+    serve_with(config, Arc::new(SystemResolver), reload)
 }
 
 /// [`serve`] with an injected resolver.
-pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), ServeError> {
+pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Reload>) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let listen = format!("{}:{}", config.node.www_address, config.node.www_port);
     // Fail early and clearly if the port is taken (Pingora would exit later).
-    TcpListener::bind(&listen).map_err(|source| ServeError::Listen {
-        address: listen.clone(),
-        source,
-    })?;
+    TcpListener::bind(&listen).map_err(|source| ServeError::Listen { address: listen.clone(), source })?;
+    let backend = resolve_backend(config.node.backend.as_deref())?;
+    let shared = &config.cluster.shared_storage_path;
+    let locks = LockManager::new(shared.clone(), &config.locks)
+        .map_err(|source| ServeError::SharedStorage { path: shared.display().to_string(), source })?;
 
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -68,14 +86,8 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
 
     let url = config.cluster.database.redacted();
     let registry = control
-        .block_on(cluster::connect(
-            &config.cluster.database,
-            config.cluster.poll_interval,
-        ))
-        .map_err(|source| ServeError::Registry {
-            url: url.clone(),
-            source,
-        })?;
+        .block_on(cluster::connect(&config.cluster.database, config.cluster.poll_interval))
+        .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 
     let started = control.block_on(node::start(&config, registry.as_ref(), resolver.as_ref()))?;
@@ -115,15 +127,46 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
         tasks
     });
 
+    let balancer: Arc<RwLock<Arc<dyn Balancer>>> = Arc::new(RwLock::new(balancer::build(&config.balancer)));
+    let router = Router::new(
+        config.clone(),
+        view.clone(),
+        registry.clone(),
+        started.key.clone(),
+        node_address,
+        backend,
+        balancer.clone(),
+        locks,
+        control.handle().clone(),
+    );
+    let probe_timeout =
+        config.proxy.timeout.unwrap_or(Duration::from_secs(10)).min(config.cluster.health_check_interval * 2);
+    let prober = Prober {
+        view: view.clone(),
+        http: router.http.clone(),
+        backend,
+        backend_up: router.backend_up.clone(),
+        interval: config.cluster.health_check_interval,
+        timeout: probe_timeout,
+        tls: config.proxy.ssl_enabled,
+    };
+    let mut tasks = tasks;
+    tasks.push(control.spawn(prober.run(shutdown_rx.clone())));
+    if let Some(reload) = reload {
+        tasks.push(control.spawn(reload_on_sighup(reload, config.clone(), balancer, shutdown_rx.clone())));
+    }
+
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
-    let proxy = Proxy {
-        config: config.clone(),
-        view: view.clone(),
-        node_address,
-    };
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
-    service.add_tcp(&listen);
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, router);
+    match (&config.proxy.ssl_certificate, &config.proxy.ssl_certificate_key) {
+        (Some(cert), Some(key)) if config.proxy.ssl_enabled => {
+            service.add_tls(&listen, &cert.display().to_string(), &key.display().to_string()).map_err(|e| {
+                ServeError::Listen { address: listen.clone(), source: std::io::Error::other(e.to_string()) }
+            })?;
+        }
+        _ => service.add_tcp(&listen),
+    }
     server.add_service(service);
 
     let watch = StopWatch {
@@ -132,9 +175,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
         control: control.handle().clone(),
         self_deleted: self_deleted_rx,
     };
-    server.run(RunArgs {
-        shutdown_signal: Box::new(watch),
-    });
+    server.run(RunArgs { shutdown_signal: Box::new(watch) });
 
     // Pingora has drained; stop the control plane and record the stop.
     let _ = shutdown_tx.send(true);
@@ -142,13 +183,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        if let Err(e) = node::stop(
-            registry.as_ref(),
-            started.id,
-            config.node.delete_node_on_exit,
-        )
-        .await
-        {
+        if let Err(e) = node::stop(registry.as_ref(), started.id, config.node.delete_node_on_exit).await {
             tracing::error!(error = %e, "could not record this node as stopped");
         }
         registry.close().await;
@@ -158,28 +193,55 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>) -> Result<(), Ser
     Ok(())
 }
 
+fn resolve_backend(backend: Option<&str>) -> Result<Option<SocketAddr>, ServeError> {
+    let Some(b) = backend else { return Ok(None) };
+    let fail = |reason: String| ServeError::Backend { backend: b.to_string(), reason };
+    let mut addrs = b.to_socket_addrs().map_err(|e| fail(e.to_string()))?;
+    addrs.next().map(Some).ok_or_else(|| fail("no address".into()))
+}
+
+/// On SIGHUP: re-read the configuration; apply the balancer settings at
+/// once, and say which other changes need a restart.
+async fn reload_on_sighup(
+    reload: Reload,
+    running: Arc<Config>,
+    balancer: Arc<RwLock<Arc<dyn Balancer>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        match reload() {
+            Ok(new) => {
+                let next = balancer::build(&new.balancer);
+                tracing::info!(balancer = next.name(), "configuration reloaded: balancer applied");
+                *balancer.write() = next;
+                let (mut old_rest, mut new_rest) = (running.as_ref().clone(), new);
+                old_rest.balancer = new_rest.balancer.clone();
+                old_rest.files.clear();
+                new_rest.files.clear();
+                if old_rest.render() != new_rest.render() {
+                    tracing::warn!("other configuration changes take effect after a restart");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+        }
+    }
+}
+
 fn pingora_conf(config: &Config) -> ServerConf {
     let s = &config.server;
     let port = config.node.www_port;
     let address = config.node.www_address;
     ServerConf {
-        threads: if s.threads == 0 {
-            crate::cluster::load::cpu_count() as usize
-        } else {
-            s.threads
-        },
+        threads: if s.threads == 0 { crate::cluster::load::cpu_count() as usize } else { s.threads },
         grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
-        pid_file: s
-            .run_dir
-            .join(format!("sessionlb-{address}-{port}.pid"))
-            .display()
-            .to_string(),
-        upgrade_sock: s
-            .run_dir
-            .join(format!("sessionlb-{address}-{port}.upgrade.sock"))
-            .display()
-            .to_string(),
+        pid_file: s.run_dir.join(format!("sessionlb-{address}-{port}.pid")).display().to_string(),
+        upgrade_sock: s.run_dir.join(format!("sessionlb-{address}-{port}.upgrade.sock")).display().to_string(),
         ..ServerConf::default()
     }
 }
@@ -208,11 +270,7 @@ impl ShutdownSignalWatch for StopWatch {
         let registry = self.registry.clone();
         let id = self.node_id;
         let marked = self.control.spawn(async move {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                node::stop(registry.as_ref(), id, false),
-            )
-            .await
+            tokio::time::timeout(Duration::from_secs(5), node::stop(registry.as_ref(), id, false)).await
         });
         if !matches!(marked.await, Ok(Ok(Ok(())))) {
             tracing::warn!("could not mark this node Offline before draining");

@@ -21,11 +21,8 @@ pub const DIAGNOSTICS_TARGET: &str = "sessionlb::diagnostics";
 pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     let _ = tracing_log::LogTracer::init();
     // Pingora logs every client disconnect as an error; keep its noise at warn.
-    let filter = EnvFilter::try_new(format!(
-        "{},pingora_core=warn,pingora_proxy=warn",
-        settings.log_level
-    ))
-    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(format!("{},pingora_core=warn,pingora_proxy=warn", settings.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let main = match settings.log_format {
         LogFormat::Plain => fmt::layer()
             .with_writer(std::io::stderr)
@@ -39,24 +36,15 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     let mut diag_path = None;
     let diagnostics = match settings.diagnostics {
         Diagnostics::Off => None,
-        Diagnostics::Stderr => Some(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .boxed(),
-        ),
+        Diagnostics::Stderr => {
+            Some(fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed())
+        }
         Diagnostics::Tmp => {
-            let path = std::env::temp_dir()
-                .join(format!("sessionlb-diagnostics-{}.log", std::process::id()));
+            let path = std::env::temp_dir().join(format!("sessionlb-diagnostics-{}.log", std::process::id()));
             match OpenOptions::new().create(true).append(true).open(&path) {
                 Ok(file) => {
                     diag_path = Some(path);
-                    Some(
-                        fmt::layer()
-                            .with_ansi(false)
-                            .with_writer(Arc::new(file))
-                            .boxed(),
-                    )
+                    Some(fmt::layer().with_ansi(false).with_writer(Arc::new(file)).boxed())
                 }
                 Err(e) => {
                     eprintln!("cannot open diagnostics file {}: {e}", path.display());
@@ -67,17 +55,13 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     }
     .map(|layer| layer.with_filter(EnvFilter::new(format!("{DIAGNOSTICS_TARGET}=trace"))));
 
-    let _ = tracing_subscriber::registry()
-        .with(main)
-        .with(diagnostics)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(main).with(diagnostics).try_init();
     diag_path
 }
 
 /// Install a quiet subscriber for admin commands: warnings and errors on stderr.
 pub fn init_cli() {
-    let filter =
-        EnvFilter::try_from_env("SESSIONLB_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_env("SESSIONLB_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::registry()
         .with(
             fmt::layer()

@@ -38,3 +38,5 @@ pub fn eventually_sync<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> 
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+pub mod cluster;
+pub mod netns;

@@ -17,11 +17,7 @@ pub const DEMO_BACKEND: &str = env!("CARGO_BIN_EXE_sessionlb-demo-backend");
 /// A free TCP port on `ip` (bound and released; a collision is unlikely and
 /// shows up as a clear "cannot listen" start failure).
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind((ip, 0)).expect("bind an ephemeral port").local_addr().unwrap().port()
 }
 
 /// Write a key file with the given content and mode.
@@ -40,17 +36,9 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
         let file = fs::File::create(&log).unwrap();
-        cmd.stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        Proc {
-            child: Some(child),
-            name: name.into(),
-            log,
-        }
+        cmd.stdout(Stdio::from(file.try_clone().unwrap())).stderr(Stdio::from(file)).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc { child: Some(child), name: name.into(), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -59,10 +47,7 @@ impl Proc {
 
     pub fn signal(&self, sig: rustix::process::Signal) {
         if let Some(c) = &self.child {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(c.id() as i32).unwrap(),
-                sig,
-            );
+            let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(c.id() as i32).unwrap(), sig);
         }
     }
 
@@ -83,20 +68,14 @@ impl Proc {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "{} did not exit within {timeout:?}; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
+                panic!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub fn log_text(&self) -> String {
@@ -126,32 +105,14 @@ impl Backend {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(DEMO_BACKEND);
         cmd.args(["--listen", &addr.to_string(), "--name", name]);
-        let proc = Proc::spawn(
-            &format!("backend {name}"),
-            cmd,
-            dir.join(format!("backend-{name}.log")),
-        );
+        let proc = Proc::spawn(&format!("backend {name}"), cmd, dir.join(format!("backend-{name}.log")));
         let url = format!("http://{addr}/");
-        eventually(
-            Duration::from_secs(20),
-            &format!("backend {name} to answer"),
-            || {
-                let url = url.clone();
-                async move {
-                    reqwest::get(&url)
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
-            },
-        )
+        eventually(Duration::from_secs(20), &format!("backend {name} to answer"), || {
+            let url = url.clone();
+            async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
         .await;
-        Backend {
-            proc,
-            addr,
-            name: name.into(),
-        }
+        Backend { proc, addr, name: name.into() }
     }
 }
 
@@ -179,11 +140,7 @@ impl ClusterFixture {
         let key_file = dir.path().join("secure-cookie-key");
         write_key(&key_file, b"3f2504e0-4f89-11d3-9a0c-0305e82c3301\n", 0o600);
         fs::create_dir_all(dir.path().join("shared")).unwrap();
-        ClusterFixture {
-            dir,
-            database_url: database_url.into(),
-            key_file,
-        }
+        ClusterFixture { dir, database_url: database_url.into(), key_file }
     }
 
     pub fn path(&self) -> &Path {
@@ -192,13 +149,7 @@ impl ClusterFixture {
 
     /// A spec for a node on `ip` with a fresh port and the shared key.
     pub fn spec(&self, ip: &str, backend: Option<SocketAddr>) -> NodeSpec {
-        NodeSpec {
-            ip: ip.into(),
-            port: free_port(ip),
-            backend,
-            key_file: self.key_file.clone(),
-            extra: String::new(),
-        }
+        NodeSpec { ip: ip.into(), port: free_port(ip), backend, key_file: self.key_file.clone(), extra: String::new() }
     }
 
     /// The node's config file contents.
@@ -213,9 +164,7 @@ impl ClusterFixture {
              poll-interval = \"50ms\"\nlog-level = \"info,sessionlb=debug\"\n{top}\n{sections}\n",
             ip = spec.ip,
             port = spec.port,
-            backend = spec
-                .backend
-                .map_or(String::new(), |b| format!("backend = \"{b}\"\n")),
+            backend = spec.backend.map_or(String::new(), |b| format!("backend = \"{b}\"\n")),
             db = self.database_url,
             key = spec.key_file.display(),
             shared = self.path().join("shared").display(),
@@ -225,9 +174,7 @@ impl ClusterFixture {
 
     /// Write the node's config file and return its path.
     pub fn write_config(&self, spec: &NodeSpec) -> PathBuf {
-        let path = self
-            .path()
-            .join(format!("node-{}-{}.toml", spec.ip, spec.port));
+        let path = self.path().join(format!("node-{}-{}.toml", spec.ip, spec.port));
         fs::write(&path, self.config_text(spec)).unwrap();
         path
     }
@@ -236,22 +183,10 @@ impl ClusterFixture {
     pub fn spawn(&self, spec: &NodeSpec) -> Node {
         let config = self.write_config(spec);
         let mut cmd = Command::new(SESSIONLB);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .env("NO_COLOR", "1");
-        let log = self.path().join(format!(
-            "node-{}-{}.{}.log",
-            spec.ip,
-            spec.port,
-            rand::random::<u32>()
-        ));
+        cmd.arg("--config").arg(&config).arg("serve").env("NO_COLOR", "1");
+        let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));
         let proc = Proc::spawn(&format!("node {}:{}", spec.ip, spec.port), cmd, log);
-        Node {
-            proc,
-            spec: spec.clone(),
-            config,
-        }
+        Node { proc, spec: spec.clone(), config }
     }
 
     /// Start a node and wait until it answers `/health`.
@@ -263,13 +198,7 @@ impl ClusterFixture {
 
     /// Run an admin command with this node's configuration.
     pub fn admin(&self, config: &Path, args: &[&str]) -> Output {
-        Command::new(SESSIONLB)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
+        Command::new(SESSIONLB).arg("--config").arg(config).args(args).env("NO_COLOR", "1").output().unwrap()
     }
 }
 
@@ -305,18 +234,10 @@ impl Node {
                 return;
             }
             if !self.proc.is_running() {
-                panic!(
-                    "{} exited before becoming healthy; log:\n{}",
-                    self.proc.name,
-                    self.proc.log_text()
-                );
+                panic!("{} exited before becoming healthy; log:\n{}", self.proc.name, self.proc.log_text());
             }
             if Instant::now() > deadline {
-                panic!(
-                    "{} not healthy after 30s; log:\n{}",
-                    self.proc.name,
-                    self.proc.log_text()
-                );
+                panic!("{} not healthy after 30s; log:\n{}", self.proc.name, self.proc.log_text());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -337,39 +258,20 @@ pub struct NodeRow {
 pub fn list_nodes(fx: &ClusterFixture, config: &Path) -> Vec<NodeRow> {
     let out = fx.admin(config, &["list-nodes"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "list-nodes failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "list-nodes failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
     parse_list_nodes(&text)
 }
 
 pub fn parse_list_nodes(text: &str) -> Vec<NodeRow> {
     let mut lines = text.lines().skip_while(|l| !l.starts_with("ID "));
     let header = lines.next().expect("a header line");
-    let starts: Vec<usize> = [
-        "ID",
-        "Host",
-        "IPv4",
-        "Port",
-        "Status",
-        "Last Seen",
-        "Version",
-        "Clock Skew",
-        "Notes",
-    ]
-    .iter()
-    .map(|h| header.find(h).expect("column"))
-    .collect();
+    let starts: Vec<usize> = ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Notes"]
+        .iter()
+        .map(|h| header.find(h).expect("column"))
+        .collect();
     let cell = |line: &str, i: usize| -> String {
         let start = starts[i].min(line.len());
-        let end = starts
-            .get(i + 1)
-            .copied()
-            .unwrap_or(line.len())
-            .min(line.len());
+        let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
         line[start..end].trim().to_string()
     };
     lines
@@ -393,6 +295,5 @@ impl NodeRow {
 
 /// The row of `node` in `rows`.
 pub fn row_of<'a>(rows: &'a [NodeRow], spec: &NodeSpec) -> Option<&'a NodeRow> {
-    rows.iter()
-        .find(|r| r.host == spec.ip && r.port == spec.port)
+    rows.iter().find(|r| r.host == spec.ip && r.port == spec.port)
 }

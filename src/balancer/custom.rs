@@ -92,13 +92,7 @@ impl<'a> PluginInput<'a> {
             nodes: req
                 .candidates
                 .iter()
-                .map(|c| PluginNode {
-                    id: c.id,
-                    address: &c.address,
-                    sessions: c.sessions,
-                    load: c.load,
-                    cpus: c.cpus,
-                })
+                .map(|c| PluginNode { id: c.id, address: &c.address, sessions: c.sessions, load: c.load, cpus: c.cpus })
                 .collect(),
         }
     }
@@ -201,12 +195,7 @@ impl CustomBalancer {
         // Serialising plain data with string keys cannot fail.
         let mut input = serde_json::to_vec(&PluginInput::new(req)).unwrap_or_default();
         input.push(b'\n');
-        let nodes = req
-            .candidates
-            .iter()
-            .map(|c| c.address.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
+        let nodes = req.candidates.iter().map(|c| c.address.as_str()).collect::<Vec<_>>().join(",");
         let mut command = Command::new(&self.command);
         command
             .env("RSTUDIO_USERNAME", req.user.unwrap_or(""))
@@ -258,10 +247,7 @@ impl Balancer for CustomBalancer {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "plug-in chose a node"
                 );
-                Some(Choice {
-                    node,
-                    fallback: None,
-                })
+                Some(Choice { node, fallback: None })
             }
             Err(error) => {
                 let fallback = SessionsBalancer::pick(req.candidates)?;
@@ -278,10 +264,7 @@ impl Balancer for CustomBalancer {
                     node_id = fallback.id,
                     "custom balancer failed; placed by sessions instead"
                 );
-                Some(Choice {
-                    node: fallback.id,
-                    fallback: Some(error.to_string()),
-                })
+                Some(Choice { node: fallback.id, fallback: Some(error.to_string()) })
             }
         }
     }
@@ -348,12 +331,8 @@ async fn run_plugin(
         group.kill();
         status
     };
-    let (_, stdout, stderr, status) = tokio::join!(
-        feed,
-        read_limited(stdout, STDOUT_LIMIT),
-        read_limited(stderr, STDERR_LIMIT),
-        wait
-    );
+    let (_, stdout, stderr, status) =
+        tokio::join!(feed, read_limited(stdout, STDOUT_LIMIT), read_limited(stderr, STDERR_LIMIT), wait);
     Ok(PluginOutput {
         status: status.map_err(PluginError::Io)?,
         stdout: stdout.map_err(PluginError::Io)?,
@@ -395,11 +374,7 @@ async fn read_limited<R: AsyncRead + Unpin>(pipe: Option<R>, limit: usize) -> io
 
 /// The candidate named by the first non-blank line of `stdout`: a node id,
 /// else a `host:port`, surrounding whitespace ignored.
-fn find_answer<'c>(
-    stdout: &[u8],
-    candidates: &'c [Candidate],
-    stderr: String,
-) -> Result<&'c Candidate, PluginError> {
+fn find_answer<'c>(stdout: &[u8], candidates: &'c [Candidate], stderr: String) -> Result<&'c Candidate, PluginError> {
     let text = String::from_utf8_lossy(stdout);
     let answer = text.trim().lines().next().unwrap_or("").trim();
     if answer.is_empty() {
@@ -409,10 +384,7 @@ fn find_answer<'c>(
         Ok(id) => candidates.iter().find(|c| c.id == id),
         Err(_) => candidates.iter().find(|c| c.address == answer),
     };
-    found.ok_or_else(|| PluginError::UnknownNode {
-        answer: answer.chars().take(QUOTED_ANSWER_LIMIT).collect(),
-        stderr,
-    })
+    found.ok_or_else(|| PluginError::UnknownNode { answer: answer.chars().take(QUOTED_ANSWER_LIMIT).collect(), stderr })
 }
 
 #[cfg(test)]
@@ -437,17 +409,11 @@ mod tests {
     }
 
     fn request<'a>(user: Option<&'a str>, candidates: &'a [Candidate]) -> PlacementRequest<'a> {
-        PlacementRequest {
-            key: "3f2a9c1e",
-            user,
-            candidates,
-        }
+        PlacementRequest { key: "3f2a9c1e", user, candidates }
     }
 
     fn example(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("plugins")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(name)
     }
 
     /// Writes an executable script `name` with `body` into `dir`.
@@ -459,11 +425,7 @@ mod tests {
     }
 
     /// Runs `command` for `req`; returns the choice and how long it took.
-    async fn choose_with(
-        command: PathBuf,
-        timeout: Duration,
-        req: &PlacementRequest<'_>,
-    ) -> (Choice, Duration) {
+    async fn choose_with(command: PathBuf, timeout: Duration, req: &PlacementRequest<'_>) -> (Choice, Duration) {
         let balancer = CustomBalancer::new(command, timeout);
         let started = Instant::now();
         let choice = balancer.choose(req).await.expect("candidates given");
@@ -475,19 +437,8 @@ mod tests {
     async fn assert_falls_back(body: &str, reason: &str) {
         let dir = tempfile::tempdir().unwrap();
         let nodes = three_nodes();
-        let (choice, _) = choose_with(
-            script(&dir, "plugin", body),
-            GENEROUS,
-            &request(Some("ann"), &nodes),
-        )
-        .await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 2,
-                fallback: Some(reason.to_string())
-            }
-        );
+        let (choice, _) = choose_with(script(&dir, "plugin", body), GENEROUS, &request(Some("ann"), &nodes)).await;
+        assert_eq!(choice, Choice { node: 2, fallback: Some(reason.to_string()) });
     }
 
     /// Polls until process `pid` is gone (or a zombie), for up to 10 s.
@@ -500,10 +451,7 @@ mod tests {
             if stat.is_empty() || state.starts_with('Z') || state.starts_with('X') {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "process {pid} still running: {stat}"
-            );
+            assert!(Instant::now() < deadline, "process {pid} still running: {stat}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -523,26 +471,13 @@ mod tests {
         let mut nodes = three_nodes();
         nodes[2].load[2] = f64::NAN;
 
-        let (choice, _) =
-            choose_with(plugin.clone(), GENEROUS, &request(Some("ann"), &nodes)).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 3,
-                fallback: None
-            }
-        );
+        let (choice, _) = choose_with(plugin.clone(), GENEROUS, &request(Some("ann"), &nodes)).await;
+        assert_eq!(choice, Choice { node: 3, fallback: None });
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
         assert_eq!(read("user"), "ann");
-        assert_eq!(
-            read("nodes"),
-            "10.0.0.11:8787,10.0.0.12:8787,10.0.0.13:8787"
-        );
+        assert_eq!(read("nodes"), "10.0.0.11:8787,10.0.0.12:8787,10.0.0.13:8787");
         let stdin = read("stdin.json");
-        assert!(
-            stdin.ends_with('\n') && stdin.lines().count() == 1,
-            "{stdin:?}"
-        );
+        assert!(stdin.ends_with('\n') && stdin.lines().count() == 1, "{stdin:?}");
         let json: serde_json::Value = serde_json::from_str(&stdin).unwrap();
         assert_eq!(
             json,
@@ -573,53 +508,25 @@ mod tests {
         for (body, node) in [
             ("#!/bin/sh\necho 3\n", 3),
             ("#!/bin/sh\nprintf '\\n  \\t1  \\r\\n2\\n'\n", 1),
-            (
-                "#!/bin/sh\nprintf '  10.0.0.13:8787 \\n10.0.0.11:8787\\n'\n",
-                3,
-            ),
+            ("#!/bin/sh\nprintf '  10.0.0.13:8787 \\n10.0.0.11:8787\\n'\n", 3),
             ("#!/bin/sh\nprintf '10.0.0.11:8787'\n", 1),
         ] {
             let (choice, _) = choose_with(script(&dir, "answer", body), GENEROUS, &req).await;
-            assert_eq!(
-                choice,
-                Choice {
-                    node,
-                    fallback: None
-                },
-                "{body}"
-            );
+            assert_eq!(choice, Choice { node, fallback: None }, "{body}");
         }
     }
 
     #[tokio::test]
     async fn least_loaded_example_picks_lowest_load_per_cpu() {
         let mut nodes = three_nodes();
-        let (choice, _) = choose_with(
-            example("least-loaded.py"),
-            GENEROUS,
-            &request(Some("ann"), &nodes),
-        )
-        .await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 3,
-                fallback: None
-            }
-        );
+        let (choice, _) = choose_with(example("least-loaded.py"), GENEROUS, &request(Some("ann"), &nodes)).await;
+        assert_eq!(choice, Choice { node: 3, fallback: None });
 
         // Per CPU: node 1 has 2.0 / 16 CPUs = 0.125 < node 3's 0.2 / 1.
         nodes[0].cpus = 16;
         nodes[2].cpus = 1;
-        let (choice, _) =
-            choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 1,
-                fallback: None
-            }
-        );
+        let (choice, _) = choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
+        assert_eq!(choice, Choice { node: 1, fallback: None });
 
         // Equal load per CPU: fewer sessions (node 2), then a missing
         // (null) load counts as the worst.
@@ -628,109 +535,41 @@ mod tests {
             c.cpus = 4;
         }
         nodes[1].load[1] = f64::NAN;
-        let (choice, _) =
-            choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 1,
-                fallback: None
-            }
-        );
+        let (choice, _) = choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
+        assert_eq!(choice, Choice { node: 1, fallback: None });
         nodes[1].load[1] = 1.0;
-        let (choice, _) =
-            choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 2,
-                fallback: None
-            }
-        );
+        let (choice, _) = choose_with(example("least-loaded.py"), GENEROUS, &request(None, &nodes)).await;
+        assert_eq!(choice, Choice { node: 2, fallback: None });
     }
 
     #[tokio::test]
     async fn pin_users_example_pins_listed_users_else_first_node() {
         let nodes = three_nodes();
         let pin = |user, candidates| async move {
-            choose_with(
-                example("pin-users.sh"),
-                GENEROUS,
-                &request(user, candidates),
-            )
-            .await
-            .0
+            choose_with(example("pin-users.sh"), GENEROUS, &request(user, candidates)).await.0
         };
         // The example pins alice to 10.0.0.13:8787 and bob to 10.0.0.12:8787.
-        assert_eq!(
-            pin(Some("alice"), &nodes).await,
-            Choice {
-                node: 3,
-                fallback: None
-            }
-        );
-        assert_eq!(
-            pin(Some("bob"), &nodes).await,
-            Choice {
-                node: 2,
-                fallback: None
-            }
-        );
-        assert_eq!(
-            pin(Some("carol"), &nodes).await,
-            Choice {
-                node: 1,
-                fallback: None
-            }
-        );
-        assert_eq!(
-            pin(None, &nodes).await,
-            Choice {
-                node: 1,
-                fallback: None
-            }
-        );
+        assert_eq!(pin(Some("alice"), &nodes).await, Choice { node: 3, fallback: None });
+        assert_eq!(pin(Some("bob"), &nodes).await, Choice { node: 2, fallback: None });
+        assert_eq!(pin(Some("carol"), &nodes).await, Choice { node: 1, fallback: None });
+        assert_eq!(pin(None, &nodes).await, Choice { node: 1, fallback: None });
         // alice's node is not a candidate: the first one is taken.
         let without_3 = &nodes[..2];
-        assert_eq!(
-            pin(Some("alice"), without_3).await,
-            Choice {
-                node: 1,
-                fallback: None
-            }
-        );
+        assert_eq!(pin(Some("alice"), without_3).await, Choice { node: 1, fallback: None });
         let only_3 = &nodes[2..];
-        assert_eq!(
-            pin(Some("bob"), only_3).await,
-            Choice {
-                node: 3,
-                fallback: None
-            }
-        );
+        assert_eq!(pin(Some("bob"), only_3).await, Choice { node: 3, fallback: None });
     }
 
     #[tokio::test]
     async fn a_plugin_past_its_timeout_is_killed_and_sessions_used() {
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
-        let body = format!(
-            "#!/bin/sh\necho $$ > '{}'\nexec sleep 30\n",
-            pid_file.display()
-        );
+        let body = format!("#!/bin/sh\necho $$ > '{}'\nexec sleep 30\n", pid_file.display());
         let nodes = three_nodes();
-        let (choice, elapsed) = choose_with(
-            script(&dir, "sleeper", &body),
-            Duration::from_millis(300),
-            &request(Some("ann"), &nodes),
-        )
-        .await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 2,
-                fallback: Some("plug-in timed out after 300 ms".into())
-            }
-        );
+        let (choice, elapsed) =
+            choose_with(script(&dir, "sleeper", &body), Duration::from_millis(300), &request(Some("ann"), &nodes))
+                .await;
+        assert_eq!(choice, Choice { node: 2, fallback: Some("plug-in timed out after 300 ms".into()) });
         assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
         // On a very loaded machine the script may not have got as far as
         // writing its pid; when it did, the process must be gone.
@@ -747,24 +586,11 @@ mod tests {
         let pid_file = dir.path().join("pid");
         // The background sleep inherits stdout; waiting for end of file
         // would take 30 s (and so hit the 20 s timeout).
-        let body = format!(
-            "#!/bin/sh\nsleep 30 &\necho $! > '{}'\necho 3\n",
-            pid_file.display()
-        );
+        let body = format!("#!/bin/sh\nsleep 30 &\necho $! > '{}'\necho 3\n", pid_file.display());
         let nodes = three_nodes();
-        let (choice, elapsed) = choose_with(
-            script(&dir, "forker", &body),
-            Duration::from_secs(20),
-            &request(Some("ann"), &nodes),
-        )
-        .await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 3,
-                fallback: None
-            }
-        );
+        let (choice, elapsed) =
+            choose_with(script(&dir, "forker", &body), Duration::from_secs(20), &request(Some("ann"), &nodes)).await;
+        assert_eq!(choice, Choice { node: 3, fallback: None });
         assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
         let pid = std::fs::read_to_string(&pid_file).unwrap();
         assert_process_ends(pid.trim().parse().unwrap()).await;
@@ -783,41 +609,21 @@ mod tests {
              echo 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy' >&2\n\
              i=$((i+1))\ndone\ncat > /dev/null\n";
         let (choice, _) = choose_with(script(&dir, "chatty", chatty), GENEROUS, &req).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 2999,
-                fallback: None
-            }
-        );
+        assert_eq!(choice, Choice { node: 2999, fallback: None });
         // Never reads its input at all.
         let deaf = "#!/bin/sh\necho 17\n";
         let (choice, _) = choose_with(script(&dir, "deaf", deaf), GENEROUS, &req).await;
-        assert_eq!(
-            choice,
-            Choice {
-                node: 17,
-                fallback: None
-            }
-        );
+        assert_eq!(choice, Choice { node: 17, fallback: None });
     }
 
     #[tokio::test]
     async fn non_zero_exit_falls_back_even_with_an_answer() {
-        assert_falls_back(
-            "#!/bin/sh\necho 3\nexit 1\n",
-            "plug-in exited with status 1",
-        )
-        .await;
+        assert_falls_back("#!/bin/sh\necho 3\nexit 1\n", "plug-in exited with status 1").await;
     }
 
     #[tokio::test]
     async fn a_crash_falls_back() {
-        assert_falls_back(
-            "#!/bin/sh\necho 3\nkill -KILL $$\n",
-            "plug-in was killed by signal 9",
-        )
-        .await;
+        assert_falls_back("#!/bin/sh\necho 3\nkill -KILL $$\n", "plug-in was killed by signal 9").await;
     }
 
     #[tokio::test]
@@ -836,11 +642,7 @@ mod tests {
             "plug-in answered \"10.0.0.99:8787\", which names no candidate",
         )
         .await;
-        assert_falls_back(
-            "#!/bin/sh\necho 4\n",
-            "plug-in answered \"4\", which names no candidate",
-        )
-        .await;
+        assert_falls_back("#!/bin/sh\necho 4\n", "plug-in answered \"4\", which names no candidate").await;
     }
 
     #[tokio::test]
@@ -852,32 +654,18 @@ mod tests {
     async fn a_missing_plugin_falls_back() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = three_nodes();
-        let (choice, _) = choose_with(
-            dir.path().join("rserver-balancer"),
-            GENEROUS,
-            &request(None, &nodes),
-        )
-        .await;
+        let (choice, _) = choose_with(dir.path().join("rserver-balancer"), GENEROUS, &request(None, &nodes)).await;
         assert_eq!(choice.node, 2);
         let reason = choice.fallback.unwrap();
-        assert!(
-            reason.starts_with("plug-in could not be started: "),
-            "{reason}"
-        );
+        assert!(reason.starts_with("plug-in could not be started: "), "{reason}");
     }
 
     #[tokio::test]
     async fn failures_keep_stderr_and_a_kind() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = three_nodes();
-        let balancer = CustomBalancer::new(
-            script(
-                &dir,
-                "plugin",
-                "#!/bin/sh\necho 'no nodes for you' >&2\nexit 3\n",
-            ),
-            GENEROUS,
-        );
+        let balancer =
+            CustomBalancer::new(script(&dir, "plugin", "#!/bin/sh\necho 'no nodes for you' >&2\nexit 3\n"), GENEROUS);
         let error = balancer.ask(&request(None, &nodes)).await.unwrap_err();
         assert_eq!(error.kind(), "exit-status");
         assert_eq!(error.stderr(), "no nodes for you\n");

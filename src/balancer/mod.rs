@@ -86,10 +86,7 @@ pub fn build(config: &BalancerConfig) -> Arc<dyn Balancer> {
         BalancerKind::Sessions => Arc::new(SessionsBalancer),
         BalancerKind::SystemLoad => Arc::new(SystemLoadBalancer),
         BalancerKind::UserHash => Arc::new(UserHashBalancer::new(config.user_hash_balance_factor)),
-        BalancerKind::Custom => Arc::new(CustomBalancer::new(
-            config.custom_command.clone(),
-            config.custom_timeout,
-        )),
+        BalancerKind::Custom => Arc::new(CustomBalancer::new(config.custom_command.clone(), config.custom_timeout)),
     }
 }
 
@@ -100,23 +97,13 @@ mod test_support {
     /// Node `id` at `10.0.0.<10+id>:8787` with `sessions` sessions, load 0.5
     /// on 4 CPUs.
     pub fn candidate(id: NodeId, sessions: usize) -> Candidate {
-        Candidate {
-            id,
-            address: format!("10.0.0.{}:8787", 10 + id),
-            sessions,
-            load: [0.5, 0.5, 0.5],
-            cpus: 4,
-        }
+        Candidate { id, address: format!("10.0.0.{}:8787", 10 + id), sessions, load: [0.5, 0.5, 0.5], cpus: 4 }
     }
 
     /// What `balancer` chooses for an anonymous session among `candidates`,
     /// which it must not report as a fallback.
     pub async fn choose_node(balancer: &dyn Balancer, candidates: &[Candidate]) -> NodeId {
-        let req = PlacementRequest {
-            key: "session",
-            user: None,
-            candidates,
-        };
+        let req = PlacementRequest { key: "session", user: None, candidates };
         let choice = balancer.choose(&req).await.expect("a choice");
         assert_eq!(choice.fallback, None);
         choice.node

@@ -27,10 +27,7 @@ impl Balancer for SessionsBalancer {
     }
 
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
-        Self::pick(req.candidates).map(|c| Choice {
-            node: c.id,
-            fallback: None,
-        })
+        Self::pick(req.candidates).map(|c| Choice { node: c.id, fallback: None })
     }
 }
 
@@ -74,11 +71,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_candidates_no_choice() {
-        let req = PlacementRequest {
-            key: "k",
-            user: None,
-            candidates: &[],
-        };
+        let req = PlacementRequest { key: "k", user: None, candidates: &[] };
         assert_eq!(SessionsBalancer.choose(&req).await, None);
     }
 }

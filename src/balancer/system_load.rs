@@ -18,11 +18,7 @@ impl SystemLoadBalancer {
     /// `f64::INFINITY` when the reported load is NaN, infinite or negative.
     pub fn load_per_cpu(candidate: &Candidate) -> f64 {
         let load = candidate.load[1];
-        if load.is_finite() && load >= 0.0 {
-            load / f64::from(candidate.cpus.max(1))
-        } else {
-            f64::INFINITY
-        }
+        if load.is_finite() && load >= 0.0 { load / f64::from(candidate.cpus.max(1)) } else { f64::INFINITY }
     }
 
     /// The least-loaded candidate (see the type's doc for the order); `None`
@@ -32,10 +28,7 @@ impl SystemLoadBalancer {
     }
 
     fn order(a: &Candidate, b: &Candidate) -> Ordering {
-        Self::load_per_cpu(a)
-            .total_cmp(&Self::load_per_cpu(b))
-            .then(a.sessions.cmp(&b.sessions))
-            .then(a.id.cmp(&b.id))
+        Self::load_per_cpu(a).total_cmp(&Self::load_per_cpu(b)).then(a.sessions.cmp(&b.sessions)).then(a.id.cmp(&b.id))
     }
 }
 
@@ -46,10 +39,7 @@ impl Balancer for SystemLoadBalancer {
     }
 
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
-        Self::pick(req.candidates).map(|c| Choice {
-            node: c.id,
-            fallback: None,
-        })
+        Self::pick(req.candidates).map(|c| Choice { node: c.id, fallback: None })
     }
 }
 
@@ -59,22 +49,14 @@ mod tests {
     use crate::balancer::test_support::{candidate, choose_node};
 
     fn loaded(id: i64, sessions: usize, load5: f64, cpus: u32) -> Candidate {
-        Candidate {
-            load: [9.0, load5, 0.0],
-            cpus,
-            ..candidate(id, sessions)
-        }
+        Candidate { load: [9.0, load5, 0.0], cpus, ..candidate(id, sessions) }
     }
 
     #[tokio::test]
     async fn lowest_five_minute_load_per_cpu_wins() {
         // Node 1 has the lowest absolute load but the fewest CPUs; node 3
         // has the lowest 1-minute load (field 0 is ignored).
-        let mut nodes = [
-            loaded(1, 0, 1.0, 1),
-            loaded(2, 5, 3.0, 8),
-            loaded(3, 0, 2.0, 2),
-        ];
+        let mut nodes = [loaded(1, 0, 1.0, 1), loaded(2, 5, 3.0, 8), loaded(3, 0, 2.0, 2)];
         nodes[2].load[0] = 0.0;
         assert_eq!(choose_node(&SystemLoadBalancer, &nodes).await, 2);
     }
@@ -89,11 +71,7 @@ mod tests {
 
     #[tokio::test]
     async fn ties_go_to_fewer_sessions_then_lowest_id() {
-        let nodes = [
-            loaded(1, 3, 1.0, 2),
-            loaded(2, 1, 2.0, 4),
-            loaded(3, 1, 0.5, 1),
-        ];
+        let nodes = [loaded(1, 3, 1.0, 2), loaded(2, 1, 2.0, 4), loaded(3, 1, 0.5, 1)];
         assert_eq!(choose_node(&SystemLoadBalancer, &nodes).await, 2);
         let nodes = [loaded(9, 2, 1.0, 2), loaded(4, 2, 0.5, 1)];
         assert_eq!(choose_node(&SystemLoadBalancer, &nodes).await, 4);

@@ -95,11 +95,7 @@ impl UserHashBalancer {
     /// A balancer keeping every node at or below about `balance_factor` × the
     /// mean session count. A factor below 1 or not finite is taken as 1.
     pub fn new(balance_factor: f64) -> UserHashBalancer {
-        let balance_factor = if balance_factor.is_finite() && balance_factor >= 1.0 {
-            balance_factor
-        } else {
-            1.0
-        };
+        let balance_factor = if balance_factor.is_finite() && balance_factor >= 1.0 { balance_factor } else { 1.0 };
         UserHashBalancer { balance_factor }
     }
 
@@ -111,15 +107,9 @@ impl UserHashBalancer {
     /// The candidates in rendezvous order for `key`, best first; loads play no part.
     pub fn ranking<'c>(key: HashKey<'_>, candidates: &'c [Candidate]) -> Vec<&'c Candidate> {
         let base = key.hasher();
-        let mut scored: Vec<(u64, &Candidate)> = candidates
-            .iter()
-            .map(|c| (score_from(base.clone(), &c.address), c))
-            .collect();
-        scored.sort_by(|(sa, a), (sb, b)| {
-            sb.cmp(sa)
-                .then_with(|| a.address.cmp(&b.address))
-                .then(a.id.cmp(&b.id))
-        });
+        let mut scored: Vec<(u64, &Candidate)> =
+            candidates.iter().map(|c| (score_from(base.clone(), &c.address), c)).collect();
+        scored.sort_by(|(sa, a), (sb, b)| sb.cmp(sa).then_with(|| a.address.cmp(&b.address)).then(a.id.cmp(&b.id)));
         scored.into_iter().map(|(_, c)| c).collect()
     }
 
@@ -127,16 +117,10 @@ impl UserHashBalancer {
     /// after taking one more session, else the top-ranked one; `None` only
     /// when `candidates` is empty.
     pub fn pick<'c>(&self, key: HashKey<'_>, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
-        let total = candidates
-            .iter()
-            .fold(0usize, |sum, c| sum.saturating_add(c.sessions));
+        let total = candidates.iter().fold(0usize, |sum, c| sum.saturating_add(c.sessions));
         let bound = session_bound(total, candidates.len(), self.balance_factor);
         let ranking = Self::ranking(key, candidates);
-        ranking
-            .iter()
-            .find(|c| c.sessions.saturating_add(1) <= bound)
-            .or(ranking.first())
-            .copied()
+        ranking.iter().find(|c| c.sessions.saturating_add(1) <= bound).or(ranking.first()).copied()
     }
 }
 
@@ -147,10 +131,7 @@ impl Balancer for UserHashBalancer {
     }
 
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
-        self.pick(HashKey::of(req), req.candidates).map(|c| Choice {
-            node: c.id,
-            fallback: None,
-        })
+        self.pick(HashKey::of(req), req.candidates).map(|c| Choice { node: c.id, fallback: None })
     }
 }
 
@@ -170,17 +151,11 @@ mod tests {
 
     /// `n` nodes with ids 1..=n, addresses 10.0.0.11:8787…, `sessions` each.
     fn nodes(n: usize, sessions: usize) -> Vec<Candidate> {
-        (1..=n as NodeId)
-            .map(|id| candidate(id, sessions))
-            .collect()
+        (1..=n as NodeId).map(|id| candidate(id, sessions)).collect()
     }
 
     /// Where each user goes, every choice made against the same loads.
-    fn assign_fixed(
-        balancer: &UserHashBalancer,
-        users: &[String],
-        nodes: &[Candidate],
-    ) -> HashMap<String, String> {
+    fn assign_fixed(balancer: &UserHashBalancer, users: &[String], nodes: &[Candidate]) -> HashMap<String, String> {
         users
             .iter()
             .map(|u| {
@@ -217,18 +192,9 @@ mod tests {
     #[test]
     fn scores_are_a_fixed_function_of_key_and_address() {
         // Known answers: a change here moves every user of every cluster.
-        assert_eq!(
-            score(HashKey::User("ann"), "10.0.0.11:8787"),
-            KNOWN_ANN_10_0_0_11
-        );
-        assert_eq!(
-            score(HashKey::Session("ann"), "10.0.0.11:8787"),
-            KNOWN_SESSION_ANN_10_0_0_11
-        );
-        assert_ne!(
-            score(HashKey::User("ann"), "10.0.0.11:8787"),
-            score(HashKey::User("ann"), "10.0.0.12:8787")
-        );
+        assert_eq!(score(HashKey::User("ann"), "10.0.0.11:8787"), KNOWN_ANN_10_0_0_11);
+        assert_eq!(score(HashKey::Session("ann"), "10.0.0.11:8787"), KNOWN_SESSION_ANN_10_0_0_11);
+        assert_ne!(score(HashKey::User("ann"), "10.0.0.11:8787"), score(HashKey::User("ann"), "10.0.0.12:8787"));
     }
     // Computed independently with Python's hashlib.
     const KNOWN_ANN_10_0_0_11: u64 = 7_387_884_607_505_631_038;
@@ -277,20 +243,13 @@ mod tests {
             })
             .collect();
         for id in 1..=3 {
-            assert!(
-                key_choices.contains(&id),
-                "no anonymous session on node {id}"
-            );
+            assert!(key_choices.contains(&id), "no anonymous session on node {id}");
         }
         // A user's sessions, whatever their keys, rank the nodes alike.
         let by_user: Vec<NodeId> = (0..60)
             .map(|i| {
                 let key = format!("session{i}");
-                let req = PlacementRequest {
-                    key: &key,
-                    user: Some("ann"),
-                    candidates: &nodes,
-                };
+                let req = PlacementRequest { key: &key, user: Some("ann"), candidates: &nodes };
                 balancer.pick(HashKey::of(&req), &nodes).unwrap().id
             })
             .collect();
@@ -301,31 +260,16 @@ mod tests {
     fn a_full_top_node_passes_the_session_to_the_next_in_rank() {
         let balancer = UserHashBalancer::new(FACTOR);
         let mut nodes = nodes(3, 10);
-        let ranking: Vec<NodeId> = UserHashBalancer::ranking(HashKey::User("ann"), &nodes)
-            .iter()
-            .map(|c| c.id)
-            .collect();
-        assert_eq!(
-            balancer.pick(HashKey::User("ann"), &nodes).unwrap().id,
-            ranking[0]
-        );
+        let ranking: Vec<NodeId> =
+            UserHashBalancer::ranking(HashKey::User("ann"), &nodes).iter().map(|c| c.id).collect();
+        assert_eq!(balancer.pick(HashKey::User("ann"), &nodes).unwrap().id, ranking[0]);
         // total 20 + 21 = 41 → bound ceil(1.25 × 42 / 3) = 18: the top node,
         // with 21, may take no more; the second, with 10, may.
-        nodes
-            .iter_mut()
-            .find(|c| c.id == ranking[0])
-            .unwrap()
-            .sessions = 21;
-        assert_eq!(
-            balancer.pick(HashKey::User("ann"), &nodes).unwrap().id,
-            ranking[1]
-        );
+        nodes.iter_mut().find(|c| c.id == ranking[0]).unwrap().sessions = 21;
+        assert_eq!(balancer.pick(HashKey::User("ann"), &nodes).unwrap().id, ranking[1]);
         // With no bound to speak of, the top node keeps it.
         let loose = UserHashBalancer::new(100.0);
-        assert_eq!(
-            loose.pick(HashKey::User("ann"), &nodes).unwrap().id,
-            ranking[0]
-        );
+        assert_eq!(loose.pick(HashKey::User("ann"), &nodes).unwrap().id, ranking[0]);
     }
 
     #[test]
@@ -337,8 +281,7 @@ mod tests {
             let all = nodes(n, 100);
             let before = assign_fixed(&balancer, &users, &all);
             for removed in &all {
-                let rest: Vec<Candidate> =
-                    all.iter().filter(|c| c.id != removed.id).cloned().collect();
+                let rest: Vec<Candidate> = all.iter().filter(|c| c.id != removed.id).cloned().collect();
                 let after = assign_fixed(&balancer, &users, &rest);
                 let mut moved = 0;
                 for u in &users {
@@ -350,10 +293,7 @@ mod tests {
                 }
                 let share = moved as f64 / users.len() as f64;
                 println!("remove 1 of {n}: {:.1}% of users moved", share * 100.0);
-                assert!(
-                    share > 0.7 / n as f64 && share < 1.3 / n as f64,
-                    "removing 1 of {n} moved {share}"
-                );
+                assert!(share > 0.7 / n as f64 && share < 1.3 / n as f64, "removing 1 of {n} moved {share}");
             }
         }
     }
@@ -373,10 +313,7 @@ mod tests {
             let share = moved.len() as f64 / users.len() as f64;
             println!("add 1 to {n}: {:.1}% of users moved", share * 100.0);
             let expected = 1.0 / (n + 1) as f64;
-            assert!(
-                share > 0.7 * expected && share < 1.3 * expected,
-                "adding to {n} moved {share}"
-            );
+            assert!(share > 0.7 * expected && share < 1.3 * expected, "adding to {n} moved {share}");
         }
     }
 
@@ -395,9 +332,7 @@ mod tests {
         // 1, must all go to different nodes).
         let displaced = placed
             .iter()
-            .filter(|(user, address)| {
-                &balancer.pick(HashKey::User(user), &three).unwrap().address != address
-            })
+            .filter(|(user, address)| &balancer.pick(HashKey::User(user), &three).unwrap().address != address)
             .count();
         println!("300 users on 3 nodes: next session elsewhere for {displaced} users");
         assert!(displaced <= 10, "{displaced}");
@@ -405,11 +340,8 @@ mod tests {
         // Node 3 leaves: its users are placed again on nodes 1 and 2, which
         // keep their sessions.
         let mut survivors: Vec<Candidate> = three[..2].to_vec();
-        let orphans: Vec<String> = placed
-            .iter()
-            .filter(|(_, a)| *a == three[2].address)
-            .map(|(u, _)| u.clone())
-            .collect();
+        let orphans: Vec<String> =
+            placed.iter().filter(|(_, a)| *a == three[2].address).map(|(u, _)| u.clone()).collect();
         place_sequentially(&balancer, &orphans, &mut survivors);
         println!(
             "remove 1 of 3 after 300 users: {} moved ({:.1}%), max/mean {:.3}",
@@ -422,16 +354,8 @@ mod tests {
         // The same 300 users placed from scratch on the two survivors: the
         // bound may move a few users of the survivors too; count them.
         let fresh = place_sequentially(&balancer, &users(300), &mut nodes(2, 0));
-        let moved_total = placed
-            .iter()
-            .zip(&fresh)
-            .filter(|(a, b)| a.1 != b.1)
-            .count();
-        let moved_survivors = placed
-            .iter()
-            .zip(&fresh)
-            .filter(|(a, b)| a.1 != three[2].address && a.1 != b.1)
-            .count();
+        let moved_total = placed.iter().zip(&fresh).filter(|(a, b)| a.1 != b.1).count();
+        let moved_survivors = placed.iter().zip(&fresh).filter(|(a, b)| a.1 != three[2].address && a.1 != b.1).count();
         println!(
             "300 users placed from scratch on 2 of the 3 nodes: {moved_total} moved, \
              {moved_survivors} of them from a surviving node"
@@ -481,14 +405,8 @@ mod tests {
             place_sequentially(&balancer, &users, &mut counted);
             let bounded: Vec<f64> = counted.iter().map(|c| c.sessions as f64 / mean).collect();
             println!("{n} nodes, share/mean: hash only {shares:.3?}, bounded {bounded:.3?}");
-            assert!(
-                shares.iter().all(|s| (0.85..1.15).contains(s)),
-                "{shares:?}"
-            );
-            assert!(
-                bounded.iter().all(|s| (0.85..=FACTOR).contains(s)),
-                "{bounded:?}"
-            );
+            assert!(shares.iter().all(|s| (0.85..1.15).contains(s)), "{shares:?}");
+            assert!(bounded.iter().all(|s| (0.85..=FACTOR).contains(s)), "{bounded:?}");
         }
     }
 }

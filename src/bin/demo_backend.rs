@@ -41,10 +41,7 @@ type Shared = Arc<Backend>;
 fn tagged(state: &Backend, status: StatusCode, body: impl Into<Body>) -> Response {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        "x-backend",
-        HeaderValue::from_str(&state.name).expect("name is a header value"),
-    );
+    resp.headers_mut().insert("x-backend", HeaderValue::from_str(&state.name).expect("name is a header value"));
     resp
 }
 
@@ -61,11 +58,9 @@ async fn new_session(State(s): State<Shared>) -> Response {
     // Workbench's shape: 5 hex (user) + 8 hex (project) + 8 hex (session).
     let key = hex::encode(rand::random::<[u8; 11]>())[..21].to_string();
     s.keys.lock().insert(key.clone());
-    let body = serde_json::json!({ "key": key, "url": format!("/s/{key}/"), "backend": s.name })
-        .to_string();
+    let body = serde_json::json!({ "key": key, "url": format!("/s/{key}/"), "backend": s.name }).to_string();
     let mut resp = tagged(&s, StatusCode::OK, body);
-    resp.headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -75,11 +70,7 @@ async fn session_page(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !s.keys.lock().contains(&key) {
-        return tagged(
-            &s,
-            StatusCode::NOT_FOUND,
-            format!("unknown session {key} on backend {}\n", s.name),
-        );
+        return tagged(&s, StatusCode::NOT_FOUND, format!("unknown session {key} on backend {}\n", s.name));
     }
     if rest == "ws" {
         return match ws {
@@ -87,18 +78,10 @@ async fn session_page(
                 let name = s.name.clone();
                 ws.on_upgrade(move |socket| echo(socket, name))
             }
-            Err(_) => tagged(
-                &s,
-                StatusCode::BAD_REQUEST,
-                "expected a WebSocket upgrade\n",
-            ),
+            Err(_) => tagged(&s, StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n"),
         };
     }
-    tagged(
-        &s,
-        StatusCode::OK,
-        format!("session {key} on backend {}: /{rest}\n", s.name),
-    )
+    tagged(&s, StatusCode::OK, format!("session {key} on backend {}: /{rest}\n", s.name))
 }
 
 async fn session_root(
@@ -127,11 +110,7 @@ async fn ws_root(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
 }
 
 async fn echo(mut socket: WebSocket, name: String) {
-    if socket
-        .send(Message::Text(format!("hello from {name}").into()))
-        .await
-        .is_err()
-    {
+    if socket.send(Message::Text(format!("hello from {name}").into())).await.is_err() {
         return;
     }
     while let Some(Ok(msg)) = socket.recv().await {
@@ -166,21 +145,12 @@ async fn sse(State(s): State<Shared>, Query(p): Query<SseParams>) -> Response {
             if i > 0 {
                 tokio::time::sleep(interval).await;
             }
-            Some((
-                Ok::<_, Infallible>(Bytes::from(format!(
-                    "id: {i}\ndata: event {i} from {name}\n\n"
-                ))),
-                i + 1,
-            ))
+            Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: event {i} from {name}\n\n"))), i + 1))
         }
     });
     let mut resp = tagged(&s, StatusCode::OK, Body::from_stream(stream));
-    resp.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
-    resp.headers_mut()
-        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -202,8 +172,7 @@ async fn download(State(s): State<Shared>, Query(p): Query<DownloadParams>) -> R
         Some((Ok::<_, Infallible>(Bytes::from(chunk)), sent + n))
     });
     let mut resp = tagged(&s, StatusCode::OK, Body::from_stream(stream));
-    resp.headers_mut()
-        .insert("content-length", HeaderValue::from(total));
+    resp.headers_mut().insert("content-length", HeaderValue::from(total));
     resp
 }
 
@@ -230,11 +199,7 @@ async fn status(State(s): State<Shared>, Path(code): Path<u16>) -> Response {
 }
 
 async fn fallback(State(s): State<Shared>, req: Request) -> Response {
-    tagged(
-        &s,
-        StatusCode::OK,
-        format!("backend {}: {}\n", s.name, req.uri().path()),
-    )
+    tagged(&s, StatusCode::OK, format!("backend {}: {}\n", s.name, req.uri().path()))
 }
 
 fn usage() -> ! {
@@ -255,10 +220,7 @@ fn main() {
         }
     }
     let listen = listen.unwrap_or_else(|| "127.0.0.1:8788".parse().expect("literal"));
-    let state = Arc::new(Backend {
-        name,
-        keys: Mutex::new(HashSet::new()),
-    });
+    let state = Arc::new(Backend { name, keys: Mutex::new(HashSet::new()) });
     let app = Router::new()
         .route("/", get(root))
         .route("/bench", get(bench))
@@ -274,18 +236,12 @@ fn main() {
         .route("/status/{code}", any(status))
         .fallback(fallback)
         .with_state(state);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("cannot listen on {listen}: {e}");
-                std::process::exit(1)
-            });
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap_or_else(|e| {
+            eprintln!("cannot listen on {listen}: {e}");
+            std::process::exit(1)
+        });
         eprintln!("demo backend listening on {listen}");
         axum::serve(listener, app).await.expect("server");
     });

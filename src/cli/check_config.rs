@@ -21,11 +21,7 @@ pub fn run(config: &Config, global: &GlobalOpts) -> anyhow::Result<()> {
     // key's bytes are never printed.
     match SecureKey::load(&config.cluster.secure_cookie_key_file) {
         Ok(key) => {
-            println!(
-                "# secure cookie key: {} bytes, fingerprint {}",
-                key.len(),
-                key.fingerprint()
-            );
+            println!("# secure cookie key: {} bytes, fingerprint {}", key.len(), key.fingerprint());
             println!("Configuration OK");
             Ok(())
         }

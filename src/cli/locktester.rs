@@ -44,12 +44,7 @@ pub struct LocktesterArgs {
     #[arg(long, value_name = "MS", default_value_t = 0, requires = "stress")]
     pub hold_ms: u64,
     /// Stress mode: give up when one acquisition waits longer than this many seconds.
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 120,
-        requires = "stress"
-    )]
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, requires = "stress")]
     pub wait_secs: u64,
 }
 
@@ -90,10 +85,7 @@ fn label(t: LockType) -> &'static str {
 }
 
 pub async fn run(args: LocktesterArgs, config: &Config) -> anyhow::Result<()> {
-    let dir = args
-        .path
-        .clone()
-        .unwrap_or_else(|| config.cluster.shared_storage_path.clone());
+    let dir = args.path.clone().unwrap_or_else(|| config.cluster.shared_storage_path.clone());
     if config.locks.enable_logging && config.locks.log_file.is_none() {
         // Lock events go to the normal log: make it visible on stderr.
         let _ = tracing_subscriber::fmt().with_writer(io::stderr).try_init();
@@ -101,18 +93,13 @@ pub async fn run(args: LocktesterArgs, config: &Config) -> anyhow::Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     match args.stress {
         Some(rounds) => {
-            let lock_type = args
-                .lock_type
-                .map_or(config.locks.lock_type, LockType::from);
+            let lock_type = args.lock_type.map_or(config.locks.lock_type, LockType::from);
             let stress = Stress {
                 dir,
                 rounds,
                 hold: Duration::from_millis(args.hold_ms),
                 wait: Duration::from_secs(args.wait_secs),
-                settings: LockSettings {
-                    lock_type,
-                    ..config.locks.clone()
-                },
+                settings: LockSettings { lock_type, ..config.locks.clone() },
             };
             stress.run().await
         }
@@ -148,13 +135,7 @@ impl OtherInstance {
             match line.split_once('=') {
                 Some(("host", v)) => other.host = v.to_string(),
                 Some(("pid", v)) => other.pid = v.to_string(),
-                Some(("held", v)) => {
-                    other.held = v
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                }
+                Some(("held", v)) => other.held = v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
                 _ => {}
             }
         }
@@ -174,16 +155,13 @@ fn other_instance(dir: &Path) -> anyhow::Result<Option<OtherInstance>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let modified = file
-        .metadata()
-        .and_then(|m| m.modified())
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let modified =
+        file.metadata().and_then(|m| m.modified()).with_context(|| format!("cannot read {}", path.display()))?;
     let now = filesystem_time(dir)?;
     if now.duration_since(modified).unwrap_or(Duration::ZERO) >= INSTANCE_FRESH {
         return Ok(None);
     }
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Some(OtherInstance::parse(&text)))
 }
 
@@ -192,33 +170,15 @@ async fn test(dir: &Path, types: &[LockType], settings: &LockSettings) -> anyhow
     // any point releases cleanly.
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
-    println!(
-        "Testing lock types in {} (host {host}, pid {})",
-        dir.display(),
-        std::process::id()
-    );
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    println!("Testing lock types in {} (host {host}, pid {})", dir.display(), std::process::id());
     let other = other_instance(dir)?;
     if let Some(o) = &other {
-        println!(
-            "Another locktester instance (host {}, pid {}) holds: {}",
-            o.host,
-            o.pid,
-            o.held.join(", ")
-        );
+        println!("Another locktester instance (host {}, pid {}) holds: {}", o.host, o.pid, o.held.join(", "));
     }
     let mut attempts = Vec::new();
     for &t in types {
-        let manager = LockManager::new(
-            dir,
-            &LockSettings {
-                lock_type: t,
-                ..settings.clone()
-            },
-        )?;
+        let manager = LockManager::new(dir, &LockSettings { lock_type: t, ..settings.clone() })?;
         let attempt = match manager.try_acquire(TEST_LOCK) {
             Ok(Some(guard)) => Attempt::Acquired(guard),
             Ok(None) => Attempt::Busy,
@@ -253,27 +213,14 @@ async fn first_instance(
         for (t, why) in &failed {
             println!("* Could not acquire {} lock: {why}", label(*t));
         }
-        println!(
-            "No lock type could be acquired in {}: locking does not work there.",
-            dir.display()
-        );
+        println!("No lock type could be acquired in {}: locking does not work there.", dir.display());
         bail!("no lock type works in {}", dir.display());
     }
     let record = dir.join(INSTANCE_FILE);
     let held_names: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
-    fs::write(
-        &record,
-        format!(
-            "host={host}\npid={}\nheld={}\n",
-            std::process::id(),
-            held_names.join(",")
-        ),
-    )
-    .with_context(|| format!("cannot write {}", record.display()))?;
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    fs::write(&record, format!("host={host}\npid={}\nheld={}\n", std::process::id(), held_names.join(",")))
+        .with_context(|| format!("cannot write {}", record.display()))?;
     for (t, _) in &held {
         println!("* Acquired {} lock", label(*t));
     }
@@ -310,10 +257,7 @@ async fn first_instance(
             Ok(()) if !lost => println!("* Released {} lock", label(t)),
             Ok(()) => {
                 clean = false;
-                println!(
-                    "* The {} lock had been lost while held (it was not refreshed in time)",
-                    label(t)
-                );
+                println!("* The {} lock had been lost while held (it was not refreshed in time)", label(t));
             }
             Err(e) => {
                 clean = false;
@@ -331,21 +275,10 @@ async fn first_instance(
 /// The conclusion lines of a later instance, and whether any type works.
 fn conclude(results: &[(LockType, Outcome)]) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
-    let works: Vec<LockType> = results
-        .iter()
-        .filter(|(_, o)| *o == Outcome::Excluded)
-        .map(|(t, _)| *t)
-        .collect();
-    let broken: Vec<LockType> = results
-        .iter()
-        .filter(|(_, o)| *o == Outcome::BothAcquired)
-        .map(|(t, _)| *t)
-        .collect();
+    let works: Vec<LockType> = results.iter().filter(|(_, o)| *o == Outcome::Excluded).map(|(t, _)| *t).collect();
+    let broken: Vec<LockType> = results.iter().filter(|(_, o)| *o == Outcome::BothAcquired).map(|(t, _)| *t).collect();
     for t in &works {
-        lines.push(format!(
-            "Your filesystem appears to support {} locks.",
-            label(*t)
-        ));
+        lines.push(format!("Your filesystem appears to support {} locks.", label(*t)));
     }
     for t in &broken {
         lines.push(format!(
@@ -355,7 +288,9 @@ fn conclude(results: &[(LockType, Outcome)]) -> (Vec<String>, bool) {
         ));
     }
     if works.is_empty() {
-        lines.push("Your filesystem appears to support no lock type: sessionlb cannot serialise session creation here.".into());
+        lines.push(
+            "Your filesystem appears to support no lock type: sessionlb cannot serialise session creation here.".into(),
+        );
     }
     (lines, !works.is_empty())
 }
@@ -384,10 +319,7 @@ async fn later_instance(
         let other_holds = other.is_none_or(|o| o.holds(t));
         let outcome = match attempt {
             Attempt::Busy => {
-                println!(
-                    "* Could not acquire {} lock (held by another process)",
-                    label(t)
-                );
+                println!("* Could not acquire {} lock (held by another process)", label(t));
                 Outcome::Excluded
             }
             Attempt::Failed(e) => {
@@ -396,16 +328,10 @@ async fn later_instance(
             }
             Attempt::Acquired(guard) => {
                 let outcome = if other_holds {
-                    println!(
-                        "* Acquired {} lock, although the other instance holds it",
-                        label(t)
-                    );
+                    println!("* Acquired {} lock, although the other instance holds it", label(t));
                     Outcome::BothAcquired
                 } else {
-                    println!(
-                        "* Acquired {} lock (the other instance does not hold one: not tested)",
-                        label(t)
-                    );
+                    println!("* Acquired {} lock (the other instance does not hold one: not tested)", label(t));
                     Outcome::Untested
                 };
                 guard.release().await?;
@@ -451,8 +377,7 @@ impl Stress {
         let mut interrupted = None;
         let mut done = 0u64;
         let start = Instant::now();
-        let (mut overlaps, mut contended, mut total_wait, mut max_wait) =
-            (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+        let (mut overlaps, mut contended, mut total_wait, mut max_wait) = (0u64, 0u64, Duration::ZERO, Duration::ZERO);
         for round in 1..=self.rounds {
             let acquire = manager.acquire(STRESS_LOCK, Instant::now() + self.wait);
             let guard = tokio::select! {
@@ -464,11 +389,7 @@ impl Stress {
             contended += u64::from(guard.contended());
             total_wait += guard.waited();
             max_wait = max_wait.max(guard.waited());
-            let entered = match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&marker)
-            {
+            let entered = match OpenOptions::new().write(true).create_new(true).open(&marker) {
                 Ok(_) => true,
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     overlaps += 1;
@@ -499,32 +420,21 @@ impl Stress {
                         );
                     }
                     Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("cannot remove {}", marker.display()));
+                        return Err(e).with_context(|| format!("cannot remove {}", marker.display()));
                     }
                 }
             }
             if guard.is_lost() {
                 eprintln!("stress: round {round}: the lock was lost while held");
             }
-            guard
-                .release()
-                .await
-                .with_context(|| format!("round {round}"))?;
+            guard.release().await.with_context(|| format!("round {round}"))?;
             done = round;
         }
         let elapsed = start.elapsed();
         let rate = done as f64 / elapsed.as_secs_f64().max(f64::EPSILON);
-        let mean_ms = if done == 0 {
-            0.0
-        } else {
-            total_wait.as_secs_f64() * 1e3 / done as f64
-        };
+        let mean_ms = if done == 0 { 0.0 } else { total_wait.as_secs_f64() * 1e3 / done as f64 };
         if let Some(signal) = interrupted {
-            println!(
-                "stress: interrupted by {signal} after {done} of {} rounds",
-                self.rounds
-            );
+            println!("stress: interrupted by {signal} after {done} of {} rounds", self.rounds);
         }
         println!(
             "stress: {done} rounds in {:.3} s: {rate:.1} acquisitions/s; wait mean {mean_ms:.3} ms, max {:.3} ms; contended {contended}; overlaps seen {overlaps}",
@@ -532,10 +442,7 @@ impl Stress {
             max_wait.as_secs_f64() * 1e3
         );
         if overlaps > 0 {
-            bail!(
-                "{overlaps} overlaps: {kind} locks did not exclude each other in {}",
-                self.dir.display()
-            );
+            bail!("{overlaps} overlaps: {kind} locks did not exclude each other in {}", self.dir.display());
         }
         if let Some(signal) = interrupted {
             bail!("interrupted by {signal}");
@@ -547,10 +454,7 @@ impl Stress {
 fn read_counter(path: &Path) -> anyhow::Result<u64> {
     match fs::read_to_string(path) {
         Ok(text) if text.trim().is_empty() => Ok(0),
-        Ok(text) => text
-            .trim()
-            .parse()
-            .with_context(|| format!("{} does not hold a number: {text:?}", path.display())),
+        Ok(text) => text.trim().parse().with_context(|| format!("{} does not hold a number: {text:?}", path.display())),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -562,10 +466,8 @@ mod tests {
 
     #[test]
     fn conclusions_name_working_broken_and_missing_lock_types() {
-        let (lines, ok) = conclude(&[
-            (LockType::Advisory, Outcome::Excluded),
-            (LockType::LinkBased, Outcome::Excluded),
-        ]);
+        let (lines, ok) =
+            conclude(&[(LockType::Advisory, Outcome::Excluded), (LockType::LinkBased, Outcome::Excluded)]);
         assert!(ok);
         assert_eq!(
             lines,
@@ -574,24 +476,14 @@ mod tests {
                 "Your filesystem appears to support link-based locks."
             ]
         );
-        let (lines, ok) = conclude(&[
-            (LockType::Advisory, Outcome::Error),
-            (LockType::LinkBased, Outcome::Excluded),
-        ]);
+        let (lines, ok) = conclude(&[(LockType::Advisory, Outcome::Error), (LockType::LinkBased, Outcome::Excluded)]);
         assert!(ok);
-        assert_eq!(
-            lines,
-            ["Your filesystem appears to support link-based locks."]
-        );
-        let (lines, ok) = conclude(&[
-            (LockType::Advisory, Outcome::BothAcquired),
-            (LockType::LinkBased, Outcome::Error),
-        ]);
+        assert_eq!(lines, ["Your filesystem appears to support link-based locks."]);
+        let (lines, ok) =
+            conclude(&[(LockType::Advisory, Outcome::BothAcquired), (LockType::LinkBased, Outcome::Error)]);
         assert!(!ok);
         assert!(
-            lines[0].starts_with(
-                "Both instances could take the advisory lock: advisory locking does NOT work here"
-            ),
+            lines[0].starts_with("Both instances could take the advisory lock: advisory locking does NOT work here"),
             "{lines:?}"
         );
         assert!(lines[1].contains("support no lock type"), "{lines:?}");

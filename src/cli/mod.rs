@@ -74,10 +74,7 @@ impl GlobalOpts {
     /// Load the configuration: `--config` (or the default file), then
     /// `--rstudio-config` over it; built-in defaults for the rest.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
-        Config::load(
-            self.config_file().as_deref(),
-            self.rstudio_config.as_deref(),
-        )
+        Config::load(self.config_file().as_deref(), self.rstudio_config.as_deref())
     }
 }
 
@@ -97,10 +94,7 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_failure(&e),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Serve(_) => unreachable!("handled above"),

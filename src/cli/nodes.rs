@@ -10,9 +10,7 @@ use clap::Args;
 
 use sessionlb::cluster::address::{self, SystemResolver};
 use sessionlb::cluster::node::VERSION;
-use sessionlb::cluster::{
-    self, DeleteOutcome, NodeId, NodeRecord, NodeStatus, Registry, protocol_display,
-};
+use sessionlb::cluster::{self, DeleteOutcome, NodeId, NodeRecord, NodeStatus, Registry, protocol_display};
 use sessionlb::config::Config;
 
 #[derive(Debug, Args)]
@@ -34,12 +32,7 @@ pub struct ModeArgs {
 async fn registry(config: &Config) -> anyhow::Result<Arc<dyn Registry>> {
     cluster::connect(&config.cluster.database, config.cluster.poll_interval)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to the registry at {}",
-                config.cluster.database.redacted()
-            )
-        })
+        .with_context(|| format!("connecting to the registry at {}", config.cluster.database.redacted()))
 }
 
 /// The most common version among Online nodes (highest on ties).
@@ -48,10 +41,7 @@ fn cluster_version(nodes: &[NodeRecord]) -> Option<String> {
     for n in nodes.iter().filter(|n| n.status == NodeStatus::Online) {
         *counts.entry(n.version.as_str()).or_default() += 1;
     }
-    counts
-        .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)))
-        .map(|(v, _)| v.to_string())
+    counts.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0))).map(|(v, _)| v.to_string())
 }
 
 pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
@@ -77,17 +67,7 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
     println!();
     println!("Nodes");
     println!("-----");
-    let header = [
-        "ID",
-        "Host",
-        "IPv4",
-        "Port",
-        "Status",
-        "Last Seen",
-        "Version",
-        "Clock Skew",
-        "Notes",
-    ];
+    let header = ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Notes"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes_seen = false;
     for n in &nodes {
@@ -99,10 +79,7 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
             notes.push("router".to_string());
         }
         if majority.as_deref().is_some_and(|v| v != n.version) {
-            notes.push(format!(
-                "VERSION MISMATCH (cluster runs {})",
-                majority.as_deref().unwrap_or("?")
-            ));
+            notes.push(format!("VERSION MISMATCH (cluster runs {})", majority.as_deref().unwrap_or("?")));
         }
         if n.clock_skew_ms.is_some_and(|s| s.abs() > 1000) {
             notes.push("CLOCK SKEW over 1s".to_string());
@@ -120,15 +97,9 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
             notes.join("; "),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         println!("{}", line.join("  ").trim_end());
     }
     if nodes.is_empty() {
@@ -145,66 +116,49 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
 
 /// Workbench's format, in the local time zone: `2021-Sep-20 17:08:53`.
 fn format_local(ms: i64) -> String {
-    Local.timestamp_millis_opt(ms).single().map_or_else(
-        || ms.to_string(),
-        |t| t.format("%Y-%b-%d %H:%M:%S").to_string(),
-    )
+    Local
+        .timestamp_millis_opt(ms)
+        .single()
+        .map_or_else(|| ms.to_string(), |t| t.format("%Y-%b-%d %H:%M:%S").to_string())
 }
 
 pub async fn delete_node(config: &Config, args: DeleteNodeArgs) -> anyhow::Result<()> {
     let r = registry(config).await?;
     let node = r.get_node(args.id).await?;
-    let name = node.as_ref().map_or_else(
-        || format!("node {}", args.id),
-        |n| format!("node {} ({})", n.id, n.address()),
-    );
+    let name =
+        node.as_ref().map_or_else(|| format!("node {}", args.id), |n| format!("node {} ({})", n.id, n.address()));
     match r.delete_node(args.id, args.force).await? {
         DeleteOutcome::Deleted { sessions_released } => {
-            println!(
-                "Deleted {name}; {sessions_released} session(s) will be re-placed on their next request."
-            );
+            println!("Deleted {name}; {sessions_released} session(s) will be re-placed on their next request.");
             Ok(())
         }
         DeleteOutcome::RefusedOnlineWithSessions { sessions } => bail!(
             "refusing to delete {name}: it is Online with {sessions} session(s). Stop it first (its sessions are re-placed on their next request), or use --force"
         ),
-        DeleteOutcome::NotFound => bail!(
-            "there is no node with ID {} (see `sessionlb list-nodes`)",
-            args.id
-        ),
+        DeleteOutcome::NotFound => bail!("there is no node with ID {} (see `sessionlb list-nodes`)", args.id),
     }
 }
 
 pub async fn reset_cluster(config: &Config) -> anyhow::Result<()> {
     let r = registry(config).await?;
     if r.reset_cluster().await? {
-        println!(
-            "Cluster record cleared; the next node to start defines the key fingerprint and protocol."
-        );
+        println!("Cluster record cleared; the next node to start defines the key fingerprint and protocol.");
     } else {
         println!("No cluster record was defined; the next node to start defines it.");
     }
     Ok(())
 }
 
-pub async fn set_offline_mode(
-    config: &Config,
-    args: ModeArgs,
-    offline: bool,
-) -> anyhow::Result<()> {
+pub async fn set_offline_mode(config: &Config, args: ModeArgs, offline: bool) -> anyhow::Result<()> {
     let r = registry(config).await?;
     let node = match args.node {
-        Some(id) => r
-            .get_node(id)
-            .await?
-            .with_context(|| format!("there is no node with ID {id}"))?,
+        Some(id) => r.get_node(id).await?.with_context(|| format!("there is no node with ID {id}"))?,
         None => {
             let (host, port) = match address::configured_host_port(&config.node) {
                 Some(hp) => hp,
                 None => {
-                    let a = address::determine(&config.node, &SystemResolver).context(
-                        "cannot tell which node this is; set www-host-name or use --node ID",
-                    )?;
+                    let a = address::determine(&config.node, &SystemResolver)
+                        .context("cannot tell which node this is; set www-host-name or use --node ID")?;
                     (a.host, a.port)
                 }
             };
@@ -222,11 +176,7 @@ pub async fn set_offline_mode(
             node.address()
         );
     } else {
-        println!(
-            "Node {} ({}) is out of offline mode and takes new sessions again.",
-            node.id,
-            node.address()
-        );
+        println!("Node {} ({}) is out of offline mode and takes new sessions again.", node.id, node.address());
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `sessionlb serve`: run a node, optionally with the quick-start defaults.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -29,16 +29,30 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_failure(&e),
     };
-    if args.quick_start
-        && let Err(message) = apply_quick_start(&mut config, &args, global.config_file().is_some())
-    {
-        eprintln!("error: {message}");
-        return ExitCode::FAILURE;
+    let file = global.config_file();
+    if args.quick_start {
+        match apply_quick_start(&mut config, &args.state_dir, file.is_some()) {
+            Ok(created) => print_quick_start(&config, created),
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     if let Some(diag) = sessionlb::telemetry::init_serve(&config.server) {
         tracing::info!(file = %diag.display(), "node-communication diagnostics are written to this file");
     }
-    match sessionlb::server::serve(config) {
+    let rstudio_dir = global.rstudio_config.clone();
+    let quick_start = args.quick_start.then_some(args.state_dir.clone());
+    let reload: sessionlb::server::Reload = Box::new(move || {
+        let mut config = Config::load(file.as_deref(), rstudio_dir.as_deref())?;
+        if let Some(dir) = &quick_start {
+            // The state files exist already; this re-applies the paths.
+            let _ = apply_quick_start(&mut config, dir, file.is_some());
+        }
+        Ok(config)
+    });
+    match sessionlb::server::serve(config, Some(reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sessionlb cannot start");
@@ -49,12 +63,11 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
 }
 
 /// Local single-machine defaults. Settings from a given config file win,
-/// except the state paths, which always live under the state dir.
-fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> Result<(), String> {
-    let dir = std::path::absolute(&args.state_dir)
-        .map_err(|e| format!("state dir {}: {e}", show(&args.state_dir)))?;
-    std::fs::create_dir_all(dir.join("shared-storage"))
-        .map_err(|e| format!("cannot create {}: {e}", show(&dir)))?;
+/// except the state paths, which always live under the state dir. Returns
+/// whether a key was generated.
+fn apply_quick_start(config: &mut Config, state_dir: &Path, has_file: bool) -> Result<bool, String> {
+    let dir = std::path::absolute(state_dir).map_err(|e| format!("state dir {}: {e}", show(state_dir)))?;
+    std::fs::create_dir_all(dir.join("shared-storage")).map_err(|e| format!("cannot create {}: {e}", show(&dir)))?;
     config.cluster.database = DatabaseUrl::Sqlite(dir.join("registry.db"));
     config.cluster.secure_cookie_key_file = dir.join("secure-cookie-key");
     config.cluster.shared_storage_path = dir.join("shared-storage");
@@ -64,13 +77,12 @@ fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> R
         config.node.www_address_set = true;
         config.node.backend = Some("127.0.0.1:8788".into());
     }
-    let created =
-        key::generate_if_missing(&config.cluster.secure_cookie_key_file).map_err(|e| {
-            format!(
-                "cannot create the secure cookie key {}: {e}",
-                show(&config.cluster.secure_cookie_key_file)
-            )
-        })?;
+    key::generate_if_missing(&config.cluster.secure_cookie_key_file).map_err(|e| {
+        format!("cannot create the secure cookie key {}: {e}", show(&config.cluster.secure_cookie_key_file))
+    })
+}
+
+fn print_quick_start(config: &Config, created: bool) {
     eprintln!(
         "quick start: registry {}, shared storage {}, secure cookie key {}{}",
         config.cluster.database.redacted(),
@@ -84,5 +96,4 @@ fn apply_quick_start(config: &mut Config, args: &ServeArgs, has_file: bool) -> R
         config.node.www_port,
         config.node.backend.as_deref().unwrap_or("none (router)")
     );
-    Ok(())
 }

@@ -37,17 +37,11 @@ impl Resolver for SystemResolver {
     }
 
     fn hostname(&self) -> io::Result<String> {
-        Ok(rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned())
+        Ok(rustix::system::uname().nodename().to_string_lossy().into_owned())
     }
 
     fn interface_addresses(&self) -> io::Result<Vec<IpAddr>> {
-        Ok(if_addrs::get_if_addrs()?
-            .into_iter()
-            .map(|i| i.ip())
-            .collect())
+        Ok(if_addrs::get_if_addrs()?.into_iter().map(|i| i.ip()).collect())
     }
 }
 
@@ -106,22 +100,10 @@ pub fn determine(node: &NodeConfig, resolver: &dyn Resolver) -> Result<NodeAddre
     // 1. www-host-name
     if let Some(name) = &node.www_host_name {
         let (host, port) = split_host_port(name, node.www_port);
-        let fail = |reason: String| AddressError {
-            host: host.clone(),
-            port,
-            reason,
-        };
-        let ips = resolver
-            .lookup(&host)
-            .map_err(|e| fail(format!("www-host-name {host:?} does not resolve: {e}")))?;
-        let ip = prefer_ipv4(&ips)
-            .ok_or_else(|| fail(format!("www-host-name {host:?} resolves to no address")))?;
-        return Ok(NodeAddress {
-            host,
-            port,
-            ip,
-            source: AddressSource::WwwHostName,
-        });
+        let fail = |reason: String| AddressError { host: host.clone(), port, reason };
+        let ips = resolver.lookup(&host).map_err(|e| fail(format!("www-host-name {host:?} does not resolve: {e}")))?;
+        let ip = prefer_ipv4(&ips).ok_or_else(|| fail(format!("www-host-name {host:?} resolves to no address")))?;
+        return Ok(NodeAddress { host, port, ip, source: AddressSource::WwwHostName });
     }
     // 2. www-address + www-port
     if node.www_address_set && !node.www_address.is_unspecified() {
@@ -137,44 +119,23 @@ pub fn determine(node: &NodeConfig, resolver: &dyn Resolver) -> Result<NodeAddre
     // 3. the host name's first non-loopback, non-multicast address
     if !hostname.is_empty()
         && let Ok(ips) = resolver.lookup(&hostname)
-        && let Some(ip) = ips
-            .iter()
-            .copied()
-            .find(|ip| !ip.is_loopback() && !ip.is_multicast() && !ip.is_unspecified())
+        && let Some(ip) = ips.iter().copied().find(|ip| !ip.is_loopback() && !ip.is_multicast() && !ip.is_unspecified())
     {
-        return Ok(NodeAddress {
-            host: hostname,
-            port,
-            ip,
-            source: AddressSource::HostName,
-        });
+        return Ok(NodeAddress { host: hostname, port, ip, source: AddressSource::HostName });
     }
     // 4. the last non-loopback IPv4 interface address
     let interfaces = resolver.interface_addresses().unwrap_or_default();
-    if let Some(ip) = interfaces
-        .iter()
-        .rev()
-        .copied()
-        .find(|ip| ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified())
+    if let Some(ip) =
+        interfaces.iter().rev().copied().find(|ip| ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified())
     {
-        return Ok(NodeAddress {
-            host: ip.to_string(),
-            port,
-            ip,
-            source: AddressSource::Interfaces,
-        });
+        return Ok(NodeAddress { host: ip.to_string(), port, ip, source: AddressSource::Interfaces });
     }
     Err(AddressError {
-        host: if hostname.is_empty() {
-            "unknown".into()
-        } else {
-            hostname
-        },
+        host: if hostname.is_empty() { "unknown".into() } else { hostname },
         port,
-        reason:
-            "no www-host-name or www-address is set, the host name has no non-loopback address, \
+        reason: "no www-host-name or www-address is set, the host name has no non-loopback address, \
                  and no interface has a non-loopback IPv4 address; set www-host-name"
-                .into(),
+            .into(),
     })
 }
 
@@ -189,10 +150,7 @@ fn split_host_port(name: &str, default_port: u16) -> (String, u16) {
 }
 
 fn prefer_ipv4(ips: &[IpAddr]) -> Option<IpAddr> {
-    ips.iter()
-        .copied()
-        .find(IpAddr::is_ipv4)
-        .or_else(|| ips.first().copied())
+    ips.iter().copied().find(IpAddr::is_ipv4).or_else(|| ips.first().copied())
 }
 
 #[cfg(test)]
@@ -213,10 +171,7 @@ mod tests {
             if let Ok(ip) = host.parse() {
                 return Ok(vec![ip]);
             }
-            self.names
-                .get(host)
-                .cloned()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))
+            self.names.get(host).cloned().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))
         }
         fn hostname(&self) -> io::Result<String> {
             Ok(self.hostname.to_string())
@@ -231,53 +186,29 @@ mod tests {
     }
 
     fn node(toml: &str) -> NodeConfig {
-        Config::from_toml(std::path::Path::new("t.toml"), toml)
-            .unwrap()
-            .node
+        Config::from_toml(std::path::Path::new("t.toml"), toml).unwrap().node
     }
 
     fn resolver() -> FakeResolver {
         FakeResolver {
             names: HashMap::from([
                 ("rsw1", vec![ip("10.0.0.7")]),
-                (
-                    "vm",
-                    vec![
-                        ip("127.0.0.1"),
-                        ip("224.0.0.1"),
-                        ip("192.168.1.5"),
-                        ip("192.168.1.6"),
-                    ],
-                ),
+                ("vm", vec![ip("127.0.0.1"), ip("224.0.0.1"), ip("192.168.1.5"), ip("192.168.1.6")]),
                 ("loopy", vec![ip("127.0.1.1")]),
             ]),
             hostname: "vm",
-            interfaces: vec![
-                ip("127.0.0.1"),
-                ip("10.1.0.1"),
-                ip("fe80::1"),
-                ip("10.2.0.1"),
-                ip("::1"),
-            ],
+            interfaces: vec![ip("127.0.0.1"), ip("10.1.0.1"), ip("fe80::1"), ip("10.2.0.1"), ip("::1")],
         }
     }
 
     #[test]
     fn www_host_name_wins_and_takes_its_port_or_www_port() {
-        let a = determine(
-            &node("www-host-name = \"rsw1\"\nwww-port = 8790"),
-            &resolver(),
-        )
-        .unwrap();
+        let a = determine(&node("www-host-name = \"rsw1\"\nwww-port = 8790"), &resolver()).unwrap();
         assert_eq!(
             (a.host.as_str(), a.port, a.ip, a.source),
             ("rsw1", 8790, ip("10.0.0.7"), AddressSource::WwwHostName)
         );
-        let b = determine(
-            &node("www-host-name = \"rsw1:9000\"\nwww-address = \"10.9.9.9\""),
-            &resolver(),
-        )
-        .unwrap();
+        let b = determine(&node("www-host-name = \"rsw1:9000\"\nwww-address = \"10.9.9.9\""), &resolver()).unwrap();
         assert_eq!((b.port, b.source), (9000, AddressSource::WwwHostName));
         // Loopback is fine when configured explicitly (several nodes on one machine).
         let c = determine(&node("www-host-name = \"127.0.0.3\""), &resolver()).unwrap();
@@ -286,26 +217,15 @@ mod tests {
 
     #[test]
     fn unresolvable_www_host_name_fails_with_its_host_and_port() {
-        let e = determine(
-            &node("www-host-name = \"nowhere\"\nwww-port = 8001"),
-            &resolver(),
-        )
-        .unwrap_err();
+        let e = determine(&node("www-host-name = \"nowhere\"\nwww-port = 8001"), &resolver()).unwrap_err();
         assert_eq!((e.host.as_str(), e.port), ("nowhere", 8001));
         assert!(e.to_string().contains("does not resolve"));
     }
 
     #[test]
     fn www_address_is_second() {
-        let a = determine(
-            &node("www-address = \"127.0.0.2\"\nwww-port = 8001"),
-            &resolver(),
-        )
-        .unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.source),
-            ("127.0.0.2", AddressSource::WwwAddress)
-        );
+        let a = determine(&node("www-address = \"127.0.0.2\"\nwww-port = 8001"), &resolver()).unwrap();
+        assert_eq!((a.host.as_str(), a.source), ("127.0.0.2", AddressSource::WwwAddress));
         // 0.0.0.0 is a listen address, not an identity: fall through.
         let b = determine(&node("www-address = \"0.0.0.0\""), &resolver()).unwrap();
         assert_eq!(b.source, AddressSource::HostName);
@@ -314,10 +234,7 @@ mod tests {
     #[test]
     fn host_name_skips_loopback_and_multicast() {
         let a = determine(&node(""), &resolver()).unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.ip, a.source),
-            ("vm", ip("192.168.1.5"), AddressSource::HostName)
-        );
+        assert_eq!((a.host.as_str(), a.ip, a.source), ("vm", ip("192.168.1.5"), AddressSource::HostName));
     }
 
     #[test]
@@ -325,10 +242,7 @@ mod tests {
         let mut r = resolver();
         r.hostname = "loopy";
         let a = determine(&node(""), &r).unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.source),
-            ("10.2.0.1", AddressSource::Interfaces)
-        );
+        assert_eq!((a.host.as_str(), a.source), ("10.2.0.1", AddressSource::Interfaces));
         r.interfaces = vec![ip("127.0.0.1")];
         let e = determine(&node(""), &r).unwrap_err();
         assert_eq!(e.host, "loopy");

@@ -16,9 +16,7 @@ pub fn read_loadavg(path: &Path) -> io::Result<[f64; 3]> {
 }
 
 fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
-    let mut fields = text
-        .split_whitespace()
-        .map(|f| f.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0));
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0));
     Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
@@ -33,10 +31,7 @@ mod tests {
 
     #[test]
     fn parses_proc_loadavg() {
-        assert_eq!(
-            parse_loadavg("0.52 0.58 0.59 1/389 12345\n"),
-            Some([0.52, 0.58, 0.59])
-        );
+        assert_eq!(parse_loadavg("0.52 0.58 0.59 1/389 12345\n"), Some([0.52, 0.58, 0.59]));
         assert_eq!(parse_loadavg("1 2\n"), None);
         assert_eq!(parse_loadavg("x y z"), None);
         assert_eq!(parse_loadavg("-1 0 0"), None);

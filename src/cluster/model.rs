@@ -46,9 +46,7 @@ impl NodeStatus {
             NodeStatus::Deleting => "Deleting",
             NodeStatus::FailedToResolve => "Failed to resolve",
             NodeStatus::InvalidSecureCookieKey => "Invalid secure cookie key",
-            NodeStatus::InvalidPermissionsOnSecureCookieKey => {
-                "Invalid permissions on secure cookie key"
-            }
+            NodeStatus::InvalidPermissionsOnSecureCookieKey => "Invalid permissions on secure cookie key",
             NodeStatus::MissingSecureCookieKey => "Missing secure cookie key",
             NodeStatus::Online => "Online",
         }
@@ -99,9 +97,7 @@ impl NodeRecord {
     /// Online and checked in within `2 × checkin_interval` of `now`.
     pub fn is_fresh(&self, now: Millis, checkin_interval: Duration) -> bool {
         self.status == NodeStatus::Online
-            && self
-                .last_seen
-                .is_some_and(|seen| now - seen <= 2 * checkin_interval.as_millis() as i64)
+            && self.last_seen.is_some_and(|seen| now - seen <= 2 * checkin_interval.as_millis() as i64)
     }
 
     /// The status to display: `Missed check-in` for a stale Online node.
@@ -229,10 +225,7 @@ pub enum JoinOutcome {
     /// rewrote the record.
     Redefined { previous_protocol: String },
     /// They differ and other nodes are live: refused (`Invalid secure cookie key`).
-    Rejected {
-        live_nodes: Vec<String>,
-        reason: String,
-    },
+    Rejected { live_nodes: Vec<String>, reason: String },
 }
 
 /// Result of `delete-node`.
@@ -280,31 +273,19 @@ mod tests {
         };
         let interval = Duration::from_secs(300);
         assert_eq!(n.display_status(1_000_000 + 600_000, interval), "Online");
-        assert_eq!(
-            n.display_status(1_000_000 + 600_001, interval),
-            MISSED_CHECK_IN
-        );
+        assert_eq!(n.display_status(1_000_000 + 600_001, interval), MISSED_CHECK_IN);
         n.status = NodeStatus::Offline;
         assert_eq!(n.display_status(1_000_000 + 900_000, interval), "Offline");
     }
 
     #[test]
     fn notification_payloads_parse() {
-        assert_eq!(
-            ChangeEvent::from_payload(r#"{"t":"node","id":7}"#),
-            ChangeEvent::Node { id: 7 }
-        );
-        assert_eq!(
-            ChangeEvent::from_payload(r#"{"t":"cluster"}"#),
-            ChangeEvent::Cluster
-        );
+        assert_eq!(ChangeEvent::from_payload(r#"{"t":"node","id":7}"#), ChangeEvent::Node { id: 7 });
+        assert_eq!(ChangeEvent::from_payload(r#"{"t":"cluster"}"#), ChangeEvent::Cluster);
         let ev = ChangeEvent::from_payload(
             r#"{"t":"session","key":"k","node_id":null,"user_name":"ann","kind":"backend","created":1,"last_active":2}"#,
         );
-        assert!(matches!(
-            ev,
-            ChangeEvent::Session(SessionRecord { node_id: None, .. })
-        ));
+        assert!(matches!(ev, ChangeEvent::Session(SessionRecord { node_id: None, .. })));
         assert_eq!(ChangeEvent::from_payload("garbage"), ChangeEvent::Resync);
     }
 }

@@ -45,19 +45,14 @@ pub enum StartError {
          Use the same secure cookie key and protocol on every node, or stop all nodes (or run `sessionlb reset-cluster`) to redefine the cluster (status: Invalid secure cookie key)",
         live_nodes.join(", ")
     )]
-    Rejected {
-        reason: String,
-        live_nodes: Vec<String>,
-    },
+    Rejected { reason: String, live_nodes: Vec<String> },
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
 
 /// Local wall-clock time in ms since the epoch.
 pub fn local_now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Run the start-up checks and come online.
@@ -87,9 +82,7 @@ pub async fn start(
             let status = match source {
                 KeyError::Missing { .. } => NodeStatus::MissingSecureCookieKey,
                 KeyError::BadPermissions { .. } => NodeStatus::InvalidPermissionsOnSecureCookieKey,
-                KeyError::TooShort { .. } | KeyError::Io { .. } => {
-                    NodeStatus::InvalidSecureCookieKey
-                }
+                KeyError::TooShort { .. } | KeyError::Io { .. } => NodeStatus::InvalidSecureCookieKey,
             };
             registry.set_node_status(id, status).await?;
             return Err(StartError::Key { status, source });
@@ -99,24 +92,17 @@ pub async fn start(
     let address = match address {
         Ok(a) => a,
         Err(e) => {
-            registry
-                .set_node_status(id, NodeStatus::FailedToResolve)
-                .await?;
+            registry.set_node_status(id, NodeStatus::FailedToResolve).await?;
             return Err(e.into());
         }
     };
     registry.set_node_ipv4(id, Some(address.ip)).await?;
 
     let freshness = 2 * config.cluster.checkin_interval;
-    let outcome = registry
-        .join_cluster(id, &key.fingerprint(), config.protocol(), freshness)
-        .await?;
+    let outcome = registry.join_cluster(id, &key.fingerprint(), config.protocol(), freshness).await?;
     match &outcome {
         JoinOutcome::Rejected { live_nodes, reason } => {
-            return Err(StartError::Rejected {
-                reason: reason.clone(),
-                live_nodes: live_nodes.clone(),
-            });
+            return Err(StartError::Rejected { reason: reason.clone(), live_nodes: live_nodes.clone() });
         }
         JoinOutcome::Defined => {
             tracing::info!(protocol = config.protocol(), "cluster defined by this node")
@@ -128,12 +114,7 @@ pub async fn start(
         ),
         JoinOutcome::Joined => tracing::info!("joined the cluster"),
     }
-    Ok(StartedNode {
-        id,
-        address,
-        key,
-        outcome,
-    })
+    Ok(StartedNode { id, address, key, outcome })
 }
 
 /// Measure this node's clock against the database's and check in.
@@ -158,10 +139,7 @@ pub struct NodeContext {
 
 /// Start the periodic tasks on the current runtime; they end when
 /// `shutdown` turns true.
-pub fn spawn_background(
-    ctx: Arc<NodeContext>,
-    shutdown: watch::Receiver<bool>,
-) -> Vec<JoinHandle<()>> {
+pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let cfg = &ctx.config;
     let mut tasks = Vec::new();
 
@@ -185,23 +163,19 @@ pub fn spawn_background(
     }));
 
     let c = ctx.clone();
-    tasks.push(every(
-        cfg.cluster.load_report_interval,
-        shutdown.clone(),
-        move || {
-            let c = c.clone();
-            async move {
-                match load::read_loadavg(&c.config.node.loadavg_path) {
-                    Ok(avg) => {
-                        if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count()).await {
-                            tracing::debug!(error = %e, "load report failed");
-                        }
+    tasks.push(every(cfg.cluster.load_report_interval, shutdown.clone(), move || {
+        let c = c.clone();
+        async move {
+            match load::read_loadavg(&c.config.node.loadavg_path) {
+                Ok(avg) => {
+                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count()).await {
+                        tracing::debug!(error = %e, "load report failed");
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
             }
-        },
-    ));
+        }
+    }));
 
     let c = ctx.clone();
     tasks.push(every(cfg.sessions.touch_interval, shutdown.clone(), move || {
@@ -220,8 +194,7 @@ pub fn spawn_background(
     }));
 
     let c = ctx.clone();
-    let expiry_every =
-        (cfg.sessions.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let expiry_every = (cfg.sessions.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     tasks.push(every(expiry_every, shutdown, move || {
         let c = c.clone();
         async move {
@@ -230,11 +203,7 @@ pub fn spawn_background(
             if !keys.is_empty() && c.registry.touch_sessions(&keys).await.is_err() {
                 return;
             }
-            match c
-                .registry
-                .expire_idle_sessions(c.config.sessions.idle_timeout)
-                .await
-            {
+            match c.registry.expire_idle_sessions(c.config.sessions.idle_timeout).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(sessions = n, "idle sessions ended"),
                 Err(e) => tracing::debug!(error = %e, "expiring idle sessions failed"),

@@ -39,10 +39,7 @@ impl PgRegistry {
 
     async fn begin_cluster_lock(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CLUSTER_LOCK_ID)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLUSTER_LOCK_ID).execute(&mut *tx).await?;
         Ok(tx)
     }
 
@@ -60,11 +57,7 @@ impl PgRegistry {
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) => {
-                        if tx
-                            .send(ChangeEvent::from_payload(n.payload()))
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(ChangeEvent::from_payload(n.payload())).await.is_err() {
                             return;
                         }
                         continue;

@@ -103,12 +103,7 @@ pub trait Registry: Send + Sync + 'static {
     async fn place_session(&self, session: &NewSession<'_>) -> Result<SessionRecord>;
     /// Move a session from `from` (its node as the caller saw it) to `to`,
     /// only if it is still on `from`; return the row as it now stands.
-    async fn move_session(
-        &self,
-        key: &str,
-        from: Option<NodeId>,
-        to: NodeId,
-    ) -> Result<SessionRecord>;
+    async fn move_session(&self, key: &str, from: Option<NodeId>, to: NodeId) -> Result<SessionRecord>;
     /// Set last active = now for these keys (one batch).
     async fn touch_sessions(&self, keys: &[String]) -> Result<u64>;
     /// Set the user of a session whose user was unknown.
@@ -133,11 +128,7 @@ pub trait Registry: Send + Sync + 'static {
 /// Connect to the registry named by `url` and run its migrations.
 pub async fn connect(url: &DatabaseUrl, poll_interval: Duration) -> Result<Arc<dyn Registry>> {
     match url {
-        DatabaseUrl::Postgres(url) => {
-            Ok(Arc::new(super::postgres::PgRegistry::connect(url).await?))
-        }
-        DatabaseUrl::Sqlite(path) => Ok(Arc::new(
-            super::sqlite::SqliteRegistry::connect(path, poll_interval).await?,
-        )),
+        DatabaseUrl::Postgres(url) => Ok(Arc::new(super::postgres::PgRegistry::connect(url).await?)),
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(super::sqlite::SqliteRegistry::connect(path, poll_interval).await?)),
     }
 }

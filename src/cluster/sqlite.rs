@@ -7,9 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::mpsc;
 
 use super::model::*;
@@ -33,10 +31,8 @@ impl SqliteRegistry {
     /// sibling file, since SQLite migrations take no lock of their own.
     pub async fn connect(path: &Path, poll_interval: Duration) -> Result<SqliteRegistry> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| RegistryError::SqliteDir {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| RegistryError::SqliteDir { path: dir.display().to_string(), source })?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -56,27 +52,17 @@ impl SqliteRegistry {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| RegistryError::SqliteDir {
-                path: lock_path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| RegistryError::SqliteDir { path: lock_path.display().to_string(), source })?;
         let lock_file = tokio::task::spawn_blocking(move || {
-            rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive)
-                .map(|()| lock_file)
+            rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map(|()| lock_file)
         })
         .await
         .expect("flock task")
-        .map_err(|e| RegistryError::SqliteDir {
-            path: lock_path.display().to_string(),
-            source: e.into(),
-        })?;
+        .map_err(|e| RegistryError::SqliteDir { path: lock_path.display().to_string(), source: e.into() })?;
         let migrated = sqlx::migrate!("./migrations/sqlite").run(&pool).await;
         drop(lock_file);
         migrated?;
-        Ok(SqliteRegistry {
-            pool,
-            poll_interval,
-        })
+        Ok(SqliteRegistry { pool, poll_interval })
     }
 
     async fn begin_cluster_lock(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -89,9 +75,7 @@ impl SqliteRegistry {
         let pool = self.pool.clone();
         let interval = self.poll_interval;
         let mut last_id: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM sessionlb_changes")
-                .fetch_one(&pool)
-                .await?;
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM sessionlb_changes").fetch_one(&pool).await?;
         tokio::spawn(async move {
             let mut polls: u64 = 0;
             let mut failed = false;
@@ -112,10 +96,11 @@ impl SqliteRegistry {
                         tracing::debug!(error = %e, "pruning the change log failed");
                     }
                 }
-                let rows = sqlx::query("SELECT id, payload FROM sessionlb_changes WHERE id > $1 ORDER BY id LIMIT 1000")
-                    .bind(last_id)
-                    .fetch_all(&pool)
-                    .await;
+                let rows =
+                    sqlx::query("SELECT id, payload FROM sessionlb_changes WHERE id > $1 ORDER BY id LIMIT 1000")
+                        .bind(last_id)
+                        .fetch_all(&pool)
+                        .await;
                 let rows = match rows {
                     Ok(rows) => rows,
                     Err(e) => {
@@ -127,11 +112,10 @@ impl SqliteRegistry {
                 let first = rows.first().and_then(|r| r.try_get::<i64, _>("id").ok());
                 // Rows we never saw were pruned, or polling failed: reload.
                 if failed || first.is_some_and(|id| id > last_id + 1 && last_id > 0) {
-                    let min: Option<i64> =
-                        sqlx::query_scalar("SELECT MIN(id) FROM sessionlb_changes")
-                            .fetch_one(&pool)
-                            .await
-                            .unwrap_or(None);
+                    let min: Option<i64> = sqlx::query_scalar("SELECT MIN(id) FROM sessionlb_changes")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap_or(None);
                     if failed || min.is_some_and(|m| m > last_id + 1) {
                         failed = false;
                         if tx.send(ChangeEvent::Resync).await.is_err() {
@@ -140,10 +124,8 @@ impl SqliteRegistry {
                     }
                 }
                 for row in rows {
-                    let (Ok(id), Ok(payload)) = (
-                        row.try_get::<i64, _>("id"),
-                        row.try_get::<String, _>("payload"),
-                    ) else {
+                    let (Ok(id), Ok(payload)) = (row.try_get::<i64, _>("id"), row.try_get::<String, _>("payload"))
+                    else {
                         continue;
                     };
                     last_id = id;

@@ -56,9 +56,7 @@ pub async fn follow(
             batch.push(ev);
         }
         let resync = batch.contains(&ChangeEvent::Resync);
-        let nodes_changed = batch
-            .iter()
-            .any(|e| matches!(e, ChangeEvent::Node { .. } | ChangeEvent::Cluster));
+        let nodes_changed = batch.iter().any(|e| matches!(e, ChangeEvent::Node { .. } | ChangeEvent::Cluster));
         if resync {
             let mut backoff = Duration::from_millis(100);
             let node_changes = loop {

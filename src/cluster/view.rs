@@ -23,10 +23,7 @@ pub struct NodeSnapshot {
 
 impl NodeSnapshot {
     pub fn get(&self, id: NodeId) -> Option<&NodeRecord> {
-        self.nodes
-            .binary_search_by_key(&id, |n| n.id)
-            .ok()
-            .map(|i| &self.nodes[i])
+        self.nodes.binary_search_by_key(&id, |n| n.id).ok().map(|i| &self.nodes[i])
     }
 }
 
@@ -42,11 +39,7 @@ pub struct SessionEntry {
 
 impl SessionEntry {
     fn new(record: SessionRecord) -> SessionEntry {
-        SessionEntry {
-            record,
-            local_active: AtomicI64::new(0),
-            open_streams: AtomicU32::new(0),
-        }
+        SessionEntry { record, local_active: AtomicI64::new(0), open_streams: AtomicU32::new(0) }
     }
 
     /// Note a request for this session (cheap: one atomic store).
@@ -60,9 +53,7 @@ impl SessionEntry {
     }
 
     pub fn stream_closed(&self) {
-        let _ = self
-            .open_streams
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self.open_streams.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     pub fn open_streams(&self) -> u32 {
@@ -83,22 +74,15 @@ impl SessionIndex {
         let fresh = Arc::new(SessionEntry::new(record));
         if let Some(old) = self.by_key.get(&key) {
             // Keep activity counters across updates of the same session.
-            fresh
-                .local_active
-                .store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
-            fresh
-                .open_streams
-                .store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.remove(&key);
         if let Some(node) = fresh.record.node_id {
             *self.per_node.entry(node).or_default() += 1;
         }
         if let Some(user) = &fresh.record.user_name {
-            self.by_user
-                .entry(user.clone())
-                .or_default()
-                .insert(key.clone());
+            self.by_user.entry(user.clone()).or_default().insert(key.clone());
         }
         self.by_key.insert(key, fresh);
     }
@@ -182,11 +166,13 @@ impl ClusterView {
                 Some(prev) => {
                     if prev.status != n.status {
                         changes.status_changed.push((n.address(), n.status));
+                        if n.status == NodeStatus::Online {
+                            // A (re)started node is reachable until shown otherwise.
+                            self.unreachable.write().remove(&n.id);
+                        }
                     }
                     if prev.offline_mode != n.offline_mode {
-                        changes
-                            .offline_mode_changed
-                            .push((n.address(), n.offline_mode));
+                        changes.offline_mode_changed.push((n.address(), n.offline_mode));
                     }
                 }
             }
@@ -234,10 +220,7 @@ impl ClusterView {
     /// Whether new sessions may be placed on this node: Online, reachable,
     /// not in offline mode, not a router.
     pub fn is_eligible(&self, node: &NodeRecord) -> bool {
-        node.status == NodeStatus::Online
-            && !node.offline_mode
-            && !node.router
-            && self.is_reachable(node.id)
+        node.status == NodeStatus::Online && !node.offline_mode && !node.router && self.is_reachable(node.id)
     }
 
     /// Whether existing sessions may be routed to this node: Online and
@@ -263,11 +246,7 @@ impl ClusterView {
             .filter(|e| e.record.node_id.is_some())
             .max_by_key(|e| {
                 let local = e.local_active.load(Ordering::Relaxed);
-                (
-                    e.record.last_active.max(local),
-                    e.record.created,
-                    e.record.key.clone(),
-                )
+                (e.record.last_active.max(local), e.record.created, e.record.key.clone())
             })
             .cloned()
     }
@@ -288,10 +267,8 @@ impl ClusterView {
             let key = r.key.clone();
             fresh.insert(r);
             if let (Some(old), Some(new)) = (index.by_key.get(&key), fresh.by_key.get(&key)) {
-                new.local_active
-                    .store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
-                new.open_streams
-                    .store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
+                new.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
         *index = fresh;
@@ -330,12 +307,7 @@ impl ClusterView {
 mod tests {
     use super::*;
 
-    fn session(
-        key: &str,
-        node: Option<NodeId>,
-        user: Option<&str>,
-        last_active: i64,
-    ) -> SessionRecord {
+    fn session(key: &str, node: Option<NodeId>, user: Option<&str>, last_active: i64) -> SessionRecord {
         SessionRecord {
             key: key.into(),
             node_id: node,
@@ -385,11 +357,7 @@ mod tests {
         let mut keys = v.take_active_keys();
         keys.sort();
         assert_eq!(keys, vec!["a", "b"]);
-        assert_eq!(
-            v.take_active_keys(),
-            vec!["b"],
-            "open streams stay active; requests are taken once"
-        );
+        assert_eq!(v.take_active_keys(), vec!["b"], "open streams stay active; requests are taken once");
         v.session("b").unwrap().stream_closed();
         v.session("b").unwrap().stream_closed();
         assert!(v.take_active_keys().is_empty());
@@ -417,10 +385,7 @@ mod tests {
         n.status = NodeStatus::Online;
         n.offline_mode = true;
         let c = v.set_nodes(vec![n.clone()]);
-        assert_eq!(
-            c.status_changed,
-            vec![("a:1".to_string(), NodeStatus::Online)]
-        );
+        assert_eq!(c.status_changed, vec![("a:1".to_string(), NodeStatus::Online)]);
         assert_eq!(c.offline_mode_changed, vec![("a:1".to_string(), true)]);
         assert!(!v.is_eligible(&n), "offline mode takes no new sessions");
         assert!(v.can_serve(&n), "but still serves its own");

@@ -23,9 +23,7 @@ pub const RECOMMENDED_KEY_BYTES: usize = 32;
 /// Why a key file cannot be used. Each maps to a node status.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error(
-        "secure cookie key file {path} does not exist (create it with: `uuidgen > {path} && chmod 0600 {path}`)"
-    )]
+    #[error("secure cookie key file {path} does not exist (create it with: `uuidgen > {path} && chmod 0600 {path}`)")]
     Missing { path: PathBuf },
     #[error(
         "secure cookie key file {path} has mode {mode:04o}; it must not be readable by group or others (chmod 0600 {path})"
@@ -70,33 +68,19 @@ impl SecureKey {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(KeyError::Missing {
-                    path: path.to_path_buf(),
-                });
+                return Err(KeyError::Missing { path: path.to_path_buf() });
             }
             Err(source) => {
-                return Err(KeyError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(KeyError::Io { path: path.to_path_buf(), source });
             }
         };
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::BadPermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
+            return Err(KeyError::BadPermissions { path: path.to_path_buf(), mode });
         }
-        let bytes = fs::read(path).map_err(|source| KeyError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = fs::read(path).map_err(|source| KeyError::Io { path: path.to_path_buf(), source })?;
         if bytes.len() < MIN_KEY_BYTES {
-            return Err(KeyError::TooShort {
-                path: path.to_path_buf(),
-                len: bytes.len(),
-            });
+            return Err(KeyError::TooShort { path: path.to_path_buf(), len: bytes.len() });
         }
         if bytes.len() < RECOMMENDED_KEY_BYTES {
             tracing::warn!(
@@ -151,20 +135,9 @@ pub fn generate_if_missing(path: &Path) -> io::Result<bool> {
     }
     let bytes: [u8; 16] = rand::random();
     let h = hex::encode(bytes);
-    let value = format!(
-        "{}-{}-{}-{}-{}\n",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
+    let value = format!("{}-{}-{}-{}-{}\n", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(value.as_bytes())?;
     f.sync_all()?;
     drop(f);
@@ -198,43 +171,22 @@ mod tests {
     #[test]
     fn key_is_raw_bytes_including_newline() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SecureKey::load(&write_key(
-            dir.path(),
-            b"d3161166-e89b-4158-af3b-5980e3056cc6\n",
-            0o600,
-        ))
-        .unwrap();
+        let a = SecureKey::load(&write_key(dir.path(), b"d3161166-e89b-4158-af3b-5980e3056cc6\n", 0o600)).unwrap();
         let b = SecureKey::from_bytes(b"d3161166-e89b-4158-af3b-5980e3056cc6".to_vec());
         assert_eq!(a.len(), 37);
-        assert_ne!(
-            a.fingerprint(),
-            b.fingerprint(),
-            "the trailing newline is part of the key"
-        );
+        assert_ne!(a.fingerprint(), b.fingerprint(), "the trailing newline is part of the key");
         assert!(a.fingerprint().starts_with("sha256:"));
-        assert!(
-            !format!("{a:?}").contains("d3161166"),
-            "Debug must not reveal the key"
-        );
+        assert!(!format!("{a:?}").contains("d3161166"), "Debug must not reveal the key");
     }
 
     #[test]
     fn refuses_missing_open_and_short_keys() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            SecureKey::load(&dir.path().join("nope")),
-            Err(KeyError::Missing { .. })
-        ));
+        assert!(matches!(SecureKey::load(&dir.path().join("nope")), Err(KeyError::Missing { .. })));
         let open = write_key(dir.path(), b"0123456789abcdef0123456789abcdef", 0o644);
-        assert!(matches!(
-            SecureKey::load(&open),
-            Err(KeyError::BadPermissions { mode: 0o644, .. })
-        ));
+        assert!(matches!(SecureKey::load(&open), Err(KeyError::BadPermissions { mode: 0o644, .. })));
         let short = write_key(dir.path(), b"0123456789abcde", 0o600);
-        assert!(matches!(
-            SecureKey::load(&short),
-            Err(KeyError::TooShort { len: 15, .. })
-        ));
+        assert!(matches!(SecureKey::load(&short), Err(KeyError::TooShort { len: 15, .. })));
         let ok = write_key(dir.path(), b"0123456789abcdef", 0o600);
         assert_eq!(SecureKey::load(&ok).unwrap().len(), 16);
     }
@@ -246,10 +198,7 @@ mod tests {
         assert!(generate_if_missing(&path).unwrap());
         let first = fs::read(&path).unwrap();
         assert_eq!(first.len(), 37);
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!generate_if_missing(&path).unwrap());
         assert_eq!(fs::read(&path).unwrap(), first);
         SecureKey::load(&path).unwrap();

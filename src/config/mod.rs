@@ -75,11 +75,7 @@ impl BalancerKind {
     ];
 
     pub fn as_str(self) -> &'static str {
-        Self::CHOICES
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("sessions")
+        Self::CHOICES.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).unwrap_or("sessions")
     }
 }
 
@@ -211,10 +207,7 @@ impl SessionPathPattern {
         if !prefix.starts_with('/') || suffix.contains("{key}") || prefix.len() < 2 {
             return None;
         }
-        Some(SessionPathPattern {
-            prefix: prefix.to_string(),
-            suffix: suffix.to_string(),
-        })
+        Some(SessionPathPattern { prefix: prefix.to_string(), suffix: suffix.to_string() })
     }
 }
 
@@ -353,10 +346,8 @@ impl Config {
         let mut raw = RawConfig::default();
         let mut problems = Vec::new();
         if let Some(path) = path {
-            let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let src = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
             match toml_file::parse(path, &src) {
                 Ok(r) => raw = r,
                 Err(mut errs) => problems.append(&mut errs),
@@ -401,62 +392,33 @@ impl Config {
         if let Some(h) = &www_host_name
             && !valid_host_or_host_port(h)
         {
-            r.problem_at("www-host-name", format!(
-                "`www-host-name` must be a host name or address, optionally with :port; found {h:?}"
-            ));
+            r.problem_at(
+                "www-host-name",
+                format!("`www-host-name` must be a host name or address, optionally with :port; found {h:?}"),
+            );
         }
         let loadavg_path = r.path("loadavg-path", "/proc/loadavg");
         let delete_node_on_exit = r.bool("delete-node-on-exit", false);
 
         // --- cluster
-        let database = r.get(
-            "database",
-            DatabaseUrl::Sqlite(PathBuf::from("/var/lib/sessionlb/registry.db")),
-            |v| {
-                schema::text(v).and_then(DatabaseUrl::parse).ok_or_else(|| {
-                    "a database URL: sqlite:///path/to/file.db or postgres://user@host:5432/db"
-                        .into()
-                })
-            },
-        );
-        let secure_cookie_key_file =
-            r.path("secure-cookie-key-file", "/etc/sessionlb/secure-cookie-key");
-        let shared_storage_path = r.path(
-            "server-shared-storage-path",
-            "/var/lib/sessionlb/shared-storage",
-        );
-        let checkin_interval = r.duration(
-            "checkin-interval",
-            Duration::from_secs(300),
-            Duration::from_millis(100),
-        );
-        let load_report_interval = r.duration(
-            "load-report-interval",
-            Duration::from_secs(5),
-            Duration::from_millis(100),
-        );
-        let poll_interval = r.duration(
-            "poll-interval",
-            Duration::from_millis(500),
-            Duration::from_millis(10),
-        );
-        let health_check_interval = r.duration(
-            "health-check-interval",
-            Duration::from_secs(2),
-            Duration::from_millis(50),
-        );
+        let database = r.get("database", DatabaseUrl::Sqlite(PathBuf::from("/var/lib/sessionlb/registry.db")), |v| {
+            schema::text(v)
+                .and_then(DatabaseUrl::parse)
+                .ok_or_else(|| "a database URL: sqlite:///path/to/file.db or postgres://user@host:5432/db".into())
+        });
+        let secure_cookie_key_file = r.path("secure-cookie-key-file", "/etc/sessionlb/secure-cookie-key");
+        let shared_storage_path = r.path("server-shared-storage-path", "/var/lib/sessionlb/shared-storage");
+        let checkin_interval = r.duration("checkin-interval", Duration::from_secs(300), Duration::from_millis(100));
+        let load_report_interval =
+            r.duration("load-report-interval", Duration::from_secs(5), Duration::from_millis(100));
+        let poll_interval = r.duration("poll-interval", Duration::from_millis(500), Duration::from_millis(10));
+        let health_check_interval =
+            r.duration("health-check-interval", Duration::from_secs(2), Duration::from_millis(50));
 
         // --- balancer
         let kind = r.choice("balancer", BalancerKind::Sessions, BalancerKind::CHOICES);
-        let custom_command = r.path(
-            "custom-balancer-command",
-            "/usr/lib/rstudio-server/bin/rserver-balancer",
-        );
-        let custom_timeout = r.duration(
-            "custom-balancer-timeout",
-            Duration::from_secs(2),
-            Duration::from_millis(1),
-        );
+        let custom_command = r.path("custom-balancer-command", "/usr/lib/rstudio-server/bin/rserver-balancer");
+        let custom_timeout = r.duration("custom-balancer-timeout", Duration::from_secs(2), Duration::from_millis(1));
         let user_hash_balance_factor = r.float("user-hash-balance-factor", 1.25, 1.0, 100.0);
 
         // --- proxy
@@ -468,15 +430,10 @@ impl Config {
         if ssl_enabled && (ssl_certificate.is_none() || ssl_certificate_key.is_none()) {
             r.problem_at(
                 "ssl-enabled",
-                "`ssl-enabled = true` needs both `ssl-certificate` and `ssl-certificate-key`"
-                    .into(),
+                "`ssl-enabled = true` needs both `ssl-certificate` and `ssl-certificate-key`".into(),
             );
         }
-        let forwarding_window = r.duration(
-            "forwarding-window",
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-        );
+        let forwarding_window = r.duration("forwarding-window", Duration::from_secs(30), Duration::from_secs(1));
 
         // --- sessions
         let path_pattern = r.get(
@@ -488,31 +445,19 @@ impl Config {
                 })
             },
         );
-        let idle_timeout = r.duration(
-            "sessions.session-idle-timeout",
-            Duration::from_secs(120 * 60),
-            Duration::from_secs(1),
-        );
+        let idle_timeout =
+            r.duration("sessions.session-idle-timeout", Duration::from_secs(120 * 60), Duration::from_secs(1));
         let affinity_cookie_name = r.string("sessions.affinity-cookie-name", "sessionlb-affinity");
-        if !affinity_cookie_name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        if !affinity_cookie_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             || affinity_cookie_name.is_empty()
         {
             r.problem_at("sessions.affinity-cookie-name", format!(
                 "`sessions.affinity-cookie-name` must be letters, digits, '-', '_' or '.'; found {affinity_cookie_name:?}"
             ));
         }
-        let affinity_cookie_max_age = r.duration(
-            "sessions.affinity-cookie-max-age",
-            Duration::from_secs(24 * 3600),
-            Duration::from_secs(1),
-        );
-        let touch_interval = r.duration(
-            "sessions.touch-interval",
-            Duration::from_secs(30),
-            Duration::from_millis(50),
-        );
+        let affinity_cookie_max_age =
+            r.duration("sessions.affinity-cookie-max-age", Duration::from_secs(24 * 3600), Duration::from_secs(1));
+        let touch_interval = r.duration("sessions.touch-interval", Duration::from_secs(30), Duration::from_millis(50));
         let cookie_secure = r.bool("sessions.cookie-secure", ssl_enabled);
 
         // --- identity
@@ -523,20 +468,14 @@ impl Config {
             if !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 r.problem_at(
                     "identity.trusted-header",
-                    format!(
-                        "`identity.trusted-header` must be a valid HTTP header name; found {h:?}"
-                    ),
+                    format!("`identity.trusted-header` must be a valid HTTP header name; found {h:?}"),
                 );
             }
             (!h.is_empty()).then_some(h)
         };
         let trusted_cidrs = r.list(
             "identity.trusted-cidrs",
-            |s| {
-                s.parse::<IpNet>()
-                    .ok()
-                    .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-            },
+            |s| s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from)),
             "a list of addresses or CIDR blocks, such as [\"10.0.0.0/8\", \"127.0.0.1\"]",
         );
 
@@ -545,21 +484,11 @@ impl Config {
         let lock_type = r.choice(
             "locks.lock-type",
             defaults.lock_type,
-            &[
-                ("linkbased", LockType::LinkBased),
-                ("advisory", LockType::Advisory),
-            ],
+            &[("linkbased", LockType::LinkBased), ("advisory", LockType::Advisory)],
         );
-        let refresh_rate = r.duration(
-            "locks.refresh-rate",
-            defaults.refresh_rate,
-            Duration::from_millis(10),
-        );
-        let timeout_interval = r.duration(
-            "locks.timeout-interval",
-            defaults.timeout_interval,
-            Duration::from_millis(10),
-        );
+        let refresh_rate = r.duration("locks.refresh-rate", defaults.refresh_rate, Duration::from_millis(10));
+        let timeout_interval =
+            r.duration("locks.timeout-interval", defaults.timeout_interval, Duration::from_millis(10));
         if timeout_interval <= refresh_rate {
             r.problem_at("locks.timeout-interval", format!(
                 "`locks.timeout-interval` ({}) must be longer than `locks.refresh-rate` ({}), or live locks would be reaped",
@@ -575,16 +504,11 @@ impl Config {
         // --- server
         let threads = r.int("threads", 0, 0, 1024) as usize;
         let grace_period = r.duration("grace-period", Duration::from_secs(5), Duration::ZERO);
-        let shutdown_timeout =
-            r.duration("shutdown-timeout", Duration::from_secs(5), Duration::ZERO);
+        let shutdown_timeout = r.duration("shutdown-timeout", Duration::from_secs(5), Duration::ZERO);
         let diagnostics = r.choice(
             "diagnostics",
             Diagnostics::Off,
-            &[
-                ("off", Diagnostics::Off),
-                ("tmp", Diagnostics::Tmp),
-                ("stderr", Diagnostics::Stderr),
-            ],
+            &[("off", Diagnostics::Off), ("tmp", Diagnostics::Tmp), ("stderr", Diagnostics::Stderr)],
         );
         let log_level = r.string("log-level", "info");
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
@@ -592,11 +516,8 @@ impl Config {
                 "`log-level` must be a level (error, warn, info, debug, trace) or a filter like \"warn,sessionlb=debug\"; found {log_level:?}"
             ));
         }
-        let log_format = r.choice(
-            "log-format",
-            LogFormat::Plain,
-            &[("plain", LogFormat::Plain), ("json", LogFormat::Json)],
-        );
+        let log_format =
+            r.choice("log-format", LogFormat::Plain, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)]);
         let run_dir = r.path("run-dir", "/run/sessionlb");
 
         let (_, problems) = r.finish();
@@ -623,12 +544,7 @@ impl Config {
                 poll_interval,
                 health_check_interval,
             },
-            balancer: BalancerConfig {
-                kind,
-                custom_command,
-                custom_timeout,
-                user_hash_balance_factor,
-            },
+            balancer: BalancerConfig { kind, custom_command, custom_timeout, user_hash_balance_factor },
             proxy: ProxyConfig {
                 timeout: (!timeout.is_zero()).then_some(timeout),
                 verify_ssl_certs,
@@ -645,19 +561,8 @@ impl Config {
                 touch_interval,
                 cookie_secure,
             },
-            identity: IdentityConfig {
-                rstudio_user_cookie,
-                user_cookie_name,
-                trusted_header,
-                trusted_cidrs,
-            },
-            locks: LockSettings {
-                lock_type,
-                refresh_rate,
-                timeout_interval,
-                enable_logging,
-                log_file,
-            },
+            identity: IdentityConfig { rstudio_user_cookie, user_cookie_name, trusted_header, trusted_cidrs },
+            locks: LockSettings { lock_type, refresh_rate, timeout_interval, enable_logging, log_file },
             server: ServerSettings {
                 threads,
                 grace_period,
@@ -706,21 +611,12 @@ impl Config {
         line("balancer", q(self.balancer.kind.as_str()));
         line("custom-balancer-command", p(&self.balancer.custom_command));
         line("custom-balancer-timeout", d(self.balancer.custom_timeout));
-        line(
-            "user-hash-balance-factor",
-            self.balancer.user_hash_balance_factor.to_string(),
-        );
+        line("user-hash-balance-factor", self.balancer.user_hash_balance_factor.to_string());
         line("timeout", d(self.proxy.timeout.unwrap_or_default()));
         line("verify-ssl-certs", self.proxy.verify_ssl_certs.to_string());
         line("ssl-enabled", self.proxy.ssl_enabled.to_string());
-        line(
-            "ssl-certificate",
-            self.proxy.ssl_certificate.as_deref().map_or(q(""), p),
-        );
-        line(
-            "ssl-certificate-key",
-            self.proxy.ssl_certificate_key.as_deref().map_or(q(""), p),
-        );
+        line("ssl-certificate", self.proxy.ssl_certificate.as_deref().map_or(q(""), p));
+        line("ssl-certificate-key", self.proxy.ssl_certificate_key.as_deref().map_or(q(""), p));
         line("forwarding-window", d(self.proxy.forwarding_window));
         line("threads", self.server.threads.to_string());
         line("grace-period", d(self.server.grace_period));
@@ -754,20 +650,10 @@ impl Config {
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("rstudio-user-cookie", i.rstudio_user_cookie.to_string());
         line("user-cookie-name", q(&i.user_cookie_name));
-        line(
-            "trusted-header",
-            q(i.trusted_header.as_deref().unwrap_or("")),
-        );
+        line("trusted-header", q(i.trusted_header.as_deref().unwrap_or("")));
         line(
             "trusted-cidrs",
-            format!(
-                "[{}]",
-                i.trusted_cidrs
-                    .iter()
-                    .map(|c| q(&c.to_string()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            format!("[{}]", i.trusted_cidrs.iter().map(|c| q(&c.to_string())).collect::<Vec<_>>().join(", ")),
         );
         out.push_str("\n[locks]\n");
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
@@ -783,9 +669,7 @@ impl Config {
 /// `host:port` with a numeric port.
 pub fn valid_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
-        Some((host, port)) => {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && valid_host(host)
-        }
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && valid_host(host),
         None => false,
     }
 }
@@ -800,9 +684,7 @@ fn valid_host(h: &str) -> bool {
         || (!h.is_empty()
             && h.len() <= 253
             && h.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
             }))
 }
 

@@ -77,16 +77,7 @@ pub struct RawConfig {
 impl RawConfig {
     /// Insert or override one setting.
     pub fn set(&mut self, key: impl Into<String>, value: RawValue, file: &Path, line: usize) {
-        self.entries.insert(
-            key.into(),
-            RawEntry {
-                value,
-                origin: Origin {
-                    file: file.to_path_buf(),
-                    line,
-                },
-            },
-        );
+        self.entries.insert(key.into(), RawEntry { value, origin: Origin { file: file.to_path_buf(), line } });
     }
 
     /// Merge `other` over `self` (its keys win).
@@ -99,9 +90,5 @@ impl RawConfig {
 /// Line number (1-based) of a byte offset in `src`.
 pub fn line_of(src: &str, offset: usize) -> usize {
     let end = offset.min(src.len());
-    src.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    src.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }

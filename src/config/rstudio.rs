@@ -50,12 +50,9 @@ pub fn parse_kv(file: &Path, src: &str) -> (Vec<KvLine>, Vec<ConfigProblem>) {
                 key: key.trim().to_string(),
                 value: value.trim().to_string(),
             }),
-            None if section.as_deref() == Some("nodes") => lines.push(KvLine {
-                line,
-                section: section.clone(),
-                key: text.to_string(),
-                value: String::new(),
-            }),
+            None if section.as_deref() == Some("nodes") => {
+                lines.push(KvLine { line, section: section.clone(), key: text.to_string(), value: String::new() })
+            }
             None => problems.push(ConfigProblem {
                 file: file.to_path_buf(),
                 line: Some(line),
@@ -119,14 +116,7 @@ pub fn read_dir(dir: &Path) -> Result<RawConfig, Vec<ConfigProblem>> {
                     file = %path.display(), line = kv.line, node = %kv.key,
                     "legacy [nodes] entry ignored: nodes join the cluster through the registry"
                 ),
-                None | Some("config") => map_key(
-                    &mut raw,
-                    &mut problems,
-                    &path,
-                    &kv,
-                    LOAD_BALANCER_KEYS,
-                    true,
-                ),
+                None | Some("config") => map_key(&mut raw, &mut problems, &path, &kv, LOAD_BALANCER_KEYS, true),
                 Some(other) => problems.push(problem(
                     &path,
                     kv.line,
@@ -156,18 +146,9 @@ pub fn read_dir(dir: &Path) -> Result<RawConfig, Vec<ConfigProblem>> {
     }
     let key_file = dir.join("secure-cookie-key");
     if !raw.entries.contains_key("secure-cookie-key-file") && key_file.exists() {
-        raw.set(
-            "secure-cookie-key-file",
-            RawValue::Text(key_file.display().to_string()),
-            &key_file,
-            1,
-        );
+        raw.set("secure-cookie-key-file", RawValue::Text(key_file.display().to_string()), &key_file, 1);
     }
-    if problems.is_empty() {
-        Ok(raw)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(raw) } else { Err(problems) }
 }
 
 /// Parse a Workbench `file-locks` file into `locks.*` settings.
@@ -178,11 +159,7 @@ pub fn file_locks(path: &Path, src: &str) -> Result<RawConfig, Vec<ConfigProblem
         map_key(&mut raw, &mut problems, path, &kv, FILE_LOCKS_KEYS, true);
     }
     raw.files.push(path.to_path_buf());
-    if problems.is_empty() {
-        Ok(raw)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(raw) } else { Err(problems) }
 }
 
 fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &Path, src: &str) {
@@ -218,15 +195,9 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
                 let db = get("database").map_or("rstudio", |kv| kv.value.as_str());
                 let user = get("username").map_or("postgres", |kv| kv.value.as_str());
                 let password = get("password").map(|kv| kv.value.as_str()).unwrap_or("");
-                let enc = |s: &str| {
-                    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
-                        .to_string()
-                };
-                let auth = if password.is_empty() {
-                    enc(user)
-                } else {
-                    format!("{}:{}", enc(user), enc(password))
-                };
+                let enc =
+                    |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+                let auth = if password.is_empty() { enc(user) } else { format!("{}:{}", enc(user), enc(password)) };
                 format!("postgres://{auth}@{host}:{port}/{db}")
             }
         }
@@ -248,9 +219,7 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
 
 /// Workbench's encrypted form: the key's CRC32 as 8 hex digits at both ends.
 fn looks_encrypted(value: &str) -> bool {
-    value.len() > 16
-        && value[..8].chars().all(|c| c.is_ascii_hexdigit())
-        && value[..8] == value[value.len() - 8..]
+    value.len() > 16 && value[..8].chars().all(|c| c.is_ascii_hexdigit()) && value[..8] == value[value.len() - 8..]
 }
 
 fn map_key(
@@ -276,11 +245,7 @@ fn map_key(
     }
 }
 
-fn read_optional(
-    dir: &Path,
-    name: &str,
-    problems: &mut Vec<ConfigProblem>,
-) -> Option<(PathBuf, String)> {
+fn read_optional(dir: &Path, name: &str, problems: &mut Vec<ConfigProblem>) -> Option<(PathBuf, String)> {
     let path = dir.join(name);
     match fs::read_to_string(&path) {
         Ok(src) => Some((path, src)),
@@ -293,12 +258,7 @@ fn read_optional(
 }
 
 fn problem(file: &Path, line: usize, key: Option<&str>, message: String) -> ConfigProblem {
-    ConfigProblem {
-        file: file.to_path_buf(),
-        line: (line > 0).then_some(line),
-        key: key.map(str::to_string),
-        message,
-    }
+    ConfigProblem { file: file.to_path_buf(), line: (line > 0).then_some(line), key: key.map(str::to_string), message }
 }
 
 #[cfg(test)]
@@ -326,29 +286,16 @@ mod tests {
 
     #[test]
     fn file_locks_keys_map_to_native_names_and_unknown_keys_fail() {
-        let raw = file_locks(
-            Path::new("file-locks"),
-            "lock-type=advisory\nrefresh-rate=5\n",
-        )
-        .unwrap();
-        assert_eq!(
-            raw.entries["locks.lock-type"].value,
-            RawValue::Text("advisory".into())
-        );
+        let raw = file_locks(Path::new("file-locks"), "lock-type=advisory\nrefresh-rate=5\n").unwrap();
+        assert_eq!(raw.entries["locks.lock-type"].value, RawValue::Text("advisory".into()));
         assert_eq!(raw.entries["locks.refresh-rate"].origin.line, 2);
         let errs = file_locks(Path::new("file-locks"), "lock-typ=advisory\n").unwrap_err();
-        assert!(
-            errs[0].message.contains("allowed: lock-type"),
-            "{}",
-            errs[0]
-        );
+        assert!(errs[0].message.contains("allowed: lock-type"), "{}", errs[0]);
     }
 
     #[test]
     fn encrypted_password_is_recognised() {
-        assert!(looks_encrypted(
-            "BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145"
-        ));
+        assert!(looks_encrypted("BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145"));
         assert!(!looks_encrypted("plain-password"));
     }
 }

@@ -27,12 +27,7 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(raw: RawConfig) -> Self {
-        Reader {
-            raw,
-            used: BTreeSet::new(),
-            problems: Vec::new(),
-            known: BTreeSet::new(),
-        }
+        Reader { raw, used: BTreeSet::new(), problems: Vec::new(), known: BTreeSet::new() }
     }
 
     fn entry(&mut self, key: &str) -> Option<RawEntry> {
@@ -51,10 +46,7 @@ impl Reader {
             file: entry.origin.file.clone(),
             line: Some(entry.origin.line),
             key: Some(key.to_string()),
-            message: format!(
-                "`{key}` must be {expected}; found {}",
-                entry.value.describe()
-            ),
+            message: format!("`{key}` must be {expected}; found {}", entry.value.describe()),
         });
     }
 
@@ -64,21 +56,11 @@ impl Reader {
             Some(e) => (e.origin.file.clone(), Some(e.origin.line)),
             None => (self.raw.files.first().cloned().unwrap_or_default(), None),
         };
-        self.problems.push(ConfigProblem {
-            file,
-            line,
-            key: Some(key.to_string()),
-            message,
-        });
+        self.problems.push(ConfigProblem { file, line, key: Some(key.to_string()), message });
     }
 
     /// Generic getter: `parse` returns `Err(expected)` to describe what is allowed.
-    pub fn get<T>(
-        &mut self,
-        key: &str,
-        default: T,
-        parse: impl FnOnce(&RawValue) -> Result<T, String>,
-    ) -> T {
+    pub fn get<T>(&mut self, key: &str, default: T, parse: impl FnOnce(&RawValue) -> Result<T, String>) -> T {
         match self.entry(key) {
             None => default,
             Some(entry) => match parse(&entry.value) {
@@ -92,9 +74,7 @@ impl Reader {
     }
 
     pub fn string(&mut self, key: &str, default: &str) -> String {
-        self.get(key, default.to_string(), |v| {
-            text(v).map(str::to_string).ok_or_else(|| "a string".into())
-        })
+        self.get(key, default.to_string(), |v| text(v).map(str::to_string).ok_or_else(|| "a string".into()))
     }
 
     /// A string where the empty string means "not set".
@@ -140,8 +120,7 @@ impl Reader {
                 RawValue::Text(s) => s.parse::<f64>().ok(),
                 _ => None,
             };
-            n.filter(|n| n.is_finite() && *n >= min && *n <= max)
-                .ok_or(expected)
+            n.filter(|n| n.is_finite() && *n >= min && *n <= max).ok_or(expected)
         })
     }
 
@@ -152,9 +131,7 @@ impl Reader {
             "a duration of at least {} (seconds as a number, or a string like \"500ms\", \"30s\", \"5m\", \"2h\")",
             humanize(min)
         );
-        self.get(key, default, |v| {
-            parse_duration(v).filter(|d| *d >= min).ok_or(expected)
-        })
+        self.get(key, default, |v| parse_duration(v).filter(|d| *d >= min).ok_or(expected))
     }
 
     /// One of a fixed set of names.
@@ -163,11 +140,7 @@ impl Reader {
         let expected = format!("one of {}", names.join(", "));
         self.get(key, default, |v| {
             let s = text(v).ok_or_else(|| expected.clone())?;
-            choices
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(s))
-                .map(|(_, t)| *t)
-                .ok_or(expected)
+            choices.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)).map(|(_, t)| *t).ok_or(expected)
         })
     }
 
@@ -180,31 +153,17 @@ impl Reader {
     }
 
     /// An array of strings, each checked by `item`.
-    pub fn list<T>(
-        &mut self,
-        key: &str,
-        item: impl Fn(&str) -> Option<T>,
-        expected: &str,
-    ) -> Vec<T> {
+    pub fn list<T>(&mut self, key: &str, item: impl Fn(&str) -> Option<T>, expected: &str) -> Vec<T> {
         let expected = expected.to_string();
         self.get(key, Vec::new(), |v| {
             let items: Vec<&str> = match v {
-                RawValue::Array(items) => items
-                    .iter()
-                    .map(text)
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| expected.clone())?,
-                RawValue::Text(s) => s
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .collect(),
+                RawValue::Array(items) => {
+                    items.iter().map(text).collect::<Option<_>>().ok_or_else(|| expected.clone())?
+                }
+                RawValue::Text(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
                 _ => return Err(expected.clone()),
             };
-            items
-                .into_iter()
-                .map(|s| item(s).ok_or_else(|| format!("{expected} (bad item {s:?})")))
-                .collect()
+            items.into_iter().map(|s| item(s).ok_or_else(|| format!("{expected} (bad item {s:?})"))).collect()
         })
     }
 
@@ -223,11 +182,7 @@ impl Reader {
                 .known
                 .iter()
                 .filter(|k| k.rsplit_once('.').map(|(s, _)| s) == section)
-                .map(|k| {
-                    k.rsplit_once('.')
-                        .map_or(k.as_str(), |(_, n)| n)
-                        .to_string()
-                })
+                .map(|k| k.rsplit_once('.').map_or(k.as_str(), |(_, n)| n).to_string())
                 .collect();
             let mut message = format!("unknown key `{key}`");
             if let Some(best) = closest(&key, &self.known) {
@@ -237,17 +192,10 @@ impl Reader {
                 message.push_str(&format!(
                     "; allowed top-level keys: {}; sections: {}",
                     allowed.join(", "),
-                    SECTIONS
-                        .iter()
-                        .map(|s| format!("[{s}]"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    SECTIONS.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")
                 ));
             } else {
-                message.push_str(&format!(
-                    "; allowed in this section: {}",
-                    allowed.join(", ")
-                ));
+                message.push_str(&format!("; allowed in this section: {}", allowed.join(", ")));
             }
             self.problems.push(ConfigProblem {
                 file: entry.origin.file.clone(),
@@ -256,8 +204,7 @@ impl Reader {
                 message,
             });
         }
-        self.problems
-            .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        self.problems.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         (self.raw, self.problems)
     }
 }
@@ -343,22 +290,10 @@ mod tests {
 
     #[test]
     fn durations_accept_numbers_and_units() {
-        assert_eq!(
-            parse_duration(&RawValue::Int(30)),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            parse_duration(&RawValue::Float(0.25)),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_duration(&RawValue::Str("500ms".into())),
-            Some(Duration::from_millis(500))
-        );
-        assert_eq!(
-            parse_duration(&RawValue::Text("2h".into())),
-            Some(Duration::from_secs(7200))
-        );
+        assert_eq!(parse_duration(&RawValue::Int(30)), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration(&RawValue::Float(0.25)), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration(&RawValue::Str("500ms".into())), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration(&RawValue::Text("2h".into())), Some(Duration::from_secs(7200)));
         assert_eq!(parse_duration(&RawValue::Str("5 parsecs".into())), None);
         assert_eq!(parse_duration(&RawValue::Int(-1)), None);
         assert_eq!(humanize(Duration::from_secs(7200)), "2h");

@@ -32,29 +32,19 @@ fn every_problem_is_reported_at_once_with_file_line_and_allowed_values() {
     let all = text.join("\n");
     assert_eq!(p.len(), 6, "{all}");
     assert!(
-        text[0].starts_with(
-            "/etc/sessionlb/sessionlb.toml:1: `www-port` must be an integer from 1 to 65535"
-        ),
-        "{all}"
-    );
-    assert!(text[1].contains(":2: `balancer` must be one of sessions, system-load, user-hash, custom; found \"round-robin\""), "{all}");
-    assert!(
-        text[2].contains(":3: `www-address` must be an IP address"),
+        text[0].starts_with("/etc/sessionlb/sessionlb.toml:1: `www-port` must be an integer from 1 to 65535"),
         "{all}"
     );
     assert!(
-        text[3].contains(":4: unknown key `balncer` (did you mean `balancer`?)"),
+        text[1]
+            .contains(":2: `balancer` must be one of sessions, system-load, user-hash, custom; found \"round-robin\""),
         "{all}"
     );
-    assert!(
-        text[4].contains(":6: `locks.lock-type` must be one of linkbased, advisory"),
-        "{all}"
-    );
+    assert!(text[2].contains(":3: `www-address` must be an IP address"), "{all}");
+    assert!(text[3].contains(":4: unknown key `balncer` (did you mean `balancer`?)"), "{all}");
+    assert!(text[4].contains(":6: `locks.lock-type` must be one of linkbased, advisory"), "{all}");
     // the unknown section is reported too, as an unknown key at its line
-    assert!(
-        text[5].contains(":7: unknown key `nonsense`; allowed top-level keys: backend, balancer,"),
-        "{all}"
-    );
+    assert!(text[5].contains(":7: unknown key `nonsense`; allowed top-level keys: backend, balancer,"), "{all}");
 }
 
 #[test]
@@ -80,10 +70,7 @@ fn bad_backend_and_database_are_rejected() {
     let p = problems("backend = \"localhost\"\ndatabase = \"mysql://x\"\n");
     assert_eq!(p.len(), 2);
     assert!(p[0].message.contains("`backend` must be host:port"));
-    assert!(
-        p[1].message
-            .contains("sqlite:///path/to/file.db or postgres://")
-    );
+    assert!(p[1].message.contains("sqlite:///path/to/file.db or postgres://"));
 }
 
 #[test]
@@ -95,8 +82,7 @@ fn lock_timeout_must_exceed_refresh() {
 
 #[test]
 fn rendered_config_redacts_database_password_and_reparses() {
-    let c = parse("database = \"postgres://lb:s3cret@db:5432/lb\"\nbackend = \"127.0.0.1:8788\"\n")
-        .unwrap();
+    let c = parse("database = \"postgres://lb:s3cret@db:5432/lb\"\nbackend = \"127.0.0.1:8788\"\n").unwrap();
     let out = c.render();
     assert!(!out.contains("s3cret"), "{out}");
     assert!(out.contains("postgres://lb:***@db:5432/lb"), "{out}");
@@ -113,62 +99,31 @@ fn example_config_in_conf_is_valid_and_matches_defaults() {
     let example = Config::from_toml(&path, &src).unwrap();
     let defaults = parse("").unwrap();
     // The example documents every key at its default value, except the backend it shows.
-    assert_eq!(
-        example
-            .render()
-            .replace("backend = \"127.0.0.1:8788\"", "backend = \"\""),
-        defaults.render()
-    );
+    assert_eq!(example.render().replace("backend = \"127.0.0.1:8788\"", "backend = \"\""), defaults.render());
     // And it mentions every key that check-config prints.
     for line in defaults.render().lines().filter(|l| l.contains(" = ")) {
         let key = line.split(" = ").next().unwrap();
-        assert!(
-            src.contains(&format!("{key} =")),
-            "conf/sessionlb.toml does not document `{key}`"
-        );
+        assert!(src.contains(&format!("{key} =")), "conf/sessionlb.toml does not document `{key}`");
     }
 }
 
 #[test]
 fn rstudio_directory_overlays_with_workbench_file_origins() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("load-balancer"),
-        "[config]\nbalancer=user-hash\nwww-host-name=10.1.2.3\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("rserver.conf"),
-        "www-port=8790\nauth-timeout-minutes=60\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("file-locks"),
-        "lock-type=advisory\ntimeout-interval=60\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("database.conf"),
-        "provider=postgresql\nhost=db\nusername=rs\npassword=p@ss\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("load-balancer"), "[config]\nbalancer=user-hash\nwww-host-name=10.1.2.3\n").unwrap();
+    std::fs::write(dir.path().join("rserver.conf"), "www-port=8790\nauth-timeout-minutes=60\n").unwrap();
+    std::fs::write(dir.path().join("file-locks"), "lock-type=advisory\ntimeout-interval=60\n").unwrap();
+    std::fs::write(dir.path().join("database.conf"), "provider=postgresql\nhost=db\nusername=rs\npassword=p@ss\n")
+        .unwrap();
     let c = Config::load(None, Some(dir.path())).unwrap();
     assert_eq!(c.balancer.kind, BalancerKind::UserHash);
     assert_eq!(c.node.www_host_name.as_deref(), Some("10.1.2.3"));
     assert_eq!(c.node.www_port, 8790);
     assert_eq!(c.locks.lock_type, LockType::Advisory);
     assert_eq!(c.locks.timeout_interval, Duration::from_secs(60));
-    assert_eq!(
-        c.cluster.database,
-        DatabaseUrl::Postgres("postgres://rs:p%40ss@db:5432/rstudio".into())
-    );
+    assert_eq!(c.cluster.database, DatabaseUrl::Postgres("postgres://rs:p%40ss@db:5432/rstudio".into()));
 
     std::fs::write(dir.path().join("load-balancer"), "balancer=fastest\n").unwrap();
-    let err = Config::load(None, Some(dir.path()))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("load-balancer:1: `balancer` must be one of sessions"),
-        "{err}"
-    );
+    let err = Config::load(None, Some(dir.path())).unwrap_err().to_string();
+    assert!(err.contains("load-balancer:1: `balancer` must be one of sessions"), "{err}");
 }

@@ -27,10 +27,7 @@ pub fn parse(file: &Path, src: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
             })
             .collect());
     }
-    let mut raw = RawConfig {
-        files: vec![file.to_path_buf()],
-        ..Default::default()
-    };
+    let mut raw = RawConfig { files: vec![file.to_path_buf()], ..Default::default() };
     for (key, value) in doc.get_ref().iter() {
         let name = key.get_ref().as_ref();
         let line = line_of(src, key.span().start);
@@ -38,12 +35,7 @@ pub fn parse(file: &Path, src: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
             DeValue::Table(table) if SECTIONS.contains(&name) => {
                 for (sub_key, sub_value) in table.iter() {
                     let sub_line = line_of(src, sub_key.span().start);
-                    raw.set(
-                        format!("{name}.{}", sub_key.get_ref()),
-                        convert(sub_value.get_ref()),
-                        file,
-                        sub_line,
-                    );
+                    raw.set(format!("{name}.{}", sub_key.get_ref()), convert(sub_value.get_ref()), file, sub_line);
                 }
             }
             other => raw.set(name, convert(other), file, line),
@@ -68,9 +60,7 @@ fn convert(value: &DeValue<'_>) -> RawValue {
         },
         DeValue::Boolean(b) => RawValue::Bool(*b),
         DeValue::Datetime(_) => RawValue::Unsupported("date-time"),
-        DeValue::Array(items) => {
-            RawValue::Array(items.iter().map(|v| convert(v.get_ref())).collect())
-        }
+        DeValue::Array(items) => RawValue::Array(items.iter().map(|v| convert(v.get_ref())).collect()),
         DeValue::Table(_) => RawValue::Unsupported("table"),
     }
 }

@@ -52,10 +52,7 @@ pub(crate) struct Advisory {
 
 impl Advisory {
     pub(crate) fn new(dir: &Path, log: Arc<LockLog>) -> Advisory {
-        Advisory {
-            dir: dir.to_path_buf(),
-            log,
-        }
+        Advisory { dir: dir.to_path_buf(), log }
     }
 
     fn attempt(&self, path: &Path) -> Result<Option<(File, FileId)>, LockError> {
@@ -93,9 +90,7 @@ fn lock_opened(file: &File, path: &Path) -> Result<Locked, LockError> {
         Err(Errno::WOULDBLOCK) => return Ok(Locked::Busy),
         Err(e) => return Err(LockError::io("lock", path, io::Error::from(e))),
     }
-    let id = fsutil::meta(file)
-        .map_err(|e| LockError::io("check", path, e))?
-        .id;
+    let id = fsutil::meta(file).map_err(|e| LockError::io("check", path, e))?.id;
     match fsutil::open_meta(path).map_err(|e| LockError::io("check", path, e))? {
         Some((_, meta)) if meta.id == id => Ok(Locked::Yes(id)),
         _ => Ok(Locked::Replaced),
@@ -111,20 +106,11 @@ impl LockImpl for Advisory {
         self.dir.join(format!("{stem}.{LOCK_EXTENSION}"))
     }
 
-    fn try_lock(
-        self: Arc<Self>,
-        name: &str,
-        stem: &str,
-    ) -> Result<Option<Box<dyn HeldLock>>, LockError> {
+    fn try_lock(self: Arc<Self>, name: &str, stem: &str) -> Result<Option<Box<dyn HeldLock>>, LockError> {
         let path = self.lock_path(stem);
         Ok(self.attempt(&path)?.map(|(file, id)| {
-            Box::new(Held {
-                advisory: self.clone(),
-                name: name.to_string(),
-                path,
-                file: Some(file),
-                id,
-            }) as Box<dyn HeldLock>
+            Box::new(Held { advisory: self.clone(), name: name.to_string(), path, file: Some(file), id })
+                as Box<dyn HeldLock>
         }))
     }
 }
@@ -145,21 +131,11 @@ impl Held {
         };
         let log = &self.advisory.log;
         let ours = fsutil::meta_at(&self.path).is_ok_and(|m| m.id == self.id);
-        let removed = if ours {
-            fsutil::remove_if_present(&self.path)
-        } else {
-            Ok(())
-        };
+        let removed = if ours { fsutil::remove_if_present(&self.path) } else { Ok(()) };
         // Closing the descriptor releases the lock.
         drop(file);
         removed.map_err(|e| LockError::io("remove", &self.path, e))?;
-        log.event(
-            LockType::Advisory,
-            &self.name,
-            &self.path,
-            "release",
-            format_args!(""),
-        );
+        log.event(LockType::Advisory, &self.name, &self.path, "release", format_args!(""));
         Ok(())
     }
 }
@@ -188,21 +164,14 @@ mod tests {
     use crate::config::LockSettings;
 
     fn advisory(dir: &Path) -> Arc<Advisory> {
-        Arc::new(Advisory::new(
-            dir,
-            Arc::new(LockLog::new(&LockSettings::default()).unwrap()),
-        ))
+        Arc::new(Advisory::new(dir, Arc::new(LockLog::new(&LockSettings::default()).unwrap())))
     }
 
     #[test]
     fn a_second_open_file_description_cannot_lock_and_release_removes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let a = advisory(dir.path());
-        let held = a
-            .clone()
-            .try_lock("k", "k-stem")
-            .unwrap()
-            .expect("free lock");
+        let held = a.clone().try_lock("k", "k-stem").unwrap().expect("free lock");
         let path = dir.path().join("k-stem.flock");
         assert!(path.exists());
         // Same process, another manager (another open file description).
@@ -221,31 +190,13 @@ mod tests {
         // A waiter opened the file; then the holder released it (removed
         // it) and a newcomer created the next one.
         std::fs::write(&path, b"").unwrap();
-        let old = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let old = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"").unwrap();
-        assert!(matches!(
-            lock_opened(&old, &path).unwrap(),
-            Locked::Replaced
-        ));
-        let current = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        assert!(matches!(
-            lock_opened(&current, &path).unwrap(),
-            Locked::Yes(_)
-        ));
-        let other = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        assert!(matches!(lock_opened(&old, &path).unwrap(), Locked::Replaced));
+        let current = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        assert!(matches!(lock_opened(&current, &path).unwrap(), Locked::Yes(_)));
+        let other = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         assert!(matches!(lock_opened(&other, &path).unwrap(), Locked::Busy));
     }
 

@@ -54,10 +54,7 @@ fn from_std(m: &fs::Metadata) -> Meta {
         }
     };
     Meta {
-        id: FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-        },
+        id: FileId { dev: m.dev(), ino: m.ino() },
         nlink: m.nlink(),
         mtime: at(m.mtime(), m.mtime_nsec()),
         ctime: at(m.ctime(), m.ctime_nsec()),
@@ -67,10 +64,7 @@ fn from_std(m: &fs::Metadata) -> Meta {
 fn from_statx(st: &rustix::fs::Statx) -> Meta {
     let dev = rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor);
     Meta {
-        id: FileId {
-            dev,
-            ino: st.stx_ino,
-        },
+        id: FileId { dev, ino: st.stx_ino },
         nlink: u64::from(st.stx_nlink),
         mtime: timestamp(st.stx_mtime),
         ctime: timestamp(st.stx_ctime),
@@ -87,12 +81,7 @@ const MASK: StatxFlags = StatxFlags::BASIC_STATS;
 
 /// Fresh metadata of an open file.
 pub(crate) fn meta(file: &File) -> io::Result<Meta> {
-    match rustix::fs::statx(
-        file,
-        "",
-        AtFlags::EMPTY_PATH | AtFlags::STATX_FORCE_SYNC,
-        MASK,
-    ) {
+    match rustix::fs::statx(file, "", AtFlags::EMPTY_PATH | AtFlags::STATX_FORCE_SYNC, MASK) {
         Ok(st) => Ok(from_statx(&st)),
         Err(e) if statx_unavailable(e) => file.metadata().map(|m| from_std(&m)),
         Err(e) => Err(e.into()),
@@ -112,11 +101,7 @@ pub(crate) fn meta_at(path: &Path) -> io::Result<Meta> {
 /// Open `path` read-only (revalidating the name on NFS) and return the file
 /// with its fresh metadata; `None` when nothing is there.
 pub(crate) fn open_meta(path: &Path) -> io::Result<Option<(File, Meta)>> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-    {
+    let file = match OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -148,18 +133,9 @@ pub(crate) fn read_limited(file: &mut File, limit: u64) -> io::Result<Vec<u8>> {
 /// Touch a file's modification (and access) time to "now" as the file
 /// system sees it (`UTIME_NOW`: on NFS the server's clock).
 pub(crate) fn touch(file: &File) -> io::Result<()> {
-    let now = rustix::fs::Timespec {
-        tv_sec: 0,
-        tv_nsec: rustix::fs::UTIME_NOW,
-    };
-    rustix::fs::futimens(
-        file,
-        &rustix::fs::Timestamps {
-            last_access: now,
-            last_modification: now,
-        },
-    )
-    .map_err(io::Error::from)
+    let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
+    rustix::fs::futimens(file, &rustix::fs::Timestamps { last_access: now, last_modification: now })
+        .map_err(io::Error::from)
 }
 
 /// Age of a file time as seen from `fs_now`; zero if it lies in the future.
@@ -171,11 +147,7 @@ pub(crate) fn age(fs_now: SystemTime, time: SystemTime) -> Duration {
 pub(crate) fn host_name() -> String {
     let uname = rustix::system::uname();
     let name = uname.nodename().to_string_lossy().into_owned();
-    if name.is_empty() {
-        "localhost".to_string()
-    } else {
-        name
-    }
+    if name.is_empty() { "localhost".to_string() } else { name }
 }
 
 /// `s` reduced to `[A-Za-z0-9_-]`, at most `max` bytes: for embedding host
@@ -183,13 +155,7 @@ pub(crate) fn host_name() -> String {
 pub(crate) fn file_name_part(s: &str, max: usize) -> String {
     s.bytes()
         .take(max)
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                char::from(b)
-            } else {
-                '_'
-            }
-        })
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' { char::from(b) } else { '_' })
         .collect()
 }
 
@@ -245,10 +211,7 @@ mod tests {
 
     #[test]
     fn host_names_become_safe_file_name_parts() {
-        assert_eq!(
-            file_name_part("node-1.example.com", 64),
-            "node-1_example_com"
-        );
+        assert_eq!(file_name_part("node-1.example.com", 64), "node-1_example_com");
         assert_eq!(file_name_part("a/../b", 3), "a__");
         assert!(!host_name().is_empty());
     }

@@ -157,12 +157,7 @@ fn links_unsupported(e: &io::Error) -> bool {
 }
 
 impl LinkBased {
-    pub(crate) fn new(
-        dir: &Path,
-        refresh_rate: Duration,
-        timeout: Duration,
-        log: Arc<LockLog>,
-    ) -> LinkBased {
+    pub(crate) fn new(dir: &Path, refresh_rate: Duration, timeout: Duration, log: Arc<LockLog>) -> LinkBased {
         let host = fsutil::host_name();
         LinkBased {
             dir: dir.to_path_buf(),
@@ -195,12 +190,7 @@ impl LinkBased {
     }
 
     fn unique_name(&self, prefix: &str) -> PathBuf {
-        self.dir.join(format!(
-            "{prefix}{}-{}-{}",
-            self.host_part,
-            self.pid,
-            fsutil::random_hex64()
-        ))
+        self.dir.join(format!("{prefix}{}-{}-{}", self.host_part, self.pid, fsutil::random_hex64()))
     }
 
     fn create_proxy(&self) -> Result<Proxy, LockError> {
@@ -209,25 +199,14 @@ impl LinkBased {
         let token = format!("{:032x}", rand::random::<u128>());
         let content = format!("host={}\npid={}\ntoken={token}\n", self.host, self.pid).into_bytes();
         let write = || -> io::Result<(File, fsutil::Meta)> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&path)?;
+            let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
             file.write_all(&content)?;
             // Fetching the mtime flushes the write to an NFS server.
             let meta = fsutil::meta(&file)?;
             Ok((file, meta))
         };
         match write() {
-            Ok((file, meta)) => Ok(Proxy {
-                path,
-                file: Some(file),
-                content,
-                id: meta.id,
-                fs_now: meta.mtime,
-                created,
-            }),
+            Ok((file, meta)) => Ok(Proxy { path, file: Some(file), content, id: meta.id, fs_now: meta.mtime, created }),
             Err(source) => {
                 let _ = fsutil::remove_if_present(&path);
                 Err(LockError::io("write the proxy file", &path, source))
@@ -251,14 +230,9 @@ impl LinkBased {
             return self.claim_exclusive(proxy, target);
         }
         let Some(file) = proxy.file.as_ref() else {
-            return Err(LockError::io(
-                "use the proxy file",
-                &proxy.path,
-                io::Error::other("already used"),
-            ));
+            return Err(LockError::io("use the proxy file", &proxy.path, io::Error::other("already used")));
         };
-        let meta = fsutil::meta(file)
-            .map_err(|e| LockError::io("check the link count of", &proxy.path, e))?;
+        let meta = fsutil::meta(file).map_err(|e| LockError::io("check the link count of", &proxy.path, e))?;
         if meta.nlink == 2 {
             let file = proxy.file.take();
             if let Err(e) = fsutil::remove_if_present(&proxy.path) {
@@ -282,19 +256,12 @@ impl LinkBased {
     }
 
     fn claim_exclusive(&self, proxy: &Proxy, target: &Path) -> Result<Option<File>, LockError> {
-        let mut file = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(target)
-        {
+        let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o644).open(target) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
             Err(e) => return Err(LockError::io("create", target, e)),
         };
-        let written = file
-            .write_all(&proxy.content)
-            .and_then(|()| fsutil::meta(&file).map(drop));
+        let written = file.write_all(&proxy.content).and_then(|()| fsutil::meta(&file).map(drop));
         if let Err(e) = written {
             // An empty lock would still be ours; do not leave it behind.
             drop(file);
@@ -305,18 +272,11 @@ impl LinkBased {
     }
 
     fn observe(path: &Path) -> Result<Option<Observed>, LockError> {
-        let Some((mut file, meta)) =
-            fsutil::open_meta(path).map_err(|e| LockError::io("open", path, e))?
-        else {
+        let Some((mut file, meta)) = fsutil::open_meta(path).map_err(|e| LockError::io("open", path, e))? else {
             return Ok(None);
         };
-        let content = fsutil::read_limited(&mut file, CONTENT_LIMIT)
-            .map_err(|e| LockError::io("read", path, e))?;
-        Ok(Some(Observed {
-            id: meta.id,
-            mtime: meta.mtime,
-            content,
-        }))
+        let content = fsutil::read_limited(&mut file, CONTENT_LIMIT).map_err(|e| LockError::io("read", path, e))?;
+        Ok(Some(Observed { id: meta.id, mtime: meta.mtime, content }))
     }
 
     fn is_stale(&self, observed: &Observed, fs_now: SystemTime) -> bool {
@@ -343,8 +303,7 @@ impl LinkBased {
         }
         let moved = Self::observe(&aside)?;
         if moved.as_ref() == Some(observed) {
-            fsutil::remove_if_present(&aside)
-                .map_err(|e| LockError::io("remove the stale lock", &aside, e))?;
+            fsutil::remove_if_present(&aside).map_err(|e| LockError::io("remove the stale lock", &aside, e))?;
             return Ok(Removal::Removed);
         }
         if moved.is_none() {
@@ -382,13 +341,7 @@ impl LinkBased {
             }
             if let Removal::Removed = self.remove_if_unchanged(gate, &observed)? {
                 let holder = Self::holder(&observed.content);
-                self.log.event(
-                    LockType::LinkBased,
-                    name,
-                    gate,
-                    "reap",
-                    format_args!("stale reap gate of {holder}"),
-                );
+                self.log.event(LockType::LinkBased, name, gate, "reap", format_args!("stale reap gate of {holder}"));
             }
         }
         Ok(None)
@@ -413,12 +366,7 @@ impl LinkBased {
         result
     }
 
-    fn reap_under_gate(
-        &self,
-        name: &str,
-        fs_now: SystemTime,
-        lock_path: &Path,
-    ) -> Result<Outcome, LockError> {
+    fn reap_under_gate(&self, name: &str, fs_now: SystemTime, lock_path: &Path) -> Result<Outcome, LockError> {
         let Some(current) = Self::observe(lock_path)? else {
             return Ok(Outcome::Freed);
         };
@@ -435,11 +383,7 @@ impl LinkBased {
                     name,
                     lock_path,
                     "reap",
-                    format_args!(
-                        "age={}ms holder=\"{}\"",
-                        age.as_millis(),
-                        Self::holder(&current.content)
-                    ),
+                    format_args!("age={}ms holder=\"{}\"", age.as_millis(), Self::holder(&current.content)),
                 );
                 Ok(Outcome::Freed)
             }
@@ -465,9 +409,7 @@ impl LinkBased {
         for _ in 0..IMMEDIATE_RETRIES {
             if let Some(file) = self.claim(&mut proxy, &lock_path)? {
                 let content = std::mem::take(&mut proxy.content);
-                return self
-                    .won(name, &lock_path, file, content, proxy.fs_now, proxy.created)
-                    .map(Some);
+                return self.won(name, &lock_path, file, content, proxy.fs_now, proxy.created).map(Some);
             }
             let outcome = match Self::observe(&lock_path)? {
                 None => Outcome::Freed,
@@ -492,18 +434,10 @@ impl LinkBased {
         fs_now: SystemTime,
         lease_start: Instant,
     ) -> Result<Held, LockError> {
-        let id = fsutil::meta(&file)
-            .map_err(|e| LockError::io("check", lock_path, e))?
-            .id;
-        let entry = self
-            .refresher
-            .entry(name, lock_path, file, id, content, lease_start);
+        let id = fsutil::meta(&file).map_err(|e| LockError::io("check", lock_path, e))?.id;
+        let entry = self.refresher.entry(name, lock_path, file, id, content, lease_start);
         // From here on dropping `held` releases the lock.
-        let held = Held {
-            lb: self.clone(),
-            entry,
-            released: false,
-        };
+        let held = Held { lb: self.clone(), entry, released: false };
         self.refresher.register(&held.entry)?;
         self.refresher.request_cleanup(fs_now);
         Ok(held)
@@ -525,14 +459,8 @@ impl LockImpl for LinkBased {
         self.dir.join(format!("{stem}.{LOCK_EXTENSION}"))
     }
 
-    fn try_lock(
-        self: Arc<Self>,
-        name: &str,
-        stem: &str,
-    ) -> Result<Option<Box<dyn HeldLock>>, LockError> {
-        Ok(self
-            .attempt(name, stem)?
-            .map(|held| Box::new(held) as Box<dyn HeldLock>))
+    fn try_lock(self: Arc<Self>, name: &str, stem: &str) -> Result<Option<Box<dyn HeldLock>>, LockError> {
+        Ok(self.attempt(name, stem)?.map(|held| Box::new(held) as Box<dyn HeldLock>))
     }
 }
 
@@ -584,15 +512,8 @@ impl Held {
             );
             return Ok(());
         }
-        fsutil::remove_if_present(&entry.path)
-            .map_err(|e| LockError::io("remove", &entry.path, e))?;
-        log.event(
-            LockType::LinkBased,
-            &entry.name,
-            &entry.path,
-            "release",
-            format_args!(""),
-        );
+        fsutil::remove_if_present(&entry.path).map_err(|e| LockError::io("remove", &entry.path, e))?;
+        log.event(LockType::LinkBased, &entry.name, &entry.path, "release", format_args!(""));
         Ok(())
     }
 }

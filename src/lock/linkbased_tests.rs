@@ -23,12 +23,7 @@ fn settings(log: Option<&Path>) -> LockSettings {
 
 fn link_based(dir: &Path, log: Option<&Path>) -> Arc<LinkBased> {
     let s = settings(log);
-    Arc::new(LinkBased::new(
-        dir,
-        s.refresh_rate,
-        s.timeout_interval,
-        Arc::new(LockLog::new(&s).unwrap()),
-    ))
+    Arc::new(LinkBased::new(dir, s.refresh_rate, s.timeout_interval, Arc::new(LockLog::new(&s).unwrap())))
 }
 
 fn lock_file(dir: &Path) -> PathBuf {
@@ -69,26 +64,12 @@ fn a_held_lock_excludes_others_and_release_frees_it() {
     let b = link_based(dir.path(), None);
     let held = a.clone().try_lock(NAME, STEM).unwrap().expect("free lock");
     let content = fs::read_to_string(lock_file(dir.path())).unwrap();
-    assert!(
-        content.contains(&format!("pid={}", std::process::id())),
-        "{content}"
-    );
+    assert!(content.contains(&format!("pid={}", std::process::id())), "{content}");
     assert!(content.contains("token="), "{content}");
-    assert_eq!(
-        fsutil::meta_at(&lock_file(dir.path())).unwrap().nlink,
-        1,
-        "proxy name removed"
-    );
+    assert_eq!(fsutil::meta_at(&lock_file(dir.path())).unwrap().nlink, 1, "proxy name removed");
     assert!(b.clone().try_lock(NAME, STEM).unwrap().is_none());
-    assert!(
-        a.clone().try_lock(NAME, STEM).unwrap().is_none(),
-        "not reentrant"
-    );
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "proxies of failed attempts are removed: {:?}",
-        leftovers(dir.path())
-    );
+    assert!(a.clone().try_lock(NAME, STEM).unwrap().is_none(), "not reentrant");
+    assert!(leftovers(dir.path()).is_empty(), "proxies of failed attempts are removed: {:?}", leftovers(dir.path()));
     held.release().unwrap();
     assert!(!lock_file(dir.path()).exists());
     assert!(b.try_lock(NAME, STEM).unwrap().is_some());
@@ -100,11 +81,7 @@ fn a_fresh_lock_of_someone_else_is_not_reaped() {
     foreign_lock(&lock_file(dir.path()), Duration::from_millis(1500));
     let a = link_based(dir.path(), None);
     assert!(a.try_lock(NAME, STEM).unwrap().is_none());
-    assert!(
-        fs::read_to_string(lock_file(dir.path()))
-            .unwrap()
-            .contains("host=elsewhere")
-    );
+    assert!(fs::read_to_string(lock_file(dir.path())).unwrap().contains("host=elsewhere"));
 }
 
 #[test]
@@ -115,25 +92,13 @@ fn a_stale_lock_is_reaped_and_logged() {
     let a = link_based(dir.path(), Some(&log));
     let held = a.try_lock(NAME, STEM).unwrap().expect("stale lock reaped");
     let content = fs::read_to_string(lock_file(dir.path())).unwrap();
-    assert!(
-        content.contains(&format!("pid={}", std::process::id())),
-        "{content}"
-    );
+    assert!(content.contains(&format!("pid={}", std::process::id())), "{content}");
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("event=reap name=\"session-1\""), "{text}");
     assert!(text.contains("holder=\"host=elsewhere pid=1\""), "{text}");
-    assert!(
-        !lock_file(dir.path())
-            .with_extension(GATE_EXTENSION)
-            .exists(),
-        "gate removed"
-    );
+    assert!(!lock_file(dir.path()).with_extension(GATE_EXTENSION).exists(), "gate removed");
     drop(held);
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:?}",
-        leftovers(dir.path())
-    );
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
 }
 
 #[test]
@@ -149,9 +114,7 @@ fn a_lock_that_changed_after_the_staleness_check_is_put_back_not_deleted() {
         Removal::PutBack { restored } => assert!(restored),
         _ => panic!("a refreshed lock must not be removed"),
     }
-    let now = LinkBased::observe(&path)
-        .unwrap()
-        .expect("lock is back in place");
+    let now = LinkBased::observe(&path).unwrap().expect("lock is back in place");
     assert_eq!(now.id, observed.id);
     assert_eq!(now.content, observed.content);
     // A different incarnation (reaped and re-created meanwhile; the file
@@ -159,22 +122,12 @@ fn a_lock_that_changed_after_the_staleness_check_is_put_back_not_deleted() {
     fs::remove_file(&path).unwrap();
     foreign_lock_with_token(&path, Duration::from_secs(3), "01");
     let replaced = LinkBased::observe(&path).unwrap().unwrap();
-    assert!(matches!(
-        a.remove_if_unchanged(&path, &observed).unwrap(),
-        Removal::PutBack { restored: true }
-    ));
+    assert!(matches!(a.remove_if_unchanged(&path, &observed).unwrap(), Removal::PutBack { restored: true }));
     assert!(path.exists());
     // Unchanged: removed.
-    assert!(matches!(
-        a.remove_if_unchanged(&path, &replaced).unwrap(),
-        Removal::Removed
-    ));
+    assert!(matches!(a.remove_if_unchanged(&path, &replaced).unwrap(), Removal::Removed));
     assert!(!path.exists());
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:?}",
-        leftovers(dir.path())
-    );
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
 }
 
 #[test]
@@ -185,16 +138,10 @@ fn reaping_waits_for_a_live_reap_gate_but_clears_a_stale_one() {
     foreign_lock(&path, Duration::from_secs(3));
     foreign_lock(&gate, Duration::from_millis(100));
     let a = link_based(dir.path(), None);
-    assert!(
-        a.clone().try_lock(NAME, STEM).unwrap().is_none(),
-        "another reaper is at work"
-    );
+    assert!(a.clone().try_lock(NAME, STEM).unwrap().is_none(), "another reaper is at work");
     assert!(path.exists());
     foreign_lock(&gate, Duration::from_secs(3));
-    assert!(
-        a.try_lock(NAME, STEM).unwrap().is_some(),
-        "dead reaper's gate cleared, lock reaped"
-    );
+    assert!(a.try_lock(NAME, STEM).unwrap().is_some(), "dead reaper's gate cleared, lock reaped");
     assert!(!gate.exists());
 }
 
@@ -209,11 +156,7 @@ fn release_does_not_remove_a_lock_that_is_no_longer_ours() {
     foreign_lock(&path, Duration::ZERO);
     assert!(!held.is_lost(), "not noticed before the next refresh");
     held.release().unwrap();
-    assert!(
-        fs::read_to_string(&path)
-            .unwrap()
-            .contains("host=elsewhere")
-    );
+    assert!(fs::read_to_string(&path).unwrap().contains("host=elsewhere"));
 }
 
 #[test]
@@ -223,21 +166,11 @@ fn the_refresher_keeps_the_lock_fresh_and_notices_its_loss() {
     let a = link_based(dir.path(), Some(&log));
     let held = a.try_lock(NAME, STEM).unwrap().unwrap();
     let path = lock_file(dir.path());
-    File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(SystemTime::now() - Duration::from_secs(60))
-        .unwrap();
+    File::options().write(true).open(&path).unwrap().set_modified(SystemTime::now() - Duration::from_secs(60)).unwrap();
     poll_until("the refresher touches the lock", || {
-        fsutil::age(SystemTime::now(), fsutil::meta_at(&path).unwrap().mtime)
-            < Duration::from_secs(30)
+        fsutil::age(SystemTime::now(), fsutil::meta_at(&path).unwrap().mtime) < Duration::from_secs(30)
     });
-    assert!(
-        fs::read_to_string(&log)
-            .unwrap()
-            .contains("event=refresh name=\"session-1\"")
-    );
+    assert!(fs::read_to_string(&log).unwrap().contains("event=refresh name=\"session-1\""));
     fs::remove_file(&path).unwrap();
     poll_until("the loss is noticed", || held.is_lost());
     assert!(fs::read_to_string(&log).unwrap().contains("event=lost"));
@@ -252,25 +185,11 @@ fn an_owner_whose_lease_ran_out_stops_refreshing_and_reports_the_loss() {
     let file = File::create(dir.path().join("x.lock")).unwrap();
     let id = fsutil::meta(&file).unwrap().id;
     let a = link_based(dir.path(), None);
-    let entry = a.refresher().entry(
-        NAME,
-        &dir.path().join("x.lock"),
-        file,
-        id,
-        Vec::new(),
-        Instant::now(),
-    );
-    assert!(
-        super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log),
-        "fresh lease: touched"
-    );
+    let entry = a.refresher().entry(NAME, &dir.path().join("x.lock"), file, id, Vec::new(), Instant::now());
+    assert!(super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log), "fresh lease: touched");
     if let Some(past) = Instant::now().checked_sub(s.timeout_interval) {
         entry.state.lock().last_refresh = past;
-        assert!(!super::super::refresher::refresh_entry(
-            &entry,
-            s.timeout_interval,
-            &log
-        ));
+        assert!(!super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log));
         assert!(entry.is_lost());
     }
 }
@@ -278,35 +197,16 @@ fn an_owner_whose_lease_ran_out_stops_refreshing_and_reports_the_loss() {
 #[test]
 fn without_hard_links_exclusive_create_is_used() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Arc::new(
-        Arc::into_inner(link_based(dir.path(), None))
-            .unwrap()
-            .without_hard_links(),
-    );
-    let b = Arc::new(
-        Arc::into_inner(link_based(dir.path(), None))
-            .unwrap()
-            .without_hard_links(),
-    );
+    let a = Arc::new(Arc::into_inner(link_based(dir.path(), None)).unwrap().without_hard_links());
+    let b = Arc::new(Arc::into_inner(link_based(dir.path(), None)).unwrap().without_hard_links());
     let held = a.clone().try_lock(NAME, STEM).unwrap().expect("free lock");
-    assert!(
-        fs::read_to_string(lock_file(dir.path()))
-            .unwrap()
-            .contains("token=")
-    );
+    assert!(fs::read_to_string(lock_file(dir.path())).unwrap().contains("token="));
     assert!(b.clone().try_lock(NAME, STEM).unwrap().is_none());
     drop(held);
     assert!(!lock_file(dir.path()).exists());
     foreign_lock(&lock_file(dir.path()), Duration::from_secs(3));
-    assert!(
-        b.try_lock(NAME, STEM).unwrap().is_some(),
-        "stale lock reaped without hard links too"
-    );
-    assert!(
-        leftovers(dir.path()).is_empty(),
-        "{:?}",
-        leftovers(dir.path())
-    );
+    assert!(b.try_lock(NAME, STEM).unwrap().is_some(), "stale lock reaped without hard links too");
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
 }
 
 #[test]
@@ -318,7 +218,5 @@ fn the_refresher_thread_ends_with_its_manager() {
     drop(a);
     assert!(!exited.load(Ordering::Acquire), "the guard keeps it alive");
     drop(held);
-    poll_until("the refresher thread exits", || {
-        exited.load(Ordering::Acquire)
-    });
+    poll_until("the refresher thread exits", || exited.load(Ordering::Acquire));
 }

@@ -51,14 +51,7 @@ impl LockLog {
     }
 
     /// Record one event (no-op when logging is off).
-    pub(crate) fn event(
-        &self,
-        lock_type: LockType,
-        name: &str,
-        path: &Path,
-        event: &str,
-        detail: fmt::Arguments<'_>,
-    ) {
+    pub(crate) fn event(&self, lock_type: LockType, name: &str, path: &Path, event: &str, detail: fmt::Arguments<'_>) {
         if !self.enabled {
             return;
         }
@@ -100,26 +93,10 @@ mod tests {
     fn lines_go_to_the_log_file_when_enabled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("locks.log");
-        let settings = LockSettings {
-            enable_logging: true,
-            log_file: Some(path.clone()),
-            ..LockSettings::default()
-        };
+        let settings = LockSettings { enable_logging: true, log_file: Some(path.clone()), ..LockSettings::default() };
         let log = LockLog::new(&settings).unwrap();
-        log.event(
-            LockType::Advisory,
-            "a\nb",
-            Path::new("/x/y.flock"),
-            "acquire",
-            format_args!("waited={}ms", 3),
-        );
-        log.event(
-            LockType::LinkBased,
-            "c",
-            Path::new("/x/z.lock"),
-            "release",
-            format_args!(""),
-        );
+        log.event(LockType::Advisory, "a\nb", Path::new("/x/y.flock"), "acquire", format_args!("waited={}ms", 3));
+        log.event(LockType::LinkBased, "c", Path::new("/x/z.lock"), "release", format_args!(""));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
@@ -130,29 +107,16 @@ mod tests {
             )),
             "{text}"
         );
-        assert!(
-            lines[1].contains("type=linkbased event=release name=\"c\""),
-            "{text}"
-        );
+        assert!(lines[1].contains("type=linkbased event=release name=\"c\""), "{text}");
     }
 
     #[test]
     fn nothing_is_written_when_disabled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("locks.log");
-        let settings = LockSettings {
-            enable_logging: false,
-            log_file: Some(path.clone()),
-            ..LockSettings::default()
-        };
+        let settings = LockSettings { enable_logging: false, log_file: Some(path.clone()), ..LockSettings::default() };
         let log = LockLog::new(&settings).unwrap();
-        log.event(
-            LockType::Advisory,
-            "a",
-            Path::new("/x"),
-            "acquire",
-            format_args!(""),
-        );
+        log.event(LockType::Advisory, "a", Path::new("/x"), "acquire", format_args!(""));
         assert!(!path.exists());
     }
 }

@@ -84,11 +84,7 @@ pub enum LockError {
 
 impl LockError {
     pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> LockError {
-        LockError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+        LockError::Io { action, path: path.to_path_buf(), source }
     }
 }
 
@@ -99,11 +95,7 @@ trait LockImpl: Send + Sync {
     fn lock_path(&self, stem: &str) -> PathBuf;
     /// One attempt that never waits for another holder: `Ok(None)` = busy.
     /// Performs blocking file-system calls.
-    fn try_lock(
-        self: Arc<Self>,
-        name: &str,
-        stem: &str,
-    ) -> Result<Option<Box<dyn HeldLock>>, LockError>;
+    fn try_lock(self: Arc<Self>, name: &str, stem: &str) -> Result<Option<Box<dyn HeldLock>>, LockError>;
 }
 
 /// A lock held through some implementation; dropping it releases it.
@@ -157,26 +149,15 @@ impl LockManager {
                 settings.timeout_interval, settings.refresh_rate
             )));
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| LockError::io("create the lock directory", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| LockError::io("create the lock directory", &dir, e))?;
         let log = Arc::new(LockLog::new(settings)?);
         let imp: Arc<dyn LockImpl> = match settings.lock_type {
-            LockType::LinkBased => Arc::new(linkbased::LinkBased::new(
-                &dir,
-                settings.refresh_rate,
-                settings.timeout_interval,
-                log.clone(),
-            )),
+            LockType::LinkBased => {
+                Arc::new(linkbased::LinkBased::new(&dir, settings.refresh_rate, settings.timeout_interval, log.clone()))
+            }
             LockType::Advisory => Arc::new(advisory::Advisory::new(&dir, log.clone())),
         };
-        Ok(LockManager {
-            inner: Arc::new(Inner {
-                dir,
-                imp,
-                log,
-                local: Mutex::new(HashMap::new()),
-            }),
-        })
+        Ok(LockManager { inner: Arc::new(Inner { dir, imp, log, local: Mutex::new(HashMap::new()) }) })
     }
 
     /// The lock directory.
@@ -213,37 +194,24 @@ impl LockManager {
         if !slot.try_lock() {
             contended = true;
             let wait = slot.lock();
-            if tokio::time::timeout_at(deadline.into(), wait)
-                .await
-                .is_err()
-            {
-                return Err(LockError::Timeout {
-                    name: name.to_string(),
-                    waited: started.elapsed(),
-                });
+            if tokio::time::timeout_at(deadline.into(), wait).await.is_err() {
+                return Err(LockError::Timeout { name: name.to_string(), waited: started.elapsed() });
             }
         }
         let mut backoff = Backoff::new();
         loop {
             let imp = self.inner.imp.clone();
             let (owned_name, owned_stem) = (name.to_string(), stem.clone());
-            let attempt =
-                tokio::task::spawn_blocking(move || imp.try_lock(&owned_name, &owned_stem))
-                    .await
-                    .map_err(|e| LockError::Worker {
-                        name: name.to_string(),
-                        reason: e.to_string(),
-                    })?;
+            let attempt = tokio::task::spawn_blocking(move || imp.try_lock(&owned_name, &owned_stem))
+                .await
+                .map_err(|e| LockError::Worker { name: name.to_string(), reason: e.to_string() })?;
             if let Some(held) = attempt? {
                 return Ok(self.guard(name, &stem, held, slot, started, contended));
             }
             contended = true;
             let now = Instant::now();
             if now >= deadline {
-                return Err(LockError::Timeout {
-                    name: name.to_string(),
-                    waited: started.elapsed(),
-                });
+                return Err(LockError::Timeout { name: name.to_string(), waited: started.elapsed() });
             }
             tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
         }
@@ -285,15 +253,7 @@ impl LockManager {
             "acquire",
             format_args!("waited={:.3}ms", waited.as_secs_f64() * 1e3),
         );
-        LockGuard {
-            held: Some(held),
-            _slot: slot,
-            name: name.to_string(),
-            path,
-            lock_type,
-            waited,
-            contended,
-        }
+        LockGuard { held: Some(held), _slot: slot, name: name.to_string(), path, lock_type, waited, contended }
     }
 }
 
@@ -310,12 +270,7 @@ struct LocalSlot {
 impl LocalSlot {
     fn new(inner: Arc<Inner>, stem: String) -> LocalSlot {
         let mutex = inner.local.lock().entry(stem.clone()).or_default().clone();
-        LocalSlot {
-            inner,
-            stem,
-            mutex: Some(mutex),
-            guard: None,
-        }
+        LocalSlot { inner, stem, mutex: Some(mutex), guard: None }
     }
 
     fn try_lock(&mut self) -> bool {
@@ -341,10 +296,7 @@ impl Drop for LocalSlot {
         drop(self.guard.take());
         drop(self.mutex.take());
         let mut local = self.inner.local.lock();
-        if local
-            .get(&self.stem)
-            .is_some_and(|m| Arc::strong_count(m) == 1)
-        {
+        if local.get(&self.stem).is_some_and(|m| Arc::strong_count(m) == 1) {
             local.remove(&self.stem);
         }
     }
@@ -423,10 +375,7 @@ impl LockGuard {
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || held.release())
             .await
-            .map_err(|e| LockError::Worker {
-                name,
-                reason: e.to_string(),
-            })?
+            .map_err(|e| LockError::Worker { name, reason: e.to_string() })?
     }
 }
 
@@ -455,20 +404,12 @@ impl Backoff {
 /// time of a freshly created probe file (on NFS, the server's clock). Lets
 /// tools compare file ages without trusting this node's clock.
 pub fn filesystem_time(dir: &Path) -> Result<SystemTime, LockError> {
-    let probe = dir.join(format!(
-        "{}{}-{}",
-        fsutil::CLOCK_PREFIX,
-        std::process::id(),
-        fsutil::random_hex64()
-    ));
-    let file = std::fs::File::create(&probe)
-        .map_err(|e| LockError::io("create a probe file", &probe, e))?;
+    let probe = dir.join(format!("{}{}-{}", fsutil::CLOCK_PREFIX, std::process::id(), fsutil::random_hex64()));
+    let file = std::fs::File::create(&probe).map_err(|e| LockError::io("create a probe file", &probe, e))?;
     let meta = fsutil::meta(&file);
     drop(file);
     let _ = fsutil::remove_if_present(&probe);
-    Ok(meta
-        .map_err(|e| LockError::io("check the probe file", &probe, e))?
-        .mtime)
+    Ok(meta.map_err(|e| LockError::io("check the probe file", &probe, e))?.mtime)
 }
 
 #[cfg(test)]

@@ -31,8 +31,7 @@ pub const MAX_STEM_LEN: usize = MAX_PREFIX_LEN + 1 + HASH_HEX_LEN;
 pub fn file_stem(key: &[u8]) -> String {
     let mut stem = String::with_capacity(MAX_STEM_LEN);
     for &byte in key.iter().take(MAX_PREFIX_LEN) {
-        let keep =
-            byte.is_ascii_alphanumeric() || byte == b'_' || (byte == b'-' && !stem.is_empty());
+        let keep = byte.is_ascii_alphanumeric() || byte == b'_' || (byte == b'-' && !stem.is_empty());
         stem.push(if keep { char::from(byte) } else { '_' });
     }
     if !stem.is_empty() {
@@ -52,9 +51,7 @@ mod tests {
         !stem.is_empty()
             && stem.len() <= MAX_STEM_LEN
             && !stem.starts_with('-')
-            && stem
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     }
 
     #[test]

@@ -111,13 +111,7 @@ impl Refresher {
     ) -> Refresher {
         Refresher {
             table: Arc::new(Table::default()),
-            settings: Settings {
-                dir: dir.to_path_buf(),
-                refresh_rate,
-                timeout,
-                log,
-                leftover_prefixes,
-            },
+            settings: Settings { dir: dir.to_path_buf(), refresh_rate, timeout, log, leftover_prefixes },
             sender: Mutex::new(None),
             next_seq: AtomicU64::new(0),
             last_cleanup: Mutex::new(None),
@@ -142,11 +136,7 @@ impl Refresher {
             path: path.to_path_buf(),
             id,
             content,
-            state: Mutex::new(EntryState {
-                file: Some(file),
-                released: false,
-                last_refresh: lease_start,
-            }),
+            state: Mutex::new(EntryState { file: Some(file), released: false, last_refresh: lease_start }),
             lost: AtomicBool::new(false),
         })
     }
@@ -176,10 +166,7 @@ impl Refresher {
             }
             *last = Some(Instant::now());
         }
-        let _ = self.send(Message::Cleanup {
-            fs_now,
-            at: Instant::now(),
-        });
+        let _ = self.send(Message::Cleanup { fs_now, at: Instant::now() });
     }
 
     /// Set when the thread has exited (for tests).
@@ -212,13 +199,7 @@ impl Refresher {
                 run(table, rx, settings);
                 exited.store(true, Ordering::Release);
             })
-            .map_err(|source| {
-                LockError::io(
-                    "start the lock refresher thread for",
-                    &self.settings.dir,
-                    source,
-                )
-            })?;
+            .map_err(|source| LockError::io("start the lock refresher thread for", &self.settings.dir, source))?;
         // Cannot fail: the receiver is alive in the new thread.
         let _ = tx.send(first);
         *sender = Some(tx);
@@ -270,13 +251,7 @@ pub(crate) fn refresh_entry(entry: &Entry, timeout: Duration, log: &LockLog) -> 
     let mark_lost = |why: &str| {
         entry.mark_lost();
         tracing::warn!(name = entry.name, path = %entry.path.display(), reason = why, "link-based lock lost");
-        log.event(
-            LockType::LinkBased,
-            &entry.name,
-            &entry.path,
-            "lost",
-            format_args!("reason={why:?}"),
-        );
+        log.event(LockType::LinkBased, &entry.name, &entry.path, "lost", format_args!("reason={why:?}"));
     };
     if started.duration_since(state.last_refresh) >= timeout {
         mark_lost("not refreshed within timeout-interval; it may have been reaped");
@@ -299,13 +274,7 @@ pub(crate) fn refresh_entry(entry: &Entry, timeout: Duration, log: &LockLog) -> 
     match fsutil::touch(file) {
         Ok(()) => {
             state.last_refresh = started;
-            log.event(
-                LockType::LinkBased,
-                &entry.name,
-                &entry.path,
-                "refresh",
-                format_args!(""),
-            );
+            log.event(LockType::LinkBased, &entry.name, &entry.path, "refresh", format_args!(""));
             true
         }
         Err(e) => {
@@ -330,11 +299,7 @@ fn cleanup(settings: &Settings, fs_now: SystemTime) {
         let Some(name) = file_name.to_str() else {
             continue;
         };
-        if !settings
-            .leftover_prefixes
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
+        if !settings.leftover_prefixes.iter().any(|p| name.starts_with(p)) {
             continue;
         }
         let path = dirent.path();
@@ -344,9 +309,7 @@ fn cleanup(settings: &Settings, fs_now: SystemTime) {
         // ctime changes on rename and link: a file just moved aside by a
         // reaper in progress is young even if its mtime is old.
         let last_change = meta.mtime.max(meta.ctime);
-        if fsutil::age(fs_now, last_change) >= settings.timeout
-            && fsutil::remove_if_present(&path).is_ok()
-        {
+        if fsutil::age(fs_now, last_change) >= settings.timeout && fsutil::remove_if_present(&path).is_ok() {
             settings.log.event(
                 LockType::LinkBased,
                 name,
@@ -374,12 +337,7 @@ mod tests {
             log,
             leftover_prefixes: &[".sessionlb-proxy-", ".sessionlb-reaped-"],
         };
-        for name in [
-            ".sessionlb-proxy-h-1-aa",
-            ".sessionlb-reaped-h-1-bb",
-            "alice-0123.lock",
-            ".other",
-        ] {
+        for name in [".sessionlb-proxy-h-1-aa", ".sessionlb-reaped-h-1-bb", "alice-0123.lock", ".other"] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
         let count = || std::fs::read_dir(dir.path()).unwrap().count();

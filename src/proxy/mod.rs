@@ -1,80 +1,498 @@
-//! The Pingora data path (first cut: built-in `/health`, everything else to
-//! the local backend; session routing replaces the forwarding rule).
+//! The Pingora data path: built-in endpoints, identity, session keys,
+//! routing to the node that hosts a session, placement of new sessions,
+//! node-to-node forwarding and failover.
+//!
+//! Phases of one request (Pingora's `ProxyHttp`):
+//!
+//! ```text
+//! request_filter          built-in endpoints (/health, /metrics, /load-balancer/…)
+//!                         │ inbound node-to-node request? verify header → 403 | serve locally
+//!                         │ identity (user-id cookie, trusted header), session keys
+//!                         └ route: backend key → affinity key → user's latest → place new
+//! upstream_peer           local backend or the session's node; after a failure,
+//!                         re-place on the next eligible node (the session moves)
+//! upstream_request_filter sign the forwarding header; X-Forwarded-*; strip untrusted identity
+//! fail_to_connect         passive health: mark the node (or own backend) down, retry
+//! upstream_response_filter peer's backend down (marker) → retry elsewhere;
+//!                         local backend answered a path key < 400 → register it here
+//! response_filter         Set-Cookie for a new or refreshed affinity cookie
+//! logging                 metrics; close the session's in-flight count
+//! ```
+//!
+//! Known sessions are routed from the in-memory [`ClusterView`] without a
+//! database round trip; only new or unknown keys reach the registry, through
+//! the control runtime.
 
+pub mod cookie;
+mod endpoints;
+pub mod forward;
+pub mod health;
+pub mod identity;
+mod placement;
+pub mod routing;
+
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use hmac::Hmac;
+use parking_lot::RwLock;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use sha2::Sha256;
 
-use crate::cluster::ClusterView;
-use crate::cluster::node::VERSION;
+use crate::balancer::Balancer;
+use crate::cluster::view::SessionEntry;
+use crate::cluster::{ClusterView, NodeId, Registry, SessionKind};
 use crate::config::Config;
+use crate::config::key::SecureKey;
+use crate::lock::LockManager;
+use crate::metrics::METRICS;
 
-/// The proxy service state shared by all requests.
-pub struct Proxy {
+use self::forward::{BACKEND_DOWN_HEADER, ForwardRejection, Forwarded, RequestLine};
+
+/// State shared by every request of a node.
+pub struct Router {
     pub config: Arc<Config>,
     pub view: Arc<ClusterView>,
-    pub node_address: String,
+    pub registry: Arc<dyn Registry>,
+    pub key: SecureKey,
+    workbench_mac: Hmac<Sha256>,
+    pub self_id: NodeId,
+    /// This node's `host:port`.
+    pub self_address: String,
+    /// The local IDE server; `None` on a router node.
+    pub backend: Option<SocketAddr>,
+    /// Whether the local backend accepted the last probe or connect.
+    pub backend_up: Arc<AtomicBool>,
+    /// Replaced on configuration reload (SIGHUP).
+    pub balancer: Arc<RwLock<Arc<dyn Balancer>>>,
+    pub locks: LockManager,
+    /// The control runtime: every database call runs there.
+    pub control: tokio::runtime::Handle,
+    /// Client for node-to-node control calls.
+    pub http: reqwest::Client,
+}
+
+impl Router {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        view: Arc<ClusterView>,
+        registry: Arc<dyn Registry>,
+        key: SecureKey,
+        self_address: String,
+        backend: Option<SocketAddr>,
+        balancer: Arc<RwLock<Arc<dyn Balancer>>>,
+        locks: LockManager,
+        control: tokio::runtime::Handle,
+    ) -> Router {
+        let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(30));
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .danger_accept_invalid_certs(!config.proxy.verify_ssl_certs)
+            .no_proxy()
+            .build()
+            .expect("HTTP client");
+        Router {
+            workbench_mac: identity::workbench_mac(&key),
+            self_id: view.self_id(),
+            config,
+            view,
+            registry,
+            key,
+            self_address,
+            backend,
+            backend_up: Arc::new(AtomicBool::new(true)),
+            balancer,
+            locks,
+            control,
+            http,
+        }
+    }
+
+    /// Whether this node can serve sessions itself right now.
+    pub fn serves_locally(&self) -> bool {
+        self.backend.is_some() && self.backend_up.load(Ordering::Relaxed)
+    }
+
+    /// Peer scheme for node-to-node traffic.
+    fn peer_tls(&self) -> bool {
+        self.config.proxy.ssl_enabled
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    #[default]
+    Unset,
+    /// This node's backend.
+    Local,
+    /// Another node.
+    Peer { id: NodeId, addr: SocketAddr },
 }
 
 /// Per-request state.
 #[derive(Default)]
-pub struct RequestCtx {}
+pub struct RequestCtx {
+    pub route: Route,
+    /// A verified node-to-node request: serve locally, never forward.
+    pub inbound: Option<Forwarded>,
+    pub user: Option<String>,
+    /// The session key this request is routed by.
+    pub key: Option<String>,
+    pub kind: Option<SessionKind>,
+    /// A backend key found in the path, to register here if our backend answers it below 400.
+    pub path_key: Option<String>,
+    pub path_key_known: bool,
+    /// `Set-Cookie` value to add to the response.
+    pub set_cookie: Option<String>,
+    /// Nodes that failed during this request (connect failure, backend down).
+    pub failed: Vec<NodeId>,
+    /// Set when a peer said its backend is down: the request may be retried elsewhere.
+    pub peer_backend_down: bool,
+    /// The session, for activity accounting.
+    pub entry: Option<Arc<SessionEntry>>,
+    pub client: Option<IpAddr>,
+    pub in_flight: bool,
+}
+
+/// Local wall clock in ms and s.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    match session.client_addr()? {
+        PingoraAddr::Inet(a) => Some(a.ip()),
+        _ => None,
+    }
+}
+
+/// The request's Host (header, else URI authority).
+pub(crate) fn host_of(req: &RequestHeader) -> &str {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
+
+pub(crate) fn request_line(req: &RequestHeader) -> RequestLine<'_> {
+    RequestLine {
+        method: req.method.as_str(),
+        host: host_of(req),
+        path_and_query: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+    }
+}
+
+/// An error that makes Pingora answer with `status`.
+pub(crate) fn status_error(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), why)
+}
 
 #[async_trait]
-impl ProxyHttp for Proxy {
+impl ProxyHttp for Router {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::default()
     }
 
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<bool> {
-        if session.req_header().uri.path() == "/health" {
-            let me = self.view.self_node();
-            let body = serde_json::json!({
-                "status": "ok",
-                "node_id": self.view.self_id(),
-                "node": self.node_address,
-                "version": VERSION,
-                "offline_mode": me.as_ref().is_some_and(|n| n.offline_mode),
-                "cluster_nodes": self.view.nodes().nodes.len(),
-                "sessions": self.view.session_count(),
-            })
-            .to_string();
-            let mut resp = ResponseHeader::build(200, Some(3))?;
-            resp.insert_header("content-type", "application/json")?;
-            resp.insert_header("content-length", body.len().to_string())?;
-            resp.insert_header("cache-control", "no-store")?;
-            session.write_response_header(Box::new(resp), false).await?;
-            session
-                .write_response_body(Some(Bytes::from(body)), true)
-                .await?;
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.client = client_ip(session);
+        if endpoints::is_builtin(session.req_header().uri.path()) {
+            endpoints::serve(self, session, ctx).await?;
             return Ok(true);
         }
+
+        // A request from another node of the cluster: verified or refused.
+        if let Some(value) = session.req_header().headers.get(forward::HEADER) {
+            let value = value.to_str().unwrap_or("");
+            let verified = forward::verify(
+                &self.key,
+                value,
+                self.self_id,
+                |id| self.view.nodes().get(id).is_some(),
+                now_ms(),
+                self.config.proxy.forwarding_window.as_millis() as i64,
+                &request_line(session.req_header()),
+            );
+            match verified {
+                Ok(f) => {
+                    if !self.serves_locally() {
+                        endpoints::respond_backend_down(session).await?;
+                        return Ok(true);
+                    }
+                    ctx.user = f.user.clone();
+                    ctx.key = Some(f.key.clone());
+                    ctx.path_key =
+                        routing::path_key(&self.config.sessions.path_pattern, session.req_header().uri.path());
+                    ctx.path_key_known = ctx.path_key.as_deref().is_some_and(|k| self.view.session(k).is_some());
+                    tracing::debug!(
+                        target: crate::telemetry::DIAGNOSTICS_TARGET,
+                        sender = f.sender,
+                        key = %f.key,
+                        path = %session.req_header().uri.path(),
+                        "serving a request forwarded by another node"
+                    );
+                    ctx.inbound = Some(f);
+                    ctx.route = Route::Local;
+                    return Ok(false);
+                }
+                Err(reason) => {
+                    refuse_forward(session, ctx, reason).await?;
+                    return Ok(true);
+                }
+            }
+        }
+
+        routing::route(self, session, ctx).await?;
         Ok(false)
     }
 
-    async fn upstream_peer(
-        &self,
-        session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = &self.config.node.backend else {
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(503),
-                "router node without a backend",
-            ));
-        };
-        let mut peer = HttpPeer::new(backend.as_str(), false, String::new());
-        peer.options.connection_timeout = self.config.proxy.timeout;
-        if session.is_upgrade_req() {
-            peer.options.read_timeout = None;
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        if !ctx.failed.is_empty() && ctx.inbound.is_none() {
+            placement::fail_over(self, ctx).await?;
         }
+        let (addr, tls) = match ctx.route {
+            Route::Local => match self.backend {
+                Some(b) => (b, false),
+                None => return Err(status_error(503, "router node without a backend")),
+            },
+            Route::Peer { addr, .. } => (addr, self.peer_tls()),
+            Route::Unset => return Err(status_error(500, "request was not routed")),
+        };
+        let mut peer = HttpPeer::new(addr, tls, String::new());
+        let timeout = self.config.proxy.timeout;
+        peer.options.connection_timeout = timeout;
+        peer.options.total_connection_timeout = timeout;
+        // `timeout` never bounds proxied bodies, long polls or tunnels.
+        peer.options.read_timeout = None;
+        peer.options.write_timeout = None;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        if tls {
+            peer.options.verify_cert = self.config.proxy.verify_ssl_certs;
+            peer.options.verify_hostname = self.config.proxy.verify_ssl_certs;
+        }
         Ok(Box::new(peer))
     }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream.remove_header(forward::HEADER);
+        if ctx.inbound.is_some() {
+            // The sending node already set X-Forwarded-* and vetted identity headers.
+            return Ok(());
+        }
+        let trusted = ctx.client.is_some_and(|ip| identity::is_trusted(ip, &self.config.identity.trusted_cidrs));
+        if let Some(header) = &self.config.identity.trusted_header
+            && !trusted
+        {
+            upstream.remove_header(header.as_str());
+        }
+        if let Some(ip) = ctx.client {
+            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) if trusted => format!("{prev}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        if !(trusted && upstream.headers.contains_key("x-forwarded-proto")) {
+            let proto = if self.config.proxy.ssl_enabled { "https" } else { "http" };
+            upstream.insert_header("x-forwarded-proto", proto)?;
+        }
+        if !(trusted && upstream.headers.contains_key("x-forwarded-host")) {
+            let host = host_of(session.req_header()).to_string();
+            if !host.is_empty() {
+                upstream.insert_header("x-forwarded-host", host)?;
+            }
+        }
+        if let Route::Peer { id, .. } = ctx.route {
+            let key = ctx.key.as_deref().unwrap_or_default();
+            let value =
+                forward::sign(&self.key, self.self_id, id, now_ms(), key, ctx.user.as_deref(), &request_line(upstream));
+            upstream.insert_header(forward::HEADER, value)?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let failed = match ctx.route {
+            Route::Local => {
+                if self.backend_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(backend = ?self.backend, error = %e, "local backend refused a connection; marking it down");
+                }
+                METRICS.connect_failures.with_label_values(&["backend"]).inc();
+                self.self_id
+            }
+            Route::Peer { id, addr } => {
+                if self.view.mark_unreachable(id) {
+                    tracing::warn!(node_id = id, %addr, error = %e, "node unreachable (connect failed); failing over");
+                }
+                METRICS.connect_failures.with_label_values(&[&addr.to_string()]).inc();
+                id
+            }
+            Route::Unset => return e,
+        };
+        ctx.failed.push(failed);
+        // A node-to-node request is never retried by its target: the sender fails over.
+        e.set_retry(ctx.inbound.is_none() && ctx.failed.len() <= placement::MAX_FAILOVERS);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.peer_backend_down {
+            // The peer answered before touching any backend: safe to retry
+            // any method, as long as the request body is still buffered.
+            ctx.peer_backend_down = false;
+            let retry = !session.as_ref().retry_buffer_truncated() && ctx.failed.len() <= placement::MAX_FAILOVERS;
+            e.set_retry(retry);
+        } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        match ctx.route {
+            Route::Peer { id, addr }
+                if resp.status.as_u16() == 503 && resp.headers.contains_key(BACKEND_DOWN_HEADER) =>
+            {
+                if self.view.mark_unreachable(id) {
+                    tracing::warn!(node_id = id, %addr, "node reports its backend down; failing over");
+                }
+                ctx.failed.push(id);
+                ctx.peer_backend_down = true;
+                return Err(Error::explain(ErrorType::ConnectRefused, "peer's backend is down"));
+            }
+            Route::Local if resp.status.as_u16() < 400 && !ctx.path_key_known => {
+                if let Some(key) = ctx.path_key.clone() {
+                    placement::register_backend_key(self, &key, ctx.user.clone()).await;
+                    ctx.path_key_known = true;
+                }
+            }
+            _ => {}
+        }
+        if !session.is_upgrade_req() && ctx.inbound.is_none() {
+            resp.remove_header(BACKEND_DOWN_HEADER);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(cookie) = ctx.set_cookie.take() {
+            resp.append_header(http::header::SET_COOKIE, cookie)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        // A node-to-node request whose backend is gone: tell the sender to fail over.
+        if ctx.inbound.is_some() && ctx.failed.contains(&self.self_id) {
+            let _ = endpoints::respond_backend_down(session).await;
+            return pingora::proxy::FailToProxy { error_code: 503, can_reuse_downstream: false };
+        }
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ if !ctx.failed.is_empty() => {
+                METRICS.no_node_available.inc();
+                503
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => 0,
+                _ => 500,
+            },
+        };
+        if code > 0 {
+            let _ = session.respond_error(code).await;
+        }
+        pingora::proxy::FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.in_flight {
+            METRICS.in_flight.dec();
+            if let Some(entry) = &ctx.entry {
+                entry.stream_closed();
+                entry.touch(now_ms());
+            }
+        }
+        let route = match (ctx.inbound.is_some(), ctx.route) {
+            (true, _) => "inbound",
+            (false, Route::Local) => "local",
+            (false, Route::Peer { .. }) => "forwarded",
+            (false, Route::Unset) => return,
+        };
+        let class = match session.response_written().map_or(0, |r| r.status.as_u16()) {
+            0 => "none",
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        METRICS.requests.with_label_values(&[route, class]).inc();
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Client disconnects are routine for an IDE (tabs closed mid-request).
+        matches!(e.esource(), ErrorSource::Downstream)
+    }
+}
+
+async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
+    METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
+    tracing::warn!(
+        reason = reason.as_str(),
+        client = ?ctx.client,
+        path = %session.req_header().uri.path(),
+        "refused a node-to-node request with an invalid forwarding header"
+    );
+    endpoints::respond_text(session, 403, "forbidden: invalid node-to-node request\n").await
 }

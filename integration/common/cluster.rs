@@ -1,0 +1,230 @@
+//! A running cluster for routing tests: nodes A, B, C on 127.0.0.2–4, each
+//! in front of its own demo backend (named after the node), optionally a
+//! router node on 127.0.0.5; and a cookie-keeping HTTP client.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, SET_COOKIE};
+use sessionlb::cluster::{NodeId, Registry};
+
+use super::db::TestDb;
+use super::eventually;
+use super::node::{Backend, ClusterFixture, Node, NodeSpec};
+
+pub const NODE_IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+pub const NAMES: [&str; 3] = ["A", "B", "C"];
+pub const ROUTER_IP: &str = "127.0.0.5";
+
+/// Three nodes with backends (and maybe a router), sharing one database.
+/// Fields drop in order: processes first (their logs are printed from the
+/// temp dir on failure), then the registry connection, the temp dir, the database.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub router: Option<Node>,
+    pub backends: Vec<Backend>,
+    pub registry: std::sync::Arc<dyn Registry>,
+    pub fx: ClusterFixture,
+    pub db: TestDb,
+}
+
+/// How to build a cluster.
+#[derive(Default, Clone)]
+pub struct ClusterOptions {
+    /// Extra TOML for every node (top-level keys first, then sections).
+    pub extra: String,
+    /// Extra TOML per node (A, B, C), added after `extra`'s top-level keys.
+    pub per_node: [String; 3],
+    pub router: bool,
+    /// A database URL to use instead of a fresh PostgreSQL database.
+    pub database_url: Option<String>,
+}
+
+fn merge_toml(top: &str, per_node: &str) -> String {
+    // Top-level keys must precede sections: put per-node keys first.
+    format!("{per_node}\n{top}")
+}
+
+impl Cluster {
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        let db = TestDb::postgres().await;
+        let url = opts.database_url.clone().unwrap_or_else(|| db.url.clone());
+        let fx = ClusterFixture::new(&url);
+        let mut backends = Vec::new();
+        for name in NAMES {
+            backends.push(Backend::start(fx.path(), name).await);
+        }
+        let mut specs: Vec<NodeSpec> = Vec::new();
+        for (i, ip) in NODE_IPS.iter().enumerate() {
+            let mut spec = fx.spec(ip, Some(backends[i].addr));
+            spec.extra = merge_toml(&opts.extra, &opts.per_node[i]);
+            specs.push(spec);
+        }
+        let mut nodes = Vec::new();
+        for spec in &specs {
+            nodes.push(fx.spawn(spec));
+        }
+        for node in &mut nodes {
+            node.wait_healthy().await;
+        }
+        let router = if opts.router {
+            let mut spec = fx.spec(ROUTER_IP, None);
+            spec.extra = opts.extra.clone();
+            Some(fx.start(&spec).await)
+        } else {
+            None
+        };
+        let registry = sessionlb::cluster::connect(
+            &sessionlb::config::DatabaseUrl::parse(&url).unwrap(),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+        let cluster = Cluster { db, fx, backends, nodes, router, registry };
+        cluster.wait_converged().await;
+        cluster
+    }
+
+    /// Every node sees every node online.
+    pub async fn wait_converged(&self) {
+        let expected = 3 + usize::from(self.router.is_some());
+        for node in self.nodes.iter().chain(self.router.iter()) {
+            eventually(Duration::from_secs(10), "nodes to see each other", || async {
+                node.health().await.filter(|h| h["cluster_nodes"] == expected).map(|_| ())
+            })
+            .await;
+        }
+    }
+
+    /// The registry id of node `i` (0 = A).
+    pub async fn node_id(&self, i: usize) -> NodeId {
+        let spec = &self.nodes[i].spec;
+        self.registry.find_node(&spec.ip, spec.port).await.unwrap().expect("node registered").id
+    }
+
+    /// Index (0 = A) of the node with registry id `id`.
+    pub async fn index_of(&self, id: NodeId) -> Option<usize> {
+        for i in 0..3 {
+            if self.node_id(i).await == id {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Sessions per node (A, B, C) in the registry.
+    pub async fn counts(&self) -> [u64; 3] {
+        let mut out = [0; 3];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.registry.count_sessions(self.node_id(i).await).await.unwrap();
+        }
+        out
+    }
+
+    /// Run an admin command against this cluster.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        self.fx.admin(&self.nodes[0].config, args)
+    }
+
+    /// The secure cookie key the cluster uses.
+    pub fn key(&self) -> sessionlb::config::key::SecureKey {
+        sessionlb::config::key::SecureKey::load(&self.fx.key_file).unwrap()
+    }
+
+    /// Entry points: A, B, C (and the router).
+    pub fn entries(&self) -> Vec<&Node> {
+        self.nodes.iter().chain(self.router.iter()).collect()
+    }
+
+    /// `/load-balancer/status?format=json` from node `i`.
+    pub async fn status_json(&self, node: &Node) -> serde_json::Value {
+        reqwest::get(node.url("/load-balancer/status?format=json")).await.unwrap().json().await.unwrap()
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// Which backend answered (`X-Backend`), if one did.
+    pub fn backend(&self) -> Option<&str> {
+        self.headers.get("x-backend").and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An HTTP client that keeps cookies like a browser (per name, no expiry
+/// handling) and can present a user through the trusted header.
+#[derive(Clone)]
+pub struct Browser {
+    client: reqwest::Client,
+    pub cookies: BTreeMap<String, String>,
+    pub user: Option<String>,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Browser::new()
+    }
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Browser { client, cookies: BTreeMap::new(), user: None }
+    }
+
+    pub fn as_user(user: &str) -> Browser {
+        Browser { user: Some(user.into()), ..Browser::new() }
+    }
+
+    pub fn cookie_header(&self) -> Option<String> {
+        (!self.cookies.is_empty())
+            .then(|| self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
+    }
+
+    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, url);
+        if let Some(c) = self.cookie_header() {
+            req = req.header("cookie", c);
+        }
+        if let Some(u) = &self.user {
+            req = req.header("x-forwarded-user", u);
+        }
+        req
+    }
+
+    /// Keep the cookies a response sets.
+    pub fn absorb(&mut self, headers: &HeaderMap) {
+        for value in headers.get_all(SET_COOKIE) {
+            let Ok(text) = value.to_str() else { continue };
+            let pair = text.split(';').next().unwrap_or("");
+            if let Some((name, value)) = pair.split_once('=') {
+                self.cookies.insert(name.trim().to_string(), value.trim().to_string());
+            }
+        }
+    }
+
+    pub async fn get(&mut self, url: &str) -> Reply {
+        let resp = self.request(reqwest::Method::GET, url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        self.absorb(&headers);
+        let body = resp.text().await.unwrap_or_default();
+        Reply { status, headers, body }
+    }
+
+    /// The affinity cookie value, if set.
+    pub fn affinity(&self) -> Option<&str> {
+        self.cookies.get("sessionlb-affinity").map(String::as_str)
+    }
+}

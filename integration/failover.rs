@@ -1,0 +1,374 @@
+//! Issue 4: forged input is never trusted; failed, drained, deleted nodes and
+//! a database outage lose no session; the status page and its access rule.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use sessionlb::proxy::{cookie, forward};
+
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+use crate::common::db::ThrowawayPostgres;
+use crate::common::eventually;
+use crate::common::netns::Netns;
+use crate::common::node::{ClusterFixture, free_port};
+use crate::routing::sessionlb_now;
+
+/// A browser whose session lives on node `want` (0 = A), made by placing
+/// fresh sessions until one lands there.
+async fn session_on(c: &Cluster, want: usize) -> Browser {
+    for _ in 0..60 {
+        let mut b = Browser::new();
+        let reply = b.get(&c.nodes[0].url("/")).await;
+        if reply.backend() == Some(NAMES[want]) {
+            return b;
+        }
+    }
+    panic!("no session landed on {}", NAMES[want]);
+}
+
+fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_and_expired_cookies_are_ignored_replaced_and_counted() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let victim = session_on(&c, 1).await;
+    let genuine = victim.affinity().unwrap().to_string();
+    // B takes no new sessions now, so only a (wrongly) trusted cookie could reach it.
+    assert!(c.fx.admin(&c.nodes[1].config, &["offline"]).status.success());
+    eventually(Duration::from_secs(5), "A to see B draining", || async {
+        let s = c.status_json(&c.nodes[0]).await;
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["address"].as_str() == Some(&c.nodes[1].address()) && n["offline_mode"] == true)
+            .then_some(())
+    })
+    .await;
+    let before = counter(&c.status_json(&c.nodes[0]).await, "rejected_cookies");
+
+    // Wrong MAC, naming B's live session id.
+    let mut parts: Vec<String> = genuine.split('.').map(String::from).collect();
+    let mac = parts[3].clone();
+    parts[3] = format!("{}{}", if mac.starts_with('A') { "B" } else { "A" }, &mac[1..]);
+    let forged = parts.join(".");
+    // Expired: a valid MAC, issued beyond the maximum age (1 day by default).
+    let id = &genuine.split('.').nth(1).unwrap();
+    let expired = cookie::sign(&c.key(), id, sessionlb_now() - 2 * 86_400);
+
+    for (what, value) in [("forged", forged), ("expired", expired)] {
+        for _ in 0..3 {
+            let mut attacker = Browser::new();
+            attacker.cookies.insert("sessionlb-affinity".into(), value.clone());
+            let reply = attacker.get(&c.nodes[0].url("/")).await;
+            assert_eq!(reply.status, 200);
+            assert_ne!(reply.backend(), Some("B"), "a {what} cookie reached B's backend");
+            let fresh = attacker.affinity().unwrap();
+            assert_ne!(fresh, value, "a fresh cookie replaces the {what} one");
+            assert_ne!(fresh.split('.').nth(1), Some(*id));
+        }
+    }
+    let after = counter(&c.status_json(&c.nodes[0]).await, "rejected_cookies");
+    assert!(after >= before + 6, "rejections counted: {before} -> {after}");
+    // The genuine cookie still reaches B (offline mode keeps existing sessions).
+    let mut victim = victim;
+    assert_eq!(victim.get(&c.nodes[0].url("/")).await.backend(), Some("B"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_or_replayed_forwarding_headers_get_403() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let key = c.key();
+    let (a, b, cc) = (c.node_id(0).await, c.node_id(1).await, c.node_id(2).await);
+    let host = c.nodes[1].address();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let send = |path: &'static str, header: String| {
+        let client = client.clone();
+        let url = c.nodes[1].url(path);
+        async move { client.get(url).header(forward::HEADER, header).send().await.unwrap() }
+    };
+    let line = |path: &'static str| forward::RequestLine {
+        method: "GET",
+        host: Box::leak(host.clone().into_boxed_str()),
+        path_and_query: path,
+    };
+    let before = counter(&c.status_json(&c.nodes[0]).await, "rejected_forwards");
+
+    // A genuine header is accepted: B serves from its own backend.
+    let good = forward::sign(&key, a, b, sessionlb_now_ms(), "aff:test", Some("ann"), &line("/x"));
+    let ok = send("/x", good.clone()).await;
+    assert_eq!((ok.status().as_u16(), ok.headers()["x-backend"].to_str().unwrap()), (200, "B"));
+    // Replayed to another path.
+    assert_eq!(send("/admin", good).await.status().as_u16(), 403);
+    // Forged MAC.
+    let forged = forward::sign(
+        &sessionlb::config::key::SecureKey::from_bytes(b"not-the-cluster-key-at-all-00000\n".to_vec()),
+        a,
+        b,
+        sessionlb_now_ms(),
+        "aff:test",
+        None,
+        &line("/x"),
+    );
+    assert_eq!(send("/x", forged).await.status().as_u16(), 403);
+    // Meant for another node.
+    let misdirected = forward::sign(&key, a, cc, sessionlb_now_ms(), "aff:test", None, &line("/x"));
+    assert_eq!(send("/x", misdirected).await.status().as_u16(), 403);
+    // Too old.
+    let stale = forward::sign(&key, a, b, sessionlb_now_ms() - 120_000, "aff:test", None, &line("/x"));
+    assert_eq!(send("/x", stale).await.status().as_u16(), 403);
+    // From a node that does not exist.
+    let stranger = forward::sign(&key, 99_999, b, sessionlb_now_ms(), "aff:test", None, &line("/x"));
+    assert_eq!(send("/x", stranger).await.status().as_u16(), 403);
+    // Garbage.
+    assert_eq!(send("/x", "v1;garbage".into()).await.status().as_u16(), 403);
+
+    let after = eventually(Duration::from_secs(5), "the refusals to be counted", || async {
+        let n = counter(&c.status_json(&c.nodes[0]).await, "rejected_forwards");
+        (n >= before + 6).then_some(n)
+    })
+    .await;
+    assert!(after >= before + 6);
+    assert!(c.nodes[1].proc.log_text().contains("refused a node-to-node request"));
+}
+
+fn sessionlb_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_node_fails_over_and_the_session_moves() {
+    let mut c =
+        Cluster::start(ClusterOptions { extra: "health-check-interval = \"500ms\"".into(), ..Default::default() })
+            .await;
+    let mut browser = session_on(&c, 2).await;
+    let c_id = c.node_id(2).await;
+    let key = c
+        .registry
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.node_id == Some(c_id))
+        .expect("a session on C")
+        .key;
+    c.nodes[2].proc.signal(Signal::KILL);
+    c.nodes[2].proc.wait_exit(Duration::from_secs(5));
+    // The very next request succeeds on another node.
+    let reply = browser.get(&c.nodes[0].url("/after-crash")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
+    let row = c.registry.get_session(&key).await.unwrap().unwrap();
+    assert_ne!(row.node_id, Some(c_id), "the registry row moved");
+    let moved_to = NAMES[c.index_of(row.node_id.unwrap()).await.unwrap()];
+    assert_eq!(reply.backend(), Some(moved_to));
+    // And stays there, through any live node.
+    for i in 0..10 {
+        assert_eq!(browser.get(&c.nodes[i % 2].url("/")).await.backend(), Some(moved_to));
+    }
+    let status = c.status_json(&c.nodes[0]).await;
+    assert!(counter(&status, "session_moves") >= 1);
+    // Active probes found C dead: it is shown unreachable.
+    let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
+    assert!(text.contains(&format!("{} (unreachable)", c.nodes[2].address())), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_node_drains_new_sessions_but_keeps_its_own() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let mut on_b = session_on(&c, 1).await;
+    let pid = c.nodes[1].proc.pid();
+    let out = c.fx.admin(&c.nodes[1].config, &["offline"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    for node in &c.nodes {
+        eventually(Duration::from_secs(2), "every node to learn B is draining", || async {
+            let s = reqwest::get(node.url("/load-balancer/status?format=json"))
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()?;
+            s["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["address"].as_str() == Some(&c.nodes[1].address()) && n["offline_mode"] == true)
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for i in 0..30 {
+        let reply = Browser::new().get(&c.nodes[i % 3].url("/")).await;
+        assert_eq!(reply.status, 200);
+        assert!(matches!(reply.backend(), Some("A") | Some("C")), "new session {i} landed on {:?}", reply.backend());
+    }
+    assert_eq!(on_b.get(&c.nodes[0].url("/mine")).await.backend(), Some("B"), "B still serves its session");
+    assert_eq!(c.nodes[1].proc.pid(), pid, "same process");
+    let text = reqwest::get(c.nodes[2].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
+    assert!(text.contains(&format!("{} (offline)", c.nodes[1].address())), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_stopped_node_re_places_its_sessions() {
+    let mut c = Cluster::start(ClusterOptions::default()).await;
+    let mut browser = session_on(&c, 2).await;
+    let c_id = c.node_id(2).await;
+    c.nodes[2].proc.signal(Signal::TERM);
+    c.nodes[2].proc.wait_exit(Duration::from_secs(20));
+    let out = c.admin(&["delete-node", &c_id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 session(s) will be re-placed"));
+    let key = c
+        .registry
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.node_id.is_none())
+        .expect("released session")
+        .key;
+    let reply = browser.get(&c.nodes[1].url("/")).await;
+    assert_eq!(reply.status, 200);
+    let row = c.registry.get_session(&key).await.unwrap().unwrap();
+    let node = row.node_id.expect("re-placed");
+    assert_eq!(reply.backend(), Some(NAMES[c.index_of(node).await.unwrap()]));
+    assert_ne!(reply.backend(), Some("C"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_outage_does_not_stop_known_sessions() {
+    let pg = ThrowawayPostgres::start();
+    let c = Cluster::start(ClusterOptions { database_url: Some(pg.url()), ..Default::default() }).await;
+    let mut browsers = Vec::new();
+    for _ in 0..6 {
+        let mut b = Browser::new();
+        let backend = b.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
+        browsers.push((b, backend));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let urls: Vec<String> = c.nodes.iter().map(|n| n.url("/during-outage")).collect();
+    let mut workers = Vec::new();
+    for (mut b, backend) in browsers.clone() {
+        let (stop, served, urls) = (stop.clone(), served.clone(), urls.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let reply = b.get(&urls[i % 3]).await;
+                assert_eq!(
+                    (reply.status, reply.backend()),
+                    (200, Some(backend.as_str())),
+                    "request {i} during the outage: {}",
+                    reply.body
+                );
+                served.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.stop_server();
+    let outage_start = served.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = served.load(Ordering::Relaxed) - outage_start;
+    pg.start_server();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("no request failed during the outage");
+    }
+    assert!(during > 100, "requests kept flowing during the outage ({during})");
+    // Notifications work again: an admin change reaches the running nodes.
+    let out = c.fx.admin(&c.nodes[2].config, &["offline"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(15), "C to learn its offline mode after the outage", || async {
+        c.nodes[2].health().await.filter(|h| h["offline_mode"] == true).map(|_| ())
+    })
+    .await;
+    eventually(Duration::from_secs(15), "A to learn it too", || async {
+        let s = c.status_json(&c.nodes[0]).await;
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["address"].as_str() == Some(&c.nodes[2].address()) && n["offline_mode"] == true)
+            .then_some(())
+    })
+    .await;
+    // And new sessions are placed again.
+    assert_eq!(Browser::new().get(&c.nodes[0].url("/")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_page_lists_nodes_and_sessions_and_is_restricted() {
+    let c = Cluster::start(ClusterOptions {
+        extra: "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut ann = Browser::as_user("ann");
+    let ann_backend = ann.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
+    let _anon = Browser::new().get(&c.nodes[1].url("/")).await;
+    assert!(c.fx.admin(&c.nodes[2].config, &["offline"]).status.success());
+
+    let text = eventually(Duration::from_secs(5), "the status page to show C draining", || async {
+        let t = reqwest::get(c.nodes[1].url("/load-balancer/status")).await.ok()?.text().await.ok()?;
+        t.contains("(offline)").then_some(t)
+    })
+    .await;
+    for (i, node) in c.nodes.iter().enumerate() {
+        let marker = if i == 2 { " (offline)" } else { "" };
+        assert!(text.contains(&format!("{}{marker}  Load: ", node.address())), "{text}");
+    }
+    let ann_node = &c.nodes[NAMES.iter().position(|n| *n == ann_backend).unwrap()];
+    let block = text.split("\n\n").find(|b| b.starts_with(&ann_node.address())).unwrap();
+    let ann_key = c
+        .registry
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.user_name.as_deref() == Some("ann"))
+        .unwrap()
+        .key;
+    assert!(block.contains(&format!("   {ann_key} - ann")), "{block}");
+    assert!(text.contains(" - (anonymous)"), "{text}");
+
+    let json = c.status_json(&c.nodes[0]).await;
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(json["balancer"], "sessions");
+    for name in ["rejected_cookies", "rejected_forwards", "placements", "session_moves"] {
+        counter(&json, name);
+    }
+    assert!(counter(&json, "placements") >= 2);
+    let sessions: usize =
+        json["nodes"].as_array().unwrap().iter().map(|n| n["sessions"].as_array().unwrap().len()).sum();
+    assert_eq!(sessions, 2);
+
+    // The Prometheus endpoint carries the same counters.
+    let metrics = reqwest::get(c.nodes[0].url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sessionlb_placements_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_is_refused_to_a_client_outside_the_cluster() {
+    let ns = Netns::create();
+    let db = crate::common::db::TestDb::postgres().await;
+    let fx = ClusterFixture::new(&db.url);
+    let port = free_port("0.0.0.0");
+    let mut spec = fx.spec("0.0.0.0", None);
+    spec.port = port;
+    spec.extra = format!("www-host-name = \"127.0.0.2:{port}\"");
+    let _node = fx.start(&spec).await;
+    let (code, body) = ns.curl(&format!("http://{}:{port}/load-balancer/status", ns.host_ip));
+    assert_eq!(code, 403, "{body}");
+    // The same node answers the namespace's other requests (it is reachable from there)...
+    let (code, _) = ns.curl(&format!("http://{}:{port}/health", ns.host_ip));
+    assert_eq!(code, 200);
+    // ...and loopback may read the status page.
+    let local = reqwest::get(format!("http://127.0.0.1:{port}/load-balancer/status")).await.unwrap();
+    assert_eq!(local.status().as_u16(), 200);
+}

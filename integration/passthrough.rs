@@ -1,0 +1,130 @@
+//! Issue 4: what the IDE needs to pass through one or two hops unchanged —
+//! server-sent events, large uploads and downloads (streamed, not
+//! buffered), X-Forwarded-* headers, and no internal header leaks.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+
+/// A browser with a session, and the indexes of its owner and of another node.
+async fn session(c: &Cluster) -> (Browser, usize, usize) {
+    let mut b = Browser::new();
+    let owner = b.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
+    let owner = NAMES.iter().position(|n| *n == owner).unwrap();
+    (b, owner, (owner + 1) % 3)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_sent_events_stream_through_two_hops() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (b, _, other) = session(&c).await;
+    let started = Instant::now();
+    let resp =
+        b.request(reqwest::Method::GET, &c.nodes[other].url("/sse?events=5&interval_ms=400")).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let mut first_at = None;
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        first_at.get_or_insert(started.elapsed());
+    }
+    for i in 0..5 {
+        assert!(text.contains(&format!("data: event {i} from")), "{text}");
+    }
+    let first_at = first_at.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1600));
+    assert!(
+        first_at < Duration::from_millis(1200),
+        "the first event was held back until {first_at:?}: buffered, not streamed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_upload_and_download_stream_through_two_hops_without_buffering() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (b, owner, other) = session(&c).await;
+    let entry_pid = c.nodes[other].proc.pid();
+    let before = peak_rss_kib(entry_pid);
+
+    // Download 256 MiB through the non-owning node (two hops).
+    const DOWN: u64 = 256 << 20;
+    let resp =
+        b.request(reqwest::Method::GET, &c.nodes[other].url(&format!("/download?bytes={DOWN}"))).send().await.unwrap();
+    assert_eq!(resp.headers()["x-backend"], NAMES[owner]);
+    let mut stream = resp.bytes_stream();
+    let mut offset: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        for (i, byte) in chunk.iter().enumerate() {
+            assert_eq!(*byte, ((offset + i as u64) % 251) as u8, "byte {} corrupted", offset + i as u64);
+        }
+        offset += chunk.len() as u64;
+    }
+    assert_eq!(offset, DOWN);
+
+    // Upload 128 MiB, generated on the fly.
+    const UP: usize = 128 << 20;
+    let mut hasher = Sha256::new();
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 256) as u8).collect();
+    for _ in 0..UP >> 20 {
+        hasher.update(&block);
+    }
+    let expected = hex::encode(hasher.finalize());
+    let body =
+        futures::stream::iter((0..UP >> 20).map(move |_| Ok::<_, std::io::Error>(bytes::Bytes::from(block.clone()))));
+    let resp = b
+        .request(reqwest::Method::POST, &c.nodes[other].url("/upload"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let result: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(result["bytes"], UP as u64);
+    assert_eq!(result["sha256"], expected);
+    assert_eq!(result["backend"], NAMES[owner]);
+
+    // 384 MiB went through the entry node; its peak memory grew far less.
+    let grown_mib = (peak_rss_kib(entry_pid).saturating_sub(before)) / 1024;
+    assert!(grown_mib < 64, "the entry node's peak RSS grew by {grown_mib} MiB: bodies are buffered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_headers_are_set_once_and_internal_headers_never_leak() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (mut b, owner, other) = session(&c).await;
+    b.user = Some("mallory".into()); // untrusted: no trusted-cidrs configured
+    let via = &c.nodes[other];
+    let resp = b
+        .request(reqwest::Method::GET, &via.url("/headers"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key(sessionlb::proxy::forward::BACKEND_DOWN_HEADER));
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["backend"], NAMES[owner]);
+    let h = &seen["headers"];
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "the client's address, once (not the spoofed one, not the forwarding node's)"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], via.address().as_str());
+    assert_eq!(h["host"], via.address().as_str(), "the Host header passes unchanged");
+    assert!(h.get("x-forwarded-user").is_none(), "an untrusted identity header is stripped: {h}");
+    assert!(h.get(sessionlb::proxy::forward::HEADER).is_none(), "the node-to-node header never reaches a backend");
+}

@@ -1,0 +1,337 @@
+//! Issue 4: session routing through real nodes and backends — balancers,
+//! stickiness, key registration, WebSockets, concurrent placement.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use sessionlb::balancer::Candidate;
+use sessionlb::balancer::user_hash::{HashKey, UserHashBalancer};
+use sessionlb::cluster::{NewSession, SessionKind};
+use sessionlb::proxy::cookie;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+use crate::common::eventually;
+
+/// Trust the user header from loopback (the test client).
+const TRUST_LOOPBACK: &str = "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_balancer_evens_out_session_counts() {
+    let c = Cluster::start(ClusterOptions { router: true, ..Default::default() }).await;
+    let ids = [c.node_id(0).await, c.node_id(1).await, c.node_id(2).await];
+    for (node, n) in [(0, 4), (2, 2)] {
+        for i in 0..n {
+            let key = format!("pre-{node}-{i}");
+            c.registry
+                .place_session(&NewSession {
+                    key: &key,
+                    node_id: ids[node],
+                    user_name: None,
+                    kind: SessionKind::Affinity,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let router = c.router.as_ref().unwrap();
+    eventually(Duration::from_secs(5), "the router to see the 6 sessions", || async {
+        router.health().await.filter(|h| h["sessions"] == 6).map(|_| ())
+    })
+    .await;
+    for _ in 0..6 {
+        let reply = Browser::new().get(&router.url("/")).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(c.counts().await, [4, 4, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn system_load_balancer_follows_reported_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..3).map(|i| dir.path().join(format!("loadavg-{i}"))).collect();
+    let write = |loads: [f64; 3]| {
+        for (f, l) in files.iter().zip(loads) {
+            std::fs::write(f, format!("{l} {l} {l} 1/100 1\n")).unwrap();
+        }
+    };
+    write([2.0, 0.1, 1.0]);
+    let per_node = [0, 1, 2].map(|i| format!("loadavg-path = \"{}\"", files[i].display()));
+    let c = Cluster::start(ClusterOptions {
+        extra: "balancer = \"system-load\"\nload-report-interval = \"200ms\"".into(),
+        per_node,
+        ..Default::default()
+    })
+    .await;
+    let entry = &c.nodes[0];
+    // B is least loaded.
+    eventually(Duration::from_secs(10), "new sessions to land on B", || async {
+        (Browser::new().get(&entry.url("/")).await.backend() == Some("B")).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(Browser::new().get(&entry.url("/")).await.backend(), Some("B"));
+    }
+    // The load changes: now C is least loaded.
+    write([2.0, 3.0, 0.05]);
+    eventually(Duration::from_secs(10), "new sessions to follow the change to C", || async {
+        (Browser::new().get(&entry.url("/")).await.backend() == Some("C")).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(Browser::new().get(&entry.url("/")).await.backend(), Some("C"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
+    let c = Cluster::start(ClusterOptions {
+        extra: format!("balancer = \"user-hash\"\n{TRUST_LOOPBACK}"),
+        router: true,
+        ..Default::default()
+    })
+    .await;
+    let router = c.router.as_ref().unwrap();
+    let users: Vec<String> = (0..300).map(|i| format!("user{i:03}")).collect();
+    let place_all = || async {
+        let mut placed = BTreeMap::new();
+        for u in &users {
+            let reply = Browser::as_user(u).get(&router.url("/")).await;
+            assert_eq!(reply.status, 200, "{u}");
+            placed.insert(u.clone(), reply.backend().unwrap().to_string());
+        }
+        placed
+    };
+    let clear = || async {
+        for s in c.registry.list_sessions().await.unwrap() {
+            c.registry.delete_session(&s.key).await.unwrap();
+        }
+        eventually(Duration::from_secs(5), "the router to forget the sessions", || async {
+            router.health().await.filter(|h| h["sessions"] == 0).map(|_| ())
+        })
+        .await;
+    };
+    let first = place_all().await;
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for b in first.values() {
+        *per_node.entry(b).or_default() += 1;
+    }
+    for (node, n) in &per_node {
+        assert!(*n as f64 <= 1.25 * 100.0 + 1.0, "{node} took {n} of 300: {per_node:?}");
+    }
+    // Stable on repeat (sessions forgotten, users hashed again).
+    clear().await;
+    assert_eq!(place_all().await, first, "the same users land on the same nodes");
+
+    // Remove C: only C's users move.
+    let mut c = c;
+    c.nodes[2].proc.signal(rustix::process::Signal::TERM);
+    c.nodes[2].proc.wait_exit(Duration::from_secs(20));
+    let router = c.router.as_ref().unwrap();
+    eventually(Duration::from_secs(5), "the router to see C stopped", || async {
+        let s = reqwest::get(router.url("/load-balancer/status?format=json"))
+            .await
+            .ok()?
+            .json::<serde_json::Value>()
+            .await
+            .ok()?;
+        let c_status = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["address"].as_str() == Some(&c.nodes[2].address()))
+            .map(|n| n["status"].clone());
+        (c_status.is_none() || c_status == Some("Offline".into())).then_some(())
+    })
+    .await;
+    // Every user comes back: survivors' users keep their sessions, C's are re-placed by the hash.
+    let mut after = BTreeMap::new();
+    for u in &users {
+        let reply = Browser::as_user(u).get(&router.url("/")).await;
+        assert_eq!(reply.status, 200, "{u}");
+        after.insert(u.clone(), reply.backend().unwrap().to_string());
+    }
+    let moved: Vec<&String> = users.iter().filter(|u| first[*u] != after[*u]).collect();
+    assert!(moved.len() as f64 <= 0.40 * 300.0, "{} of 300 users moved", moved.len());
+    assert!(!moved.is_empty());
+    for u in &moved {
+        assert_eq!(first[*u], "C", "{u} moved from surviving node {}", first[*u]);
+    }
+    assert!(after.values().all(|b| b != "C"));
+    // Consistent hashing: a moved user goes to its next rendezvous choice among the survivors
+    // (the loads stay within the 1.25 bound here, so the bound does not intervene).
+    let survivors: Vec<Candidate> = (0..2)
+        .map(|i| Candidate { id: i as i64, address: c.nodes[i].address(), sessions: 0, load: [0.0; 3], cpus: 1 })
+        .collect();
+    for u in &moved {
+        let best = UserHashBalancer::ranking(HashKey::User(u), &survivors)[0];
+        assert_eq!(after[*u], NAMES[best.id as usize], "{u} did not follow its hash ranking");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_plugin_choice_wins_and_a_slow_plugin_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Chooses the last node of RSTUDIO_NODES (host:port).
+    let last = dir.path().join("last.sh");
+    std::fs::write(&last, "#!/bin/sh\ncat >/dev/null\necho \"$RSTUDIO_NODES\" | tr ',' '\\n' | tail -n 1\n").unwrap();
+    let slow = dir.path().join("slow.sh");
+    std::fs::write(&slow, "#!/bin/sh\nsleep 5\necho 1\n").unwrap();
+    for f in [&last, &slow] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let c = Cluster::start(ClusterOptions {
+        extra: format!(
+            "balancer = \"custom\"\ncustom-balancer-command = \"{}\"\ncustom-balancer-timeout = \"1s\"",
+            last.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    // RSTUDIO_NODES is in id order; nodes register concurrently, so find the last one.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push((c.node_id(i).await, i));
+    }
+    let chosen = NAMES[ids.iter().max().unwrap().1];
+    for i in 0..6 {
+        let reply = Browser::new().get(&c.nodes[i % 3].url("/")).await;
+        assert_eq!(reply.backend(), Some(chosen), "the plug-in's choice (the last node) wins");
+    }
+    // Swap in the slow plug-in (live reload) and place more sessions.
+    for node in &c.nodes {
+        let text = std::fs::read_to_string(&node.config)
+            .unwrap()
+            .replace(&last.display().to_string(), &slow.display().to_string());
+        std::fs::write(&node.config, text).unwrap();
+        node.proc.signal(rustix::process::Signal::HUP);
+    }
+    let status_before = c.status_json(&c.nodes[0]).await["counters"]["balancer_fallbacks"].as_u64().unwrap();
+    let started = std::time::Instant::now();
+    let reply = Browser::new().get(&c.nodes[0].url("/")).await;
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(4), "the slow plug-in was not cut off ({:?})", started.elapsed());
+    let fallbacks = eventually(Duration::from_secs(5), "the fallback to be counted", || async {
+        let n = c.status_json(&c.nodes[0]).await["counters"]["balancer_fallbacks"].as_u64()?;
+        (n > status_before).then_some(n)
+    })
+    .await;
+    assert!(fallbacks > status_before);
+    // With `sessions` as the fallback, new sessions go to the other two nodes (the chosen one has 6+).
+    let mut seen = BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(Browser::new().get(&c.nodes[0].url("/")).await.backend().unwrap().to_string());
+    }
+    assert!(!seen.contains(chosen), "{seen:?}");
+    assert!(c.nodes[0].proc.log_text().contains("fell back to `sessions`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_session_sticks_to_one_backend_through_every_entry() {
+    let c = Cluster::start(ClusterOptions { router: true, ..Default::default() }).await;
+    let mut browser = Browser::new();
+    let first = browser.get(&c.nodes[0].url("/")).await;
+    let backend = first.backend().unwrap().to_string();
+    assert!(browser.affinity().is_some(), "the first response sets the affinity cookie");
+    let entries = c.entries();
+    for i in 0..200 {
+        let reply = browser.get(&entries[i % entries.len()].url(&format!("/page/{i}"))).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.backend(),
+            Some(backend.as_str()),
+            "request {i} through {}",
+            entries[i % entries.len()].address()
+        );
+    }
+    // Exactly one session in the registry.
+    assert_eq!(c.registry.list_sessions().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backend_minted_key_is_registered_where_it_was_answered() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    // Drain B and C so that the browser's session lands on A.
+    for id in [c.node_id(1).await, c.node_id(2).await] {
+        assert!(c.admin(&["offline", "--node", &id.to_string()]).status.success());
+    }
+    eventually(Duration::from_secs(5), "A to see B and C draining", || async {
+        let s = c.status_json(&c.nodes[0]).await;
+        (s["nodes"].as_array()?.iter().filter(|n| n["offline_mode"] == true).count() == 2).then_some(())
+    })
+    .await;
+    let mut browser = Browser::new();
+    let minted: serde_json::Value =
+        serde_json::from_str(&browser.get(&c.nodes[1].url("/new-session")).await.body).unwrap();
+    assert_eq!(minted["backend"], "A");
+    let key = minted["key"].as_str().unwrap().to_string();
+    for id in [c.node_id(1).await, c.node_id(2).await] {
+        assert!(c.admin(&["online", "--node", &id.to_string()]).status.success());
+    }
+    // Next requested through B (with the browser's cookie): reaches A, which registers the key.
+    let reply = browser.get(&c.nodes[1].url(&format!("/s/{key}/"))).await;
+    assert_eq!((reply.status, reply.backend()), (200, Some("A")));
+    let row = c.registry.get_session(&key).await.unwrap().expect("backend key registered");
+    assert_eq!(row.node_id, Some(c.node_id(0).await));
+    assert_eq!(row.kind, SessionKind::Backend);
+    // Any client, through any node, now reaches A by the key alone.
+    for node in &c.nodes {
+        let reply = Browser::new().get(&node.url(&format!("/s/{key}/files"))).await;
+        assert_eq!((reply.status, reply.backend()), (200, Some("A")), "through {}", node.address());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_through_a_non_owning_node_survives_idle_and_echoes() {
+    let c = Cluster::start(ClusterOptions { extra: "timeout = \"1s\"".into(), ..Default::default() }).await;
+    let mut browser = Browser::new();
+    let owner = browser.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
+    let owner_index = NAMES.iter().position(|n| *n == owner).unwrap();
+    let via = &c.nodes[(owner_index + 1) % 3];
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws",
+        via.address()
+    ))
+    .unwrap();
+    request.headers_mut().insert("cookie", browser.cookie_header().unwrap().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(hello, Message::Text(format!("hello from {owner}").into()));
+    // Idle for three times `timeout`: nothing may close the tunnel.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for text in ["ping after idle", "second"] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let echo =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time").unwrap().unwrap();
+        assert_eq!(echo, Message::Text(text.into()));
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_requests_for_one_key_create_one_session() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (affinity, value) = cookie::issue(&c.key(), sessionlb_now());
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = c.nodes[i % 3].url(&format!("/first/{i}"));
+        let mut b = Browser::new();
+        b.cookies.insert("sessionlb-affinity".into(), value.clone());
+        tasks.push(tokio::spawn(async move { b.get(&url).await }));
+    }
+    let mut backends = BTreeSet::new();
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        backends.insert(reply.backend().unwrap().to_string());
+    }
+    assert_eq!(backends.len(), 1, "all 50 responses from one backend: {backends:?}");
+    let rows: Vec<_> = c.registry.list_sessions().await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].key, affinity.session_key());
+}
+
+pub fn sessionlb_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}

@@ -1,0 +1,152 @@
+//! Prometheus metrics: every metric is registered once in [`METRICS`], served
+//! at `/metrics`, and the same counters feed the status page's JSON. Labels
+//! stay low-cardinality: node addresses and reasons, never sessions or users.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// All of sessionlb's metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Proxied requests by how they were routed (`local`, `forwarded`, `inbound`) and status class.
+    pub requests: IntCounterVec,
+    /// Cookies ignored because they did not verify: `kind` = affinity | user, `reason`.
+    pub rejected_cookies: IntCounterVec,
+    /// Node-to-node headers refused with 403, by reason.
+    pub rejected_forwards: IntCounterVec,
+    /// New sessions placed, by balancer.
+    pub placements: IntCounterVec,
+    /// Balancer fallbacks (e.g. custom plug-in timed out).
+    pub balancer_fallbacks: IntCounter,
+    /// Sessions moved to another node, by reason.
+    pub session_moves: IntCounterVec,
+    /// Backend keys registered on this node.
+    pub backend_keys_registered: IntCounter,
+    /// Placements that lost a race and used the winner's node.
+    pub placement_races_lost: IntCounter,
+    /// Placement latency (lock, re-check, choose, write).
+    pub placement_seconds: Histogram,
+    /// Time spent waiting for the cross-node lock.
+    pub lock_wait_seconds: HistogramVec,
+    /// Placements done without the shared-storage lock (lock unavailable; the database still guards).
+    pub lock_failures: IntCounter,
+    /// Requests in flight through this node (long-lived ones included).
+    pub in_flight: IntGauge,
+    /// 1 when this node sees the peer as reachable.
+    pub node_up: IntGaugeVec,
+    /// Active sessions per node, as this node's view counts them.
+    pub node_sessions: IntGaugeVec,
+    /// Connect failures to nodes (passive health), by node.
+    pub connect_failures: IntCounterVec,
+    /// Requests answered 503 because no node could take them.
+    pub no_node_available: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let latency_buckets = vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+    let placement_seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "sessionlb_placement_seconds",
+            "Time to place a new session (lock, re-check, choose, write)",
+        )
+        .buckets(latency_buckets.clone()),
+    )
+    .expect("valid metric");
+    r.register(Box::new(placement_seconds.clone())).expect("unique metric");
+    let lock_wait_seconds = HistogramVec::new(
+        HistogramOpts::new("sessionlb_lock_wait_seconds", "Time spent waiting for the cross-node placement lock")
+            .buckets(latency_buckets),
+        &["lock_type"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(lock_wait_seconds.clone())).expect("unique metric");
+    let in_flight = IntGauge::new(
+        "sessionlb_requests_in_flight",
+        "Requests in flight through this node, WebSockets and streams included",
+    )
+    .expect("valid metric");
+    r.register(Box::new(in_flight.clone())).expect("unique metric");
+    Metrics {
+        requests: counter_vec(&r, "sessionlb_requests_total", "Proxied requests", &["route", "class"]),
+        rejected_cookies: counter_vec(
+            &r,
+            "sessionlb_rejected_cookies_total",
+            "Cookies ignored because they did not verify",
+            &["kind", "reason"],
+        ),
+        rejected_forwards: counter_vec(
+            &r,
+            "sessionlb_rejected_forwards_total",
+            "Node-to-node requests refused (403)",
+            &["reason"],
+        ),
+        placements: counter_vec(&r, "sessionlb_placements_total", "New sessions placed by this node", &["balancer"]),
+        balancer_fallbacks: counter(&r, "sessionlb_balancer_fallbacks_total", "Balancer fallbacks to `sessions`"),
+        session_moves: counter_vec(&r, "sessionlb_session_moves_total", "Sessions moved to another node", &["reason"]),
+        backend_keys_registered: counter(
+            &r,
+            "sessionlb_backend_keys_registered_total",
+            "Backend session keys registered on this node",
+        ),
+        placement_races_lost: counter(
+            &r,
+            "sessionlb_placement_races_lost_total",
+            "Placements that found another node's placement",
+        ),
+        placement_seconds,
+        lock_wait_seconds,
+        lock_failures: counter(&r, "sessionlb_lock_failures_total", "Placements made without the shared-storage lock"),
+        in_flight,
+        node_up: gauge_vec(&r, "sessionlb_node_up", "1 when this node sees the peer as reachable", &["node"]),
+        node_sessions: gauge_vec(&r, "sessionlb_node_sessions", "Active sessions per node", &["node"]),
+        connect_failures: counter_vec(
+            &r,
+            "sessionlb_connect_failures_total",
+            "Failed connects to a node or the local backend",
+            &["node"],
+        ),
+        no_node_available: counter(
+            &r,
+            "sessionlb_no_node_available_total",
+            "Requests answered 503: no node could take them",
+        ),
+        registry: r,
+    }
+});
+
+/// Sum of a counter vector over all label values.
+pub fn total(c: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    c.collect().iter().flat_map(|mf| mf.get_metric().iter().map(|m| m.get_counter().value() as u64)).sum()
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf).expect("text encoding");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}

@@ -1,0 +1,302 @@
+//! Endpoints sessionlb answers itself; they create no session.
+//!
+//! - `GET /health`: 200 with this node's state as JSON; 503 while its local
+//!   backend is down (peers' probes then treat the node as unreachable).
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /load-balancer/status` (`?format=json` or `Accept: application/json`
+//!   for JSON): every node and its sessions, gathered from all nodes;
+//!   readable only from loopback and cluster node addresses (403 otherwise).
+//! - `GET /load-balancer/node-info`: one node's own report, for the status
+//!   page of another node; requires a valid signed node-to-node header.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::forward::{self, BACKEND_DOWN_HEADER, RequestLine};
+use super::routing::{control_timeout, node_addr};
+use super::{RequestCtx, Router, now_ms, request_line};
+use crate::cluster::node::VERSION;
+use crate::cluster::{NodeId, NodeStatus, load};
+use crate::metrics::{self, METRICS};
+
+const HEALTH: &str = "/health";
+const METRICS_PATH: &str = "/metrics";
+const STATUS: &str = "/load-balancer/status";
+const NODE_INFO: &str = "/load-balancer/node-info";
+/// The session key a node-info request is signed with.
+const NODE_INFO_KEY: &str = "node-info";
+
+/// Whether sessionlb answers `path` itself.
+pub fn is_builtin(path: &str) -> bool {
+    matches!(path, HEALTH | METRICS_PATH | STATUS | NODE_INFO)
+}
+
+/// Answer a built-in endpoint.
+pub async fn serve(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    match session.req_header().uri.path() {
+        HEALTH => health(r, session).await,
+        METRICS_PATH => respond(session, 200, "text/plain; version=0.0.4", metrics::render().into()).await,
+        STATUS => status(r, session, ctx).await,
+        _ => node_info(r, session, ctx).await,
+    }
+}
+
+pub async fn respond(session: &mut Session, status: u16, content_type: &str, body: Bytes) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("content-type", content_type)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+pub async fn respond_text(session: &mut Session, status: u16, text: &'static str) -> Result<()> {
+    respond(session, status, "text/plain; charset=utf-8", Bytes::from_static(text.as_bytes())).await
+}
+
+/// 503 with the marker that makes the sending node fail over.
+pub async fn respond_backend_down(session: &mut Session) -> Result<()> {
+    let body = Bytes::from_static(b"this node's backend is down\n");
+    let mut resp = ResponseHeader::build(503, Some(4))?;
+    resp.insert_header(BACKEND_DOWN_HEADER, "1")?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+async fn health(r: &Router, session: &mut Session) -> Result<()> {
+    let me = r.view.self_node();
+    let backend_up = r.backend.is_none() || r.backend_up.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "status": if backend_up { "ok" } else { "backend down" },
+        "node_id": r.self_id,
+        "node": r.self_address,
+        "version": VERSION,
+        "router": r.backend.is_none(),
+        "backend_up": backend_up,
+        "offline_mode": me.as_ref().is_some_and(|n| n.offline_mode),
+        "cluster_nodes": r.view.nodes().nodes.len(),
+        "sessions": r.view.session_count(),
+        "balancer": r.balancer.read().name(),
+    });
+    respond(session, if backend_up { 200 } else { 503 }, "application/json", body.to_string().into()).await
+}
+
+/// One node's report of itself (what `/load-balancer/node-info` returns).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub address: String,
+    pub version: String,
+    pub load: [f64; 3],
+    pub cpus: u32,
+    pub backend_up: bool,
+    pub in_flight: i64,
+    pub balancer: String,
+    pub counters: BTreeMap<String, u64>,
+}
+
+fn counters() -> BTreeMap<String, u64> {
+    let m = &*METRICS;
+    BTreeMap::from([
+        ("rejected_cookies".into(), metrics::total(&m.rejected_cookies)),
+        ("rejected_forwards".into(), metrics::total(&m.rejected_forwards)),
+        ("placements".into(), metrics::total(&m.placements)),
+        ("session_moves".into(), metrics::total(&m.session_moves)),
+        ("backend_keys_registered".into(), m.backend_keys_registered.get()),
+        ("placement_races_lost".into(), m.placement_races_lost.get()),
+        ("balancer_fallbacks".into(), m.balancer_fallbacks.get()),
+        ("lock_failures".into(), m.lock_failures.get()),
+        ("connect_failures".into(), metrics::total(&m.connect_failures)),
+        ("no_node_available".into(), m.no_node_available.get()),
+    ])
+}
+
+fn self_info(r: &Router) -> NodeInfo {
+    let recorded = r.view.self_node();
+    NodeInfo {
+        id: r.self_id,
+        address: r.self_address.clone(),
+        version: VERSION.into(),
+        load: load::read_loadavg(&r.config.node.loadavg_path)
+            .unwrap_or_else(|_| recorded.as_ref().map_or([0.0; 3], |n| n.load)),
+        cpus: load::cpu_count(),
+        backend_up: r.backend.is_none() || r.backend_up.load(Ordering::Relaxed),
+        in_flight: METRICS.in_flight.get(),
+        balancer: r.balancer.read().name().into(),
+        counters: counters(),
+    }
+}
+
+async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let header = session.req_header().headers.get(forward::HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let verified = forward::verify(
+        &r.key,
+        header,
+        r.self_id,
+        |id| r.view.nodes().get(id).is_some(),
+        now_ms(),
+        r.config.proxy.forwarding_window.as_millis() as i64,
+        &request_line(session.req_header()),
+    );
+    match verified {
+        Ok(f) if f.key == NODE_INFO_KEY => {
+            let body = serde_json::to_string(&self_info(r)).expect("serialisable");
+            respond(session, 200, "application/json", body.into()).await
+        }
+        Ok(_) => respond_text(session, 403, "forbidden\n").await,
+        Err(reason) => {
+            METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
+            tracing::warn!(reason = reason.as_str(), client = ?ctx.client, "refused a node-info request");
+            respond_text(session, 403, "forbidden: node-to-node endpoint\n").await
+        }
+    }
+}
+
+/// Loopback or one of the cluster's node addresses.
+fn may_read_status(r: &Router, client: Option<IpAddr>) -> bool {
+    let Some(ip) = client else { return false };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback()
+        || r.view.nodes().nodes.iter().any(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+}
+
+/// Ask every other online node for its report, concurrently, each bounded by `timeout`.
+async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
+    let nodes = r.view.nodes();
+    let mut calls = Vec::new();
+    for n in nodes.nodes.iter().filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router) {
+        let Some(addr) = node_addr(n) else { continue };
+        let scheme = if r.config.proxy.ssl_enabled { "https" } else { "http" };
+        let host = addr.to_string();
+        let line = RequestLine { method: "GET", host: &host, path_and_query: NODE_INFO };
+        let signature = forward::sign(&r.key, r.self_id, n.id, now_ms(), NODE_INFO_KEY, None, &line);
+        let request = r
+            .http
+            .get(format!("{scheme}://{host}{NODE_INFO}"))
+            .header(forward::HEADER, signature)
+            .timeout(control_timeout(r));
+        let id = n.id;
+        calls.push(r.control.spawn(async move {
+            let resp = request.send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            resp.json::<NodeInfo>().await.ok().map(|info| (id, info))
+        }));
+    }
+    let mut out = BTreeMap::new();
+    for call in calls {
+        if let Ok(Some((id, info))) = call.await {
+            out.insert(id, info);
+        }
+    }
+    out.insert(r.self_id, self_info(r));
+    out
+}
+
+async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    if !may_read_status(r, ctx.client) {
+        tracing::info!(client = ?ctx.client, "status page refused: not loopback or a cluster node");
+        return respond_text(
+            session,
+            403,
+            "forbidden: the status page is readable from loopback and cluster nodes only\n",
+        )
+        .await;
+    }
+    let req = session.req_header();
+    let json = req.uri.query().is_some_and(|q| q.split('&').any(|p| p == "format=json"))
+        || req.headers.get("accept").and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("application/json"));
+    let infos = gather(r).await;
+    let nodes = r.view.nodes();
+    let sessions = r.view.sessions();
+    let listed: Vec<_> = nodes
+        .nodes
+        .iter()
+        .filter(|n| {
+            !n.router && (n.status == NodeStatus::Online || sessions.iter().any(|s| s.record.node_id == Some(n.id)))
+        })
+        .collect();
+
+    if json {
+        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+        for info in infos.values() {
+            for (k, v) in &info.counters {
+                *totals.entry(k.clone()).or_default() += v;
+            }
+        }
+        let nodes_json: Vec<_> = listed
+            .iter()
+            .map(|n| {
+                let info = infos.get(&n.id);
+                let node_sessions: Vec<_> = sessions
+                    .iter()
+                    .filter(|s| s.record.node_id == Some(n.id))
+                    .map(|s| {
+                        serde_json::json!({
+                            "key": s.record.key, "user": s.record.user_name, "kind": s.record.kind.as_str(),
+                            "created": s.record.created, "last_active": s.record.last_active,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "id": n.id,
+                    "address": n.address(),
+                    "status": n.status.as_str(),
+                    "offline_mode": n.offline_mode,
+                    "reachable": n.status == NodeStatus::Online && info.is_some() && r.view.is_reachable(n.id),
+                    "version": n.version,
+                    "load": info.map_or(n.load, |i| i.load),
+                    "cpus": info.map_or(n.cpus, |i| i.cpus),
+                    "backend_up": info.map(|i| i.backend_up),
+                    "in_flight": info.map(|i| i.in_flight),
+                    "counters": info.map(|i| &i.counters),
+                    "sessions": node_sessions,
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "node": r.self_address,
+            "node_id": r.self_id,
+            "balancer": r.balancer.read().name(),
+            "nodes": nodes_json,
+            "counters": totals,
+        });
+        return respond(session, 200, "application/json", body.to_string().into()).await;
+    }
+
+    let mut text = String::new();
+    for n in listed {
+        let info = infos.get(&n.id);
+        let mut marker = "";
+        if n.status != NodeStatus::Online || info.is_none() || !r.view.is_reachable(n.id) {
+            marker = " (unreachable)";
+        } else if n.offline_mode {
+            marker = " (offline)";
+        }
+        let l = info.map_or(n.load, |i| i.load);
+        text.push_str(&format!("{}{marker}  Load: {}, {}, {}\n", n.address(), l[0], l[1], l[2]));
+        for s in sessions.iter().filter(|s| s.record.node_id == Some(n.id)) {
+            text.push_str(&format!(
+                "   {} - {}\n",
+                s.record.key,
+                s.record.user_name.as_deref().unwrap_or("(anonymous)")
+            ));
+        }
+        text.push('\n');
+    }
+    respond(session, 200, "text/plain; charset=utf-8", text.into()).await
+}
