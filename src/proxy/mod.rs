@@ -28,7 +28,7 @@ mod endpoints;
 pub mod forward;
 pub mod health;
 pub mod identity;
-mod placement;
+pub mod placement;
 pub mod routing;
 
 use std::net::{IpAddr, SocketAddr};
