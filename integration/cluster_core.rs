@@ -227,6 +227,11 @@ async fn delete_node_removes_stopped_nodes_and_protects_online_ones_with_session
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 session(s) will be re-placed"));
     assert_eq!(registry.get_session("s1").await.unwrap().unwrap().node_id, None);
+    // The deleted node was running: it stops by itself, cleanly, and stays deleted.
+    let mut a = a;
+    assert!(a.proc.wait_exit(Duration::from_secs(20)).success());
+    assert!(a.proc.log_text().contains("node deleted by an admin"), "{}", a.proc.log_text());
+    assert!(row_of(&list_nodes(&fx, &a.config), &a.spec).is_none());
     let out = fx.admin(&a.config, &["delete-node", "424242"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node with ID 424242"));

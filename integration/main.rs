@@ -8,3 +8,4 @@ mod lock;
 mod passthrough;
 mod registry;
 mod routing;
+mod sessions;
