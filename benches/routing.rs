@@ -101,6 +101,7 @@ fn fixture() -> Fixture {
         Arc::new(RwLock::new(balancer::build(&config.balancer))),
         locks,
         rt.handle().clone(),
+        sessionlb::proxy::control_client(&config).unwrap(),
     );
     let mut cookie_request = RequestHeader::build("GET", b"/rpc/console_input", None).unwrap();
     cookie_request.insert_header("host", "ide.example.com").unwrap();

@@ -9,3 +9,4 @@ mod passthrough;
 mod registry;
 mod routing;
 mod sessions;
+mod tls;
