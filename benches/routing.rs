@@ -68,7 +68,7 @@ fn fixture() -> Fixture {
             known_cookie = value;
         }
         view.upsert_session(SessionRecord {
-            key: affinity.session_key(),
+            key: affinity.session_key().to_string(),
             node_id: Some(i as i64 % NODES + 1),
             user_name: Some(format!("user{}", i % 3000)),
             kind: SessionKind::Affinity,

@@ -97,7 +97,7 @@ async fn forwarding_refuses_a_peer_whose_certificate_does_not_name_it() {
     let b_id = c.node_id(1).await;
     c.registry
         .place_session(&NewSession {
-            key: &affinity.session_key(),
+            key: affinity.session_key(),
             node_id: b_id,
             user_name: None,
             kind: SessionKind::Affinity,
@@ -114,7 +114,7 @@ async fn forwarding_refuses_a_peer_whose_certificate_does_not_name_it() {
     // B's certificate does not name 127.0.0.3: the TLS handshake fails, the
     // request fails over, and the session moves off B.
     assert_eq!((reply.status, reply.backend()), (200, Some("A")), "{}", reply.body);
-    let row = c.registry.get_session(&affinity.session_key()).await.unwrap().unwrap();
+    let row = c.registry.get_session(affinity.session_key()).await.unwrap().unwrap();
     assert_eq!(row.node_id, Some(c.node_id(0).await));
     assert!(c.nodes[0].proc.log_text().contains("node unreachable (connect failed)"), "{}", c.nodes[0].proc.log_text());
 }

@@ -138,6 +138,31 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// Routes of `sessionlb_requests_total`.
+pub const ROUTES: [&str; 3] = ["local", "forwarded", "inbound"];
+/// Status classes of `sessionlb_requests_total`.
+pub const CLASSES: [&str; 7] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// `sessionlb_requests_total` children resolved once, so that counting a
+/// request is one atomic add rather than a label lookup.
+static REQUEST_COUNTERS: LazyLock<Vec<prometheus::IntCounter>> = LazyLock::new(|| {
+    ROUTES.iter().flat_map(|r| CLASSES.iter().map(move |c| METRICS.requests.with_label_values(&[r, c]))).collect()
+});
+
+/// Count one proxied request: `route` indexes [`ROUTES`], `status` is the response status (0 = none).
+pub fn count_request(route: usize, status: u16) {
+    let class = match status {
+        0 => 0,
+        100..=199 => 1,
+        200..=299 => 2,
+        300..=399 => 3,
+        400..=499 => 4,
+        500..=599 => 5,
+        _ => 6,
+    };
+    REQUEST_COUNTERS[route * CLASSES.len() + class].inc();
+}
+
 /// Sum of a counter vector over all label values.
 pub fn total(c: &IntCounterVec) -> u64 {
     use prometheus::core::Collector;

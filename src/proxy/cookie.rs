@@ -7,9 +7,15 @@
 //! forged, or older than the maximum age is rejected (and counted by the
 //! caller) — never trusted. MACs are compared in constant time.
 
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::Mac;
+use parking_lot::RwLock;
+use subtle::ConstantTimeEq;
 
 use crate::config::key::SecureKey;
 
@@ -43,13 +49,84 @@ pub struct Affinity {
     pub id: String,
     /// Unix seconds.
     pub issued: u64,
+    /// `aff:<id>`, the registry key (kept to avoid rebuilding it per request).
+    key: String,
 }
 
 impl Affinity {
-    /// The session key this cookie stands for in the registry.
-    pub fn session_key(&self) -> String {
-        format!("{AFFINITY_PREFIX}{}", self.id)
+    pub fn new(id: String, issued: u64) -> Affinity {
+        let key = format!("{AFFINITY_PREFIX}{id}");
+        Affinity { id, issued, key }
     }
+
+    /// The session key this cookie stands for in the registry.
+    pub fn session_key(&self) -> &str {
+        &self.key
+    }
+
+    /// The same id, issued at another time (a refreshed cookie).
+    pub fn reissued(&self, issued: u64) -> Affinity {
+        Affinity { issued, ..self.clone() }
+    }
+}
+
+/// A cookie value that verified, and what it verified to.
+type CachedCookie = (Box<str>, Arc<Affinity>);
+
+/// Cookies verified recently, so that a session's every request does not
+/// pay for an HMAC. Keyed by a randomly keyed hash of the cookie value; a
+/// hit is confirmed by a constant-time comparison with the stored value,
+/// and the maximum age is checked on every use. Only cookies that verified
+/// are stored; the cache is emptied when full.
+pub struct VerifiedCookies {
+    hasher: std::collections::hash_map::RandomState,
+    entries: RwLock<HashMap<u64, CachedCookie>>,
+    capacity: usize,
+}
+
+impl VerifiedCookies {
+    pub fn new(capacity: usize) -> VerifiedCookies {
+        VerifiedCookies { hasher: Default::default(), entries: RwLock::new(HashMap::new()), capacity }
+    }
+
+    /// Verify `value`, from the cache when possible.
+    pub fn verify(
+        &self,
+        key: &SecureKey,
+        value: &str,
+        now_secs: u64,
+        max_age_secs: u64,
+    ) -> Result<Arc<Affinity>, Rejection> {
+        let h = self.hasher.hash_one(value);
+        if let Some((stored, affinity)) = self.entries.read().get(&h)
+            && bool::from(stored.as_bytes().ct_eq(value.as_bytes()))
+        {
+            check_age(affinity.issued, now_secs, max_age_secs)?;
+            return Ok(affinity.clone());
+        }
+        let affinity = Arc::new(verify(key, value, now_secs, max_age_secs)?);
+        let mut entries = self.entries.write();
+        if entries.len() >= self.capacity {
+            entries.clear();
+        }
+        entries.insert(h, (value.into(), affinity.clone()));
+        Ok(affinity)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn check_age(issued: u64, now_secs: u64, max_age_secs: u64) -> Result<(), Rejection> {
+    if issued > now_secs + FUTURE_SKEW_SECS || now_secs.saturating_sub(issued) > max_age_secs {
+        return Err(Rejection::Expired);
+    }
+    Ok(())
 }
 
 fn mac(key: &SecureKey, id: &str, issued: u64) -> hmac::Hmac<sha2::Sha256> {
@@ -65,7 +142,7 @@ fn mac(key: &SecureKey, id: &str, issued: u64) -> hmac::Hmac<sha2::Sha256> {
 pub fn issue(key: &SecureKey, now_secs: u64) -> (Affinity, String) {
     let id = B64.encode(rand::random::<[u8; 16]>());
     let value = sign(key, &id, now_secs);
-    (Affinity { id, issued: now_secs }, value)
+    (Affinity::new(id, now_secs), value)
 }
 
 /// The cookie value for `id` issued at `issued` (also used to refresh an id).
@@ -90,10 +167,8 @@ pub fn verify(key: &SecureKey, value: &str, now_secs: u64, max_age_secs: u64) ->
     let tag = B64.decode(tag).map_err(|_| Rejection::Malformed)?;
     // `verify_slice` compares in constant time.
     mac(key, id, issued).verify_slice(&tag).map_err(|_| Rejection::BadMac)?;
-    if issued > now_secs + FUTURE_SKEW_SECS || now_secs.saturating_sub(issued) > max_age_secs {
-        return Err(Rejection::Expired);
-    }
-    Ok(Affinity { id: id.to_string(), issued })
+    check_age(issued, now_secs, max_age_secs)?;
+    Ok(Affinity::new(id.to_string(), issued))
 }
 
 /// The `Set-Cookie` header value.
@@ -106,18 +181,31 @@ pub fn set_cookie_header(name: &str, value: &str, max_age_secs: u64, secure: boo
 
 /// Find a cookie by name in `Cookie` header values (no allocation).
 pub fn find_cookie<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&'a str> {
+    find_cookies(headers, [name])[0]
+}
+
+/// Find several cookies by name in one pass over `Cookie` header values
+/// (no allocation); the first occurrence of each wins.
+pub fn find_cookies<'a, const N: usize>(
+    headers: impl Iterator<Item = &'a [u8]>,
+    names: [&str; N],
+) -> [Option<&'a str>; N] {
+    let mut found = [None; N];
     for header in headers {
         let Ok(text) = std::str::from_utf8(header) else { continue };
         for pair in text.split(';') {
             let pair = pair.trim_start();
-            if let Some(rest) = pair.strip_prefix(name)
-                && let Some(value) = rest.strip_prefix('=')
-            {
-                return Some(value.trim_end());
+            for (slot, name) in found.iter_mut().zip(names) {
+                if slot.is_none()
+                    && let Some(rest) = pair.strip_prefix(name)
+                    && let Some(value) = rest.strip_prefix('=')
+                {
+                    *slot = Some(value.trim_end());
+                }
             }
         }
     }
-    None
+    found
 }
 
 #[cfg(test)]
@@ -155,6 +243,36 @@ mod tests {
         for bad in ["", "v1", "v2.a.b.c", "v1.short.1.AAAA", &format!("{value}.x"), &value.replace("v1.", "v1..")] {
             assert_eq!(verify(&k, bad, 1_000_000, 3600), Err(Rejection::Malformed), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_cache_returns_only_verified_values_and_still_checks_age() {
+        let k = key();
+        let cache = VerifiedCookies::new(2);
+        let (aff, value) = issue(&k, 1_000_000);
+        assert_eq!(*cache.verify(&k, &value, 1_000_000, 3600).unwrap(), aff);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(*cache.verify(&k, &value, 1_000_100, 3600).unwrap(), aff, "a hit");
+        assert_eq!(cache.verify(&k, &value, 1_003_601, 3600), Err(Rejection::Expired), "age checked on hits");
+        // Forgeries are never cached, whatever their value.
+        let forged = format!("{}x", &value[..value.len() - 1]);
+        assert!(cache.verify(&k, &forged, 1_000_000, 3600).is_err());
+        assert_eq!(cache.len(), 1);
+        // Full: emptied, then refilled.
+        let (_, v2) = issue(&k, 1_000_000);
+        let (_, v3) = issue(&k, 1_000_000);
+        cache.verify(&k, &v2, 1_000_000, 3600).unwrap();
+        cache.verify(&k, &v3, 1_000_000, 3600).unwrap();
+        assert!(cache.len() <= 2);
+    }
+
+    #[test]
+    fn several_cookies_in_one_pass() {
+        let headers = [b"a=1; user-id=bob".as_slice(), b"sessionlb-affinity=v1.x; user-id=eve".as_slice()];
+        assert_eq!(
+            find_cookies(headers.iter().copied(), ["sessionlb-affinity", "user-id", "none"]),
+            [Some("v1.x"), Some("bob"), None]
+        );
     }
 
     #[test]

@@ -46,13 +46,16 @@ use sha2::Sha256;
 
 use crate::balancer::Balancer;
 use crate::cluster::view::SessionEntry;
-use crate::cluster::{ClusterView, NodeId, Registry, SessionKind};
+use crate::cluster::{ClusterView, NodeId, Registry};
 use crate::config::Config;
 use crate::config::key::SecureKey;
 use crate::lock::LockManager;
 use crate::metrics::METRICS;
 
 use self::forward::{BACKEND_DOWN_HEADER, ForwardRejection, Forwarded, RequestLine};
+
+/// How many verified affinity cookies are remembered (about 150 bytes each).
+const COOKIE_CACHE_CAPACITY: usize = 16_384;
 
 /// State shared by every request of a node.
 pub struct Router {
@@ -75,6 +78,8 @@ pub struct Router {
     pub control: tokio::runtime::Handle,
     /// Client for node-to-node control calls.
     pub http: reqwest::Client,
+    /// Affinity cookies verified recently (saves an HMAC per request).
+    pub cookies: cookie::VerifiedCookies,
 }
 
 impl Router {
@@ -105,6 +110,7 @@ impl Router {
             locks,
             control,
             http,
+            cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
         }
     }
 
@@ -161,9 +167,6 @@ pub struct RequestCtx {
     /// A verified node-to-node request: serve locally, never forward.
     pub inbound: Option<Forwarded>,
     pub user: Option<String>,
-    /// The session key this request is routed by.
-    pub key: Option<String>,
-    pub kind: Option<SessionKind>,
     /// A backend key found in the path, to register here if our backend answers it below 400.
     pub path_key: Option<String>,
     pub path_key_known: bool,
@@ -177,6 +180,17 @@ pub struct RequestCtx {
     pub entry: Option<Arc<SessionEntry>>,
     pub client: Option<IpAddr>,
     pub in_flight: bool,
+}
+
+impl RequestCtx {
+    /// The session key this request is routed by (for a node-to-node request, the sender's).
+    pub fn session_key(&self) -> Option<&str> {
+        match (&self.inbound, &self.entry) {
+            (Some(f), _) => Some(&f.key),
+            (None, Some(e)) => Some(&e.record.key),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Local wall clock in ms and s.
@@ -251,7 +265,6 @@ impl ProxyHttp for Router {
                         return Ok(true);
                     }
                     ctx.user = f.user.clone();
-                    ctx.key = Some(f.key.clone());
                     ctx.path_key =
                         routing::path_key(&self.config.sessions.path_pattern, session.req_header().uri.path());
                     ctx.path_key_known = ctx.path_key.as_deref().is_some_and(|k| self.view.session(k).is_some());
@@ -344,7 +357,7 @@ impl ProxyHttp for Router {
             }
         }
         if let Route::Peer { id, .. } = ctx.route {
-            let key = ctx.key.as_deref().unwrap_or_default();
+            let key = ctx.session_key().unwrap_or_default();
             let value =
                 forward::sign(&self.key, self.self_id, id, now_ms(), key, ctx.user.as_deref(), &request_line(upstream));
             upstream.insert_header(forward::HEADER, value)?;
@@ -486,20 +499,12 @@ impl ProxyHttp for Router {
             }
         }
         let route = match (ctx.inbound.is_some(), ctx.route) {
-            (true, _) => "inbound",
-            (false, Route::Local) => "local",
-            (false, Route::Peer { .. }) => "forwarded",
+            (true, _) => 2,
+            (false, Route::Local) => 0,
+            (false, Route::Peer { .. }) => 1,
             (false, Route::Unset) => return,
         };
-        let class = match session.response_written().map_or(0, |r| r.status.as_u16()) {
-            0 => "none",
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        METRICS.requests.with_label_values(&[route, class]).inc();
+        crate::metrics::count_request(route, session.response_written().map_or(0, |r| r.status.as_u16()));
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {

@@ -34,11 +34,12 @@ pub fn path_key(pattern: &SessionPathPattern, path: &str) -> Option<String> {
     (after.starts_with(pattern.suffix.as_str()) || after.is_empty()).then(|| key.to_string())
 }
 
-/// The user of a request: Workbench cookie, then trusted header, else none.
-pub fn identify(r: &Router, req: &RequestHeader, client: Option<IpAddr>) -> Option<String> {
+/// The user of a request: Workbench cookie (its value, if the request has
+/// one), then trusted header, else none.
+pub fn identify(r: &Router, req: &RequestHeader, user_cookie: Option<&str>, client: Option<IpAddr>) -> Option<String> {
     let id = &r.config.identity;
     if id.rstudio_user_cookie
-        && let Some(value) = cookie::find_cookie(cookie_headers(req), &id.user_cookie_name)
+        && let Some(value) = user_cookie
     {
         match identity::verify_workbench_cookie(&r.workbench_mac, value, SystemTime::now()) {
             Ok(user) => return Some(user),
@@ -100,7 +101,7 @@ pub fn check(r: &Router, entry: &SessionEntry) -> Result<Route, MoveReason> {
 pub struct Decision {
     pub user: Option<String>,
     /// The verified affinity cookie, or a fresh one.
-    pub affinity: Affinity,
+    pub affinity: Arc<Affinity>,
     /// `Set-Cookie` value when the cookie is new or refreshed.
     pub set_cookie: Option<String>,
     /// A backend key in the path.
@@ -115,12 +116,17 @@ pub struct Decision {
 /// the view. Counts rejected cookies.
 pub fn decide(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now: u64) -> Decision {
     let cfg = &r.config.sessions;
-    let user = identify(r, req, client);
+    let [affinity_cookie, user_cookie] = cookie::find_cookies(
+        cookie_headers(req),
+        [cfg.affinity_cookie_name.as_str(), r.config.identity.user_cookie_name.as_str()],
+    );
+    let user = identify(r, req, user_cookie, client);
 
     // The affinity cookie: verified, refreshed when old, replaced when bad or absent.
     let max_age = cfg.affinity_cookie_max_age.as_secs();
-    let verified = cookie::find_cookie(cookie_headers(req), &cfg.affinity_cookie_name).and_then(|value| {
-        cookie::verify(&r.key, value, now, max_age)
+    let verified = affinity_cookie.and_then(|value| {
+        r.cookies
+            .verify(&r.key, value, now, max_age)
             .map_err(|reason| {
                 METRICS.rejected_cookies.with_label_values(&["affinity", reason.as_str()]).inc();
                 tracing::debug!(reason = reason.as_str(), client = ?client, "ignored an affinity cookie that does not verify");
@@ -132,12 +138,12 @@ pub fn decide(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now: u64)
     let (affinity, set_cookie) = match verified {
         Some(a) if now.saturating_sub(a.issued) > max_age / 2 => {
             let refreshed = cookie::sign(&r.key, &a.id, now);
-            (Affinity { issued: now, ..a }, set(&refreshed))
+            (Arc::new(a.reissued(now)), set(&refreshed))
         }
         Some(a) => (a, None),
         None => {
             let (a, value) = cookie::issue(&r.key, now);
-            (a, set(&value))
+            (Arc::new(a), set(&value))
         }
     };
 
@@ -146,7 +152,7 @@ pub fn decide(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now: u64)
     let by_path = path_key.as_deref().and_then(|k| r.view.session(k));
     let path_key_known = by_path.is_some();
     let found = by_path
-        .or_else(|| r.view.session(&affinity.session_key()))
+        .or_else(|| r.view.session(affinity.session_key()))
         .or_else(|| user.as_deref().and_then(|u| r.view.latest_session_of(u)));
     Decision { user, affinity, set_cookie, path_key, path_key_known, found }
 }
@@ -178,7 +184,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
             Err(reason) => placement::replace(r, ctx, entry, reason).await?,
         },
         // 4. a new session under the affinity key
-        None => placement::place_new(r, ctx, d.affinity.session_key(), SessionKind::Affinity).await?,
+        None => placement::place_new(r, ctx, d.affinity.session_key().to_string(), SessionKind::Affinity).await?,
     };
     tracing::debug!(
         target: crate::telemetry::DIAGNOSTICS_TARGET,
@@ -189,8 +195,6 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
         path = %req_path(session),
         "routed"
     );
-    ctx.key = Some(entry.record.key.clone());
-    ctx.kind = Some(entry.record.kind);
     entry.touch(now_ms());
     entry.stream_opened();
     ctx.in_flight = true;
