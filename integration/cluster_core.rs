@@ -361,3 +361,49 @@ async fn list_nodes_orders_online_first_and_flags_versions_and_clock_skew() {
     assert!(!row_of(&rows, &second.spec).unwrap().notes.contains("VERSION MISMATCH"), "{text}");
     assert!(text.contains("5000ms"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_go_to_stderr_or_a_temp_file() {
+    let db = TestDb::postgres().await;
+    let fx = ClusterFixture::new(&db.url);
+    let be = Backend::start(fx.path(), "b").await;
+    for target in ["stderr", "tmp"] {
+        let mut spec = fx.spec("127.0.0.2", Some(be.addr));
+        spec.extra = format!("diagnostics = \"{target}\"");
+        // Quiet main log: only the diagnostics may mention routing.
+        let text = fx.config_text(&spec).replace("log-level = \"info,sessionlb=debug\"", "log-level = \"warn\"");
+        std::fs::write(fx.write_config(&spec), text).unwrap();
+        let mut cmd = std::process::Command::new(SESSIONLB);
+        cmd.arg("--config").arg(fx.path().join(format!("node-{}-{}.toml", spec.ip, spec.port))).arg("serve");
+        let mut node = Node {
+            proc: Proc::spawn("diag node", cmd, fx.path().join(format!("diag-{target}.log"))),
+            config: fx.path().join(format!("node-{}-{}.toml", spec.ip, spec.port)),
+            spec: spec.clone(),
+        };
+        node.wait_healthy().await;
+        assert_eq!(reqwest::get(node.url("/x")).await.unwrap().status().as_u16(), 200);
+        let pid = node.proc.pid();
+        let diag = match target {
+            "stderr" => {
+                eventually(Duration::from_secs(5), "a routing event on stderr", || async {
+                    let log = node.proc.log_text();
+                    log.contains("routed").then_some(log)
+                })
+                .await
+            }
+            _ => {
+                let file = std::env::temp_dir().join(format!("sessionlb-diagnostics-{pid}.log"));
+                let text = eventually(Duration::from_secs(5), "a routing event in the diagnostics file", || async {
+                    std::fs::read_to_string(&file).ok().filter(|t| t.contains("routed"))
+                })
+                .await;
+                assert!(!node.proc.log_text().contains("routed"), "the main log stays quiet");
+                let _ = std::fs::remove_file(&file);
+                text
+            }
+        };
+        assert!(diag.contains("key=aff:"), "{diag}");
+        node.proc.signal(Signal::TERM);
+        node.proc.wait_exit(Duration::from_secs(20));
+    }
+}

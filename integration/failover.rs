@@ -372,3 +372,45 @@ async fn status_page_is_refused_to_a_client_outside_the_cluster() {
     let local = reqwest::get(format!("http://127.0.0.1:{port}/load-balancer/status")).await.unwrap();
     assert_eq!(local.status().as_u16(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_find_a_frozen_node_and_its_recovery() {
+    let c = Cluster::start(ClusterOptions { extra: "health-check-interval = \"500ms\"".into(), ..Default::default() })
+        .await;
+    let frozen = c.nodes[2].address();
+    let shown = |text: &str| text.lines().find(|l| l.starts_with(&frozen)).unwrap_or("").to_string();
+    // Frozen: still `Online` in the registry, but it answers nothing (its
+    // kernel even accepts connections). Only the probes can tell.
+    let node_up = |text: &str| -> Option<i64> {
+        let prefix = format!("sessionlb_node_up{{node=\"{frozen}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+    };
+    let metrics = || async { reqwest::get(c.nodes[0].url("/metrics")).await.ok()?.text().await.ok() };
+    eventually(Duration::from_secs(5), "A's probes to find C up", || async {
+        (node_up(&metrics().await?) == Some(1)).then_some(())
+    })
+    .await;
+    c.nodes[2].proc.signal(Signal::STOP);
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), "A's probes to find C dead", || async {
+        (node_up(&metrics().await?) == Some(0)).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(6), "found after {:?}", started.elapsed());
+    let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
+    assert!(shown(&text).contains("(unreachable)"), "{text}");
+    // New sessions avoid it meanwhile.
+    for _ in 0..6 {
+        let reply = Browser::new().get(&c.nodes[0].url("/")).await;
+        assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
+    }
+    c.nodes[2].proc.signal(Signal::CONT);
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), "A's probes to find C back", || async {
+        (node_up(&metrics().await?) == Some(1)).then_some(())
+    })
+    .await;
+    let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
+    assert!(!shown(&text).is_empty() && !shown(&text).contains("(unreachable)"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "found after {:?}", started.elapsed());
+}

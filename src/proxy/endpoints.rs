@@ -29,6 +29,8 @@ const HEALTH: &str = "/health";
 const METRICS_PATH: &str = "/metrics";
 const STATUS: &str = "/load-balancer/status";
 const NODE_INFO: &str = "/load-balancer/node-info";
+/// How long the status page waits for a peer's report.
+const GATHER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The session key a node-info request is signed with.
 const NODE_INFO_KEY: &str = "node-info";
 
@@ -177,17 +179,21 @@ fn may_read_status(r: &Router, client: Option<IpAddr>) -> bool {
 async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
     let nodes = r.view.nodes();
     let mut calls = Vec::new();
-    for n in nodes.nodes.iter().filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router) {
+    // Peers known to be down are not asked, and no peer may hold the page up
+    // for long: a frozen node answers nothing.
+    let wait = control_timeout(r).min(GATHER_TIMEOUT);
+    for n in nodes
+        .nodes
+        .iter()
+        .filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router && r.view.is_reachable(n.id))
+    {
         let Some(addr) = node_addr(n) else { continue };
         let scheme = if r.config.proxy.ssl_enabled { "https" } else { "http" };
         let host = addr.to_string();
         let line = RequestLine { method: "GET", host: &host, path_and_query: NODE_INFO };
         let signature = forward::sign(&r.key, r.self_id, n.id, now_ms(), NODE_INFO_KEY, None, &line);
-        let request = r
-            .http
-            .get(format!("{scheme}://{host}{NODE_INFO}"))
-            .header(forward::HEADER, signature)
-            .timeout(control_timeout(r));
+        let request =
+            r.http.get(format!("{scheme}://{host}{NODE_INFO}")).header(forward::HEADER, signature).timeout(wait);
         let id = n.id;
         calls.push(r.control.spawn(async move {
             let resp = request.send().await.ok()?;
