@@ -19,7 +19,10 @@ pub const DIAGNOSTICS_TARGET: &str = "sessionlb::diagnostics";
 /// Install the global subscriber for `serve`. Returns the diagnostics file
 /// path when `diagnostics = tmp`.
 pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
-    let _ = tracing_log::LogTracer::init();
+    // Pingora logs through `log`; its records below warn are filtered out
+    // below anyway, so stop them at the `log` macro instead of bridging
+    // every debug!/trace! call of the data path into tracing.
+    let _ = tracing_log::LogTracer::builder().with_max_level(log::LevelFilter::Warn).init();
     // Pingora logs every client disconnect as an error; keep its noise at warn.
     let filter = EnvFilter::try_new(format!("{},pingora_core=warn,pingora_proxy=warn", settings.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

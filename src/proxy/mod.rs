@@ -54,6 +54,18 @@ use crate::metrics::METRICS;
 
 use self::forward::{BACKEND_DOWN_HEADER, ForwardRejection, Forwarded, RequestLine};
 
+// Header names used on every request, parsed once.
+static FORWARD_HEADER: std::sync::LazyLock<http::HeaderName> =
+    std::sync::LazyLock::new(|| http::HeaderName::from_static(forward::HEADER));
+static BACKEND_DOWN: std::sync::LazyLock<http::HeaderName> =
+    std::sync::LazyLock::new(|| http::HeaderName::from_static(BACKEND_DOWN_HEADER));
+static X_FORWARDED_FOR: std::sync::LazyLock<http::HeaderName> =
+    std::sync::LazyLock::new(|| http::HeaderName::from_static("x-forwarded-for"));
+static X_FORWARDED_PROTO: std::sync::LazyLock<http::HeaderName> =
+    std::sync::LazyLock::new(|| http::HeaderName::from_static("x-forwarded-proto"));
+static X_FORWARDED_HOST: std::sync::LazyLock<http::HeaderName> =
+    std::sync::LazyLock::new(|| http::HeaderName::from_static("x-forwarded-host"));
+
 /// How many verified affinity cookies are remembered (about 150 bytes each).
 const COOKIE_CACHE_CAPACITY: usize = 16_384;
 
@@ -80,6 +92,8 @@ pub struct Router {
     pub http: reqwest::Client,
     /// Affinity cookies verified recently (saves an HMAC per request).
     pub cookies: cookie::VerifiedCookies,
+    /// `[identity] trusted-header`, parsed once (validated by the configuration).
+    trusted_header: Option<http::HeaderName>,
 }
 
 impl Router {
@@ -96,6 +110,7 @@ impl Router {
         control: tokio::runtime::Handle,
         http: reqwest::Client,
     ) -> Router {
+        let trusted_header = config_trusted_header(&config);
         Router {
             workbench_mac: identity::workbench_mac(&key),
             self_id: view.self_id(),
@@ -111,6 +126,7 @@ impl Router {
             control,
             http,
             cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
+            trusted_header,
         }
     }
 
@@ -147,6 +163,10 @@ pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, S
         }
     }
     builder.build().map_err(|e| format!("cannot build the node-to-node HTTP client: {e}"))
+}
+
+fn config_trusted_header(config: &Config) -> Option<http::HeaderName> {
+    config.identity.trusted_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
 }
 
 /// Where a request goes.
@@ -328,33 +348,47 @@ impl ProxyHttp for Router {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream.remove_header(forward::HEADER);
+        if upstream.headers.contains_key(&*FORWARD_HEADER) {
+            upstream.remove_header(&*FORWARD_HEADER);
+        }
         if ctx.inbound.is_some() {
             // The sending node already set X-Forwarded-* and vetted identity headers.
             return Ok(());
         }
-        let trusted = ctx.client.is_some_and(|ip| identity::is_trusted(ip, &self.config.identity.trusted_cidrs));
-        if let Some(header) = &self.config.identity.trusted_header
+        let cidrs = &self.config.identity.trusted_cidrs;
+        let trusted = !cidrs.is_empty() && ctx.client.is_some_and(|ip| identity::is_trusted(ip, cidrs));
+        if let Some(name) = &self.trusted_header
             && !trusted
+            && upstream.headers.contains_key(name)
         {
-            upstream.remove_header(header.as_str());
+            upstream.remove_header(name);
         }
         if let Some(ip) = ctx.client {
-            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) if trusted => format!("{prev}, {ip}"),
-                _ => ip.to_string(),
+            let value = match upstream.headers.get(&*X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) if trusted => http::HeaderValue::try_from(format!("{prev}, {ip}")),
+                _ => {
+                    // The address, formatted without a heap string.
+                    let mut buf = [0u8; 48];
+                    let len = {
+                        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                        std::io::Write::write_fmt(&mut cursor, format_args!("{ip}")).expect("an IP fits 48 bytes");
+                        cursor.position() as usize
+                    };
+                    http::HeaderValue::from_bytes(&buf[..len])
+                }
             };
-            upstream.insert_header("x-forwarded-for", xff)?;
-        }
-        if !(trusted && upstream.headers.contains_key("x-forwarded-proto")) {
-            let proto = if self.config.proxy.ssl_enabled { "https" } else { "http" };
-            upstream.insert_header("x-forwarded-proto", proto)?;
-        }
-        if !(trusted && upstream.headers.contains_key("x-forwarded-host")) {
-            let host = host_of(session.req_header()).to_string();
-            if !host.is_empty() {
-                upstream.insert_header("x-forwarded-host", host)?;
+            if let Ok(value) = value {
+                upstream.insert_header("x-forwarded-for", value)?;
             }
+        }
+        if !(trusted && upstream.headers.contains_key(&*X_FORWARDED_PROTO)) {
+            let proto = if self.config.proxy.ssl_enabled { "https" } else { "http" };
+            upstream.insert_header("x-forwarded-proto", http::HeaderValue::from_static(proto))?;
+        }
+        if !(trusted && upstream.headers.contains_key(&*X_FORWARDED_HOST))
+            && let Some(host) = session.req_header().headers.get(http::header::HOST).cloned()
+        {
+            upstream.insert_header("x-forwarded-host", host)?;
         }
         if let Route::Peer { id, .. } = ctx.route {
             let key = ctx.session_key().unwrap_or_default();
@@ -420,7 +454,7 @@ impl ProxyHttp for Router {
 
     async fn upstream_response_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -443,8 +477,8 @@ impl ProxyHttp for Router {
             }
             _ => {}
         }
-        if !session.is_upgrade_req() && ctx.inbound.is_none() {
-            resp.remove_header(BACKEND_DOWN_HEADER);
+        if ctx.inbound.is_none() && resp.headers.contains_key(&*BACKEND_DOWN) {
+            resp.remove_header(&*BACKEND_DOWN);
         }
         Ok(())
     }

@@ -49,9 +49,10 @@ pub fn identify(r: &Router, req: &RequestHeader, user_cookie: Option<&str>, clie
             }
         }
     }
-    if let Some(header) = &id.trusted_header
-        && let Some(value) = req.headers.get(header.as_str())
+    if !id.trusted_cidrs.is_empty()
+        && let Some(header) = &id.trusted_header
         && client.is_some_and(|ip| identity::is_trusted(ip, &id.trusted_cidrs))
+        && let Some(value) = req.headers.get(header.as_str())
         && let Ok(user) = value.to_str()
     {
         let user = user.trim();
