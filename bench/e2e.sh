@@ -1,0 +1,500 @@
+#!/usr/bin/env bash
+# End-to-end proxy throughput: wrk against the demo backend directly and
+# through nginx, HAProxy, a bare Pingora forwarder (examples/bare_forwarder.rs,
+# the floor of our stack) and one sessionlb node routing a known session.
+#
+# Usage (from anywhere; paths are relative to the repository root):
+#
+#   bench/e2e.sh                                  # 5 rounds, wrk -t1 -c64 -d10s
+#   ROUNDS=7 DURATION=15s CONNECTIONS=128 bench/e2e.sh
+#
+# Settings (environment):
+#   ROUNDS=5           measured rounds; each round runs every target once,
+#                      in an order rotated by one target per round
+#   DURATION=10s       wrk -d of every measured run
+#   WARMUP=3s          wrk -d of one uncounted warm-up run per target
+#   CONNECTIONS=64     wrk -c
+#   THREADS=1          wrk -t
+#   TARGETS="direct nginx haproxy bare sessionlb"   which targets, in round-1 order
+#   PROXY_CPU=0        core every proxy is pinned to (taskset -c)
+#   LOAD_CPU=1         core wrk and the backend are pinned to
+#   PROXY_THREADS=1    Pingora worker threads of the bare forwarder and of sessionlb
+#   BARE_ARGS=""       extra flags for the bare forwarder (e.g. "--keepalive-pool 256")
+#   BASE_PORT=18600    ports BASE_PORT..BASE_PORT+4 are used on 127.0.0.1
+#   QUIET_TIMEOUT=900  before each run, wait up to this many seconds while a
+#                      compiler (rustc, cc1, ld, ...) runs on the machine or other
+#                      processes use more than QUIET_CPU=15 % of a core; a run is
+#                      flagged "noisy" if we gave up waiting, a compiler ran right
+#                      after it, or others used > 10 % of a core (or steal) during it
+#   SKIP_BUILD=0       1 = use the existing release binaries
+#   OUT=bench/results/e2e-<date>   where the raw wrk outputs, raw.tsv and summary.md go
+#   CARGO_TARGET_DIR   as for cargo (default: ./target)
+#
+# Every process is started here, pinned, and stopped by PID on exit (also on
+# Ctrl-C). Before measuring, the script checks that sessionlb routes the
+# known session (200, `x-backend: bench`, no new Set-Cookie) and fails
+# otherwise; afterwards it checks sessionlb's metrics (one placement, no
+# rejected cookies, every request routed locally with 2xx).
+#
+# All targets get the same request, including the sessionlb affinity cookie:
+# `GET /bench` (2-byte body) with `Cookie: sessionlb-affinity=...`.
+
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-3s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+TARGETS=${TARGETS:-"direct nginx haproxy bare sessionlb"}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+PROXY_THREADS=${PROXY_THREADS:-1}
+BARE_ARGS=${BARE_ARGS:-}
+BASE_PORT=${BASE_PORT:-18600}
+QUIET_TIMEOUT=${QUIET_TIMEOUT:-900}
+QUIET_CPU=${QUIET_CPU:-15}
+SKIP_BUILD=${SKIP_BUILD:-0}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-bench/results/e2e-$(date +%Y%m%d-%H%M%S)}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+
+P_DIRECT=$BASE_PORT
+P_NGINX=$((BASE_PORT + 1))
+P_HAPROXY=$((BASE_PORT + 2))
+P_BARE=$((BASE_PORT + 3))
+P_SLB=$((BASE_PORT + 4))
+# The backend listens on P_DIRECT; "direct" is wrk straight to it.
+
+read -r -a TARGET_LIST <<<"$TARGETS"
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+	log "FAILED: $*"
+	exit 1
+}
+
+# ---------------------------------------------------------------- processes
+
+WORK=$(mktemp -d /tmp/sessionlb-e2e.XXXXXX)
+PIDS=()
+declare -A TPID # name -> PID
+
+# Stop everything we started, by PID: SIGTERM, then SIGKILL after 5 s.
+cleanup() {
+	local status=$? pid i
+	trap - EXIT INT TERM
+	for pid in "${PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
+	done
+	for pid in "${PIDS[@]}"; do
+		for ((i = 0; i < 50; i++)); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			log "PID $pid did not stop; killing it"
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+		wait "$pid" 2>/dev/null || true
+	done
+	rm -rf "$WORK"
+	exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CPU COMMAND...: run COMMAND pinned to CPU, output to $WORK/NAME.log.
+start() {
+	local name=$1 cpu=$2
+	shift 2
+	taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+	PIDS+=("$!")
+	TPID[$name]=$!
+	log "started $name (PID $!) on core $cpu: $*"
+}
+
+# wait_http NAME PORT: wait until GET /bench answers on PORT (10 s at most).
+wait_http() {
+	local name=$1 port=$2 i
+	for ((i = 0; i < 100; i++)); do
+		if curl -fsS -o /dev/null "http://127.0.0.1:$port/bench" 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	cat "$WORK/$name.log" >&2 || true
+	die "$name does not answer on 127.0.0.1:$port"
+}
+
+# fill TEMPLATE OUTPUT KEY=VALUE...: replace @KEY@ by VALUE.
+fill() {
+	local tmpl=$1 out=$2 kv args=()
+	shift 2
+	for kv in "$@"; do
+		args+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
+	done
+	sed "${args[@]}" "$tmpl" >"$out"
+}
+
+port_of() {
+	case $1 in
+	direct) echo "$P_DIRECT" ;;
+	nginx) echo "$P_NGINX" ;;
+	haproxy) echo "$P_HAPROXY" ;;
+	bare) echo "$P_BARE" ;;
+	sessionlb) echo "$P_SLB" ;;
+	*) die "unknown target $1" ;;
+	esac
+}
+
+has_target() {
+	local t
+	for t in "${TARGET_LIST[@]}"; do
+		[[ $t == "$1" ]] && return 0
+	done
+	return 1
+}
+
+# Compilers and linkers of other work on this machine (e.g. cargo builds).
+compilers_running() {
+	grep -qsxE 'rustc|cargo|cargo-nextest|rust-lld|cc1|cc1plus|collect2|ld|ld.lld|ld.gold|cc|c\+\+|clang' /proc/[0-9]*/comm
+}
+
+# CPU accounting, to see whether anything else ran during a measurement.
+HZ=$(getconf CLK_TCK)
+# sys_ticks: "busy steal" of all cores (busy = user + nice + system + irq + softirq).
+sys_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8, $9 }' /proc/stat; }
+# pid_ticks PID...: user + system ticks of these processes and of their children.
+pid_ticks() {
+	local p kids all=()
+	for p in "$@"; do
+		all+=("$p")
+		mapfile -t kids < <(pgrep -P "$p" || true)
+		all+=("${kids[@]}")
+	done
+	for p in "${all[@]}"; do
+		cat "/proc/$p/stat" 2>/dev/null || true
+	done | awk '{ s += $14 + $15 } END { print s + 0 }'
+}
+
+# busy_others: % of one core used over 2 s by processes other than ours.
+busy_others() {
+	local b0 b1 o0 o1 _s
+	read -r b0 _s < <(sys_ticks)
+	o0=$(pid_ticks "${PIDS[@]}")
+	sleep 2
+	read -r b1 _s < <(sys_ticks)
+	o1=$(pid_ticks "${PIDS[@]}")
+	awk -v b="$((b1 - b0))" -v o="$((o1 - o0))" -v hz="$HZ" 'BEGIN { printf "%.0f", (b - o) / hz / 2 * 100 }'
+}
+
+# quiet: no compiler runs and other processes use at most QUIET_CPU % of a core.
+quiet() {
+	local busy
+	! compilers_running || return 1
+	busy=$(busy_others)
+	((busy <= QUIET_CPU)) || return 1
+}
+
+# wait_quiet: wait (up to QUIET_TIMEOUT s) for a quiet machine; 1 if we gave up.
+wait_quiet() {
+	local waited=0
+	until quiet; do
+		if ((waited == 0)); then
+			log "the machine is busy (a compiler, or other processes > ${QUIET_CPU}% of a core);" \
+				"waiting (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+		fi
+		if ((waited >= QUIET_TIMEOUT)); then
+			log "still busy after ${QUIET_TIMEOUT}s; measuring anyway (flagged noisy)"
+			return 1
+		fi
+		sleep 3
+		waited=$((waited + 5))
+	done
+	((waited == 0)) || log "quiet again after ~${waited}s"
+	return 0
+}
+
+# ---------------------------------------------------------------- build
+
+for tool in wrk nginx haproxy taskset curl pgrep; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+for p in "$P_DIRECT" "$P_NGINX" "$P_HAPROXY" "$P_BARE" "$P_SLB"; do
+	if ss -Hltn "sport = :$p" | grep -q .; then
+		die "port $p is in use (set BASE_PORT)"
+	fi
+done
+
+if [[ $SKIP_BUILD != 1 ]]; then
+	log "building release binaries (CARGO_TARGET_DIR=$TARGET_DIR)"
+	cargo build --release --bins --examples
+fi
+for b in sessionlb sessionlb-demo-backend examples/bare_forwarder; do
+	[[ -x $BIN/$b ]] || die "$BIN/$b is missing (build without SKIP_BUILD=1)"
+done
+
+mkdir -p "$OUT"
+RAW=$OUT/raw.tsv
+{
+	echo "# bench/e2e.sh $(date -Iseconds)"
+	echo "# git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+	echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
+	echo "# wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (warm-up $WARMUP); proxies on core $PROXY_CPU, wrk + backend on core $LOAD_CPU"
+	echo "# rounds=$ROUNDS targets=${TARGET_LIST[*]} proxy_threads=$PROXY_THREADS bare_args='$BARE_ARGS'"
+	echo "# $(nginx -v 2>&1); $(haproxy -v | head -1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)"
+	printf 'round\ttarget\treq_per_s\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\trequests\tproxy_cpu_pct\tproxy_cpu_us_per_req\tload_core_cpu_pct\tload1_before\tother_cpu_pct\tsteal_pct\tnoisy\n'
+} >"$RAW"
+
+# ---------------------------------------------------------------- start targets
+
+mkdir -p "$WORK/nginx-tmp" "$WORK/shared-storage" "$WORK/run"
+start backend "$LOAD_CPU" "$BIN/sessionlb-demo-backend" --listen "127.0.0.1:$P_DIRECT" --name bench
+wait_http backend "$P_DIRECT"
+
+if has_target nginx; then
+	fill bench/nginx.conf.tmpl "$WORK/nginx.conf" WORK="$WORK" LISTEN="127.0.0.1:$P_NGINX" BACKEND="127.0.0.1:$P_DIRECT"
+	nginx -t -q -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" || die "nginx rejects its configuration"
+	start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log"
+	wait_http nginx "$P_NGINX"
+fi
+if has_target haproxy; then
+	fill bench/haproxy.cfg.tmpl "$WORK/haproxy.cfg" LISTEN="127.0.0.1:$P_HAPROXY" BACKEND="127.0.0.1:$P_DIRECT"
+	haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejects its configuration"
+	start haproxy "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
+	wait_http haproxy "$P_HAPROXY"
+fi
+if has_target bare; then
+	# shellcheck disable=SC2086 # BARE_ARGS is a list of flags
+	start bare "$PROXY_CPU" "$BIN/examples/bare_forwarder" --listen "127.0.0.1:$P_BARE" \
+		--backend "127.0.0.1:$P_DIRECT" --threads "$PROXY_THREADS" $BARE_ARGS
+	wait_http bare "$P_BARE"
+fi
+
+COOKIE=""
+if has_target sessionlb; then
+	(
+		umask 077
+		head -c 32 /dev/urandom | base64 >"$WORK/secure-cookie-key"
+	)
+	fill bench/sessionlb.toml.tmpl "$WORK/sessionlb.toml" WORK="$WORK" PORT="$P_SLB" \
+		BACKEND="127.0.0.1:$P_DIRECT" THREADS="$PROXY_THREADS"
+	start sessionlb "$PROXY_CPU" "$BIN/sessionlb" --config "$WORK/sessionlb.toml" serve
+	wait_http sessionlb "$P_SLB"
+
+	# A known session: the first request places one and sets the affinity cookie.
+	# (wait_http's probe placed a session too; this one is ours.)
+	headers=$(curl -fsS -D - -o /dev/null "http://127.0.0.1:$P_SLB/bench" | tr -d '\r')
+	COOKIE=$(awk -F': ' 'tolower($1) == "set-cookie" { split($2, c, ";"); print c[1] }' <<<"$headers")
+	[[ $COOKIE == sessionlb-affinity=v1.* ]] || die "sessionlb set no affinity cookie; headers:
+$headers"
+	log "known session: $COOKIE"
+	# The cookie'd request must be routed, not placed: our backend, no new cookie.
+	for i in 1 2 3; do
+		headers=$(curl -fsS -D - -o "$WORK/body" -H "Cookie: $COOKIE" "http://127.0.0.1:$P_SLB/bench" | tr -d '\r')
+		grep -qi '^x-backend: bench$' <<<"$headers" || die "sessionlb did not reach the bench backend:
+$headers"
+		if grep -qi '^set-cookie:' <<<"$headers"; then
+			die "sessionlb set a new cookie on a known session (request $i):
+$headers"
+		fi
+		[[ $(cat "$WORK/body") == ok ]] || die "unexpected body through sessionlb: $(cat "$WORK/body")"
+	done
+	log "sessionlb routes the known session (x-backend: bench, no Set-Cookie)"
+	metrics_before=$(curl -fsS "http://127.0.0.1:$P_SLB/metrics")
+fi
+# Every target gets the same request headers.
+WRK_HEADERS=()
+[[ -z $COOKIE ]] || WRK_HEADERS=(-H "Cookie: $COOKIE")
+
+# Sanity: every proxy reaches the backend.
+for t in "${TARGET_LIST[@]}"; do
+	headers=$(curl -fsS -D - -o /dev/null "${WRK_HEADERS[@]}" "http://127.0.0.1:$(port_of "$t")/bench" | tr -d '\r')
+	grep -qi '^x-backend: bench$' <<<"$headers" || die "$t does not reach the backend: $headers"
+done
+
+# ---------------------------------------------------------------- measure
+
+# to_ms VALUE: wrk latency ("812.00us", "1.23ms", "1.01s", "2.00m") in ms.
+to_ms() {
+	awk -v v="$1" 'BEGIN {
+		n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+		f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : -1
+		if (f < 0) { print "NaN"; exit 1 }
+		printf "%.3f", n * f
+	}'
+}
+
+# run_wrk TARGET DURATION OUTFILE
+run_wrk() {
+	taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency "${WRK_HEADERS[@]}" \
+		"http://127.0.0.1:$(port_of "$1")/bench" >"$3" 2>&1
+}
+
+# measure TARGET OUTFILE: run wrk for DURATION and set, in % of one core
+# during the run: PROXY_CPU_PCT (the target proxy, all its threads and
+# worker processes), LOAD_CPU_PCT (backend + wrk, i.e. the load core),
+# OTHER_CPU (processes other than ours and wrk) and STEAL (the hypervisor).
+measure() {
+	local t0 t1 b0 b1 s0 s1 o0 o1 x0 x1 k0 k1 wu ws proxy=()
+	[[ $1 == direct ]] || proxy=("${TPID[$1]}")
+	read -r b0 s0 < <(sys_ticks)
+	o0=$(pid_ticks "${PIDS[@]}")
+	x0=$(pid_ticks "${proxy[@]}")
+	k0=$(pid_ticks "${TPID[backend]}")
+	t0=$EPOCHREALTIME
+	TIMEFORMAT='%3U %3S'
+	if ! { time run_wrk "$1" "$DURATION" "$2"; } 2>"$WORK/wrk-time"; then
+		die "wrk failed against $1: $(cat "$2" "$WORK/wrk-time")"
+	fi
+	t1=$EPOCHREALTIME
+	read -r b1 s1 < <(sys_ticks)
+	o1=$(pid_ticks "${PIDS[@]}")
+	x1=$(pid_ticks "${proxy[@]}")
+	k1=$(pid_ticks "${TPID[backend]}")
+	read -r wu ws <"$WORK/wrk-time"
+	PROXY_CPU_PCT=$(awk -v x="$((x1 - x0))" -v hz="$HZ" -v t0="$t0" -v t1="$t1" \
+		'BEGIN { printf "%.1f", x / hz / (t1 - t0) * 100 }')
+	LOAD_CPU_PCT=$(awk -v k="$((k1 - k0))" -v wu="$wu" -v ws="$ws" -v hz="$HZ" -v t0="$t0" -v t1="$t1" \
+		'BEGIN { printf "%.1f", (k / hz + wu + ws) / (t1 - t0) * 100 }')
+	OTHER_CPU=$(awk -v b="$((b1 - b0))" -v o="$((o1 - o0))" -v wu="$wu" -v ws="$ws" -v hz="$HZ" \
+		-v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", ((b - o) / hz - wu - ws) / (t1 - t0) * 100 }')
+	STEAL=$(awk -v s="$((s1 - s0))" -v hz="$HZ" -v t0="$t0" -v t1="$t1" \
+		'BEGIN { printf "%.1f", s / hz / (t1 - t0) * 100 }')
+}
+
+# record ROUND TARGET OUTFILE LOAD NOISY: one line of raw.tsv.
+record() {
+	local round=$1 target=$2 file=$3 rps p50 p99 non2xx sock reqs us_per_req
+	rps=$(awk '/^Requests\/sec:/ { print $2 }' "$file")
+	[[ -n $rps ]] || die "no Requests/sec in $file: $(cat "$file")"
+	p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$file")")
+	p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$file")")
+	non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$file")
+	sock=$(awk '/Socket errors:/ { sub(/.*Socket errors: */, ""); gsub(/ /, ""); print }' "$file")
+	non2xx=${non2xx:-0}
+	if ((non2xx > 0)); then
+		die "$target answered $non2xx non-2xx responses in round $round: $(cat "$file")"
+	fi
+	reqs=$(awk '/requests in/ { print $1 }' "$file")
+	us_per_req=$(awk -v c="$PROXY_CPU_PCT" -v r="$rps" 'BEGIN { printf "%.2f", c / 100 / r * 1e6 }')
+	printf '%s\t%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$rps" "$p50" \
+		"$p99" "$non2xx" "${sock:--}" "$reqs" "$PROXY_CPU_PCT" "$us_per_req" "$LOAD_CPU_PCT" "$4" \
+		"$OTHER_CPU" "$STEAL" "$5" >>"$RAW"
+	log "round $round $target: $rps req/s, p50 $p50 ms, p99 $p99 ms; CPU: proxy $PROXY_CPU_PCT% ($us_per_req µs/req)," \
+		"load core $LOAD_CPU_PCT%, other $OTHER_CPU%, steal $STEAL%${sock:+; socket errors $sock}"
+}
+
+wait_quiet || true
+log "warm-up: $WARMUP per target (not counted)"
+for t in "${TARGET_LIST[@]}"; do
+	run_wrk "$t" "$WARMUP" "$OUT/warmup-$t.txt" || die "wrk failed against $t: $(cat "$OUT/warmup-$t.txt")"
+done
+
+n=${#TARGET_LIST[@]}
+for ((r = 1; r <= ROUNDS; r++)); do
+	for ((k = 0; k < n; k++)); do
+		t=${TARGET_LIST[$(((k + r - 1) % n))]}
+		noisy=no
+		wait_quiet || noisy=yes
+		load=$(cut -d' ' -f1 /proc/loadavg)
+		measure "$t" "$OUT/round$r-$t.txt"
+		! compilers_running || noisy=yes
+		# More than 10% of a core used by others, or stolen: not a quiet run.
+		awk -v o="$OTHER_CPU" -v s="$STEAL" 'BEGIN { exit !(o > 10 || s > 10) }' && noisy=yes
+		record "$r" "$t" "$OUT/round$r-$t.txt" "$load" "$noisy"
+	done
+done
+
+# ---------------------------------------------------------------- check sessionlb
+
+if has_target sessionlb; then
+	metrics_after=$(curl -fsS "http://127.0.0.1:$P_SLB/metrics")
+	metric() { awk -v m="$1" 'index($1, m) == 1 { s += $2 } END { printf "%.0f", s }' <<<"$2"; }
+	placed=$(($(metric sessionlb_placements_total "$metrics_after") - $(metric sessionlb_placements_total "$metrics_before")))
+	rejected=$(metric sessionlb_rejected_cookies_total "$metrics_after")
+	local_ok=$(($(metric 'sessionlb_requests_total{class="2xx",route="local"}' "$metrics_after") -
+		$(metric 'sessionlb_requests_total{class="2xx",route="local"}' "$metrics_before")))
+	wrk_total=$(cat "$OUT"/*-sessionlb.txt | awk '/requests in/ { s += $1 } END { printf "%.0f", s }')
+	{
+		echo "# sessionlb during the runs: $placed placements, $rejected rejected cookies,"
+		echo "# $local_ok requests routed locally with 2xx; wrk counted $wrk_total completed requests"
+	} | tee -a "$RAW" >&2
+	((placed == 0)) || die "sessionlb placed $placed new sessions during the runs: the known session was not used"
+	((rejected == 0)) || die "sessionlb rejected $rejected cookies"
+	((local_ok >= wrk_total)) || die "sessionlb routed fewer requests ($local_ok) than wrk completed ($wrk_total)"
+fi
+
+# ---------------------------------------------------------------- summary
+
+# stats TARGET COLUMN: "median min max" of raw.tsv's COLUMN for TARGET.
+stats() {
+	awk -F'\t' -v t="$1" -v c="$2" '$2 == t { print $c }' "$RAW" | sort -g | awk '
+		{ v[NR] = $1 }
+		END {
+			if (NR == 0) { print "NaN NaN NaN"; exit }
+			m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+			print m, v[1], v[NR]
+		}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+declare -A MED
+{
+	echo "wrk \`-t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $ROUNDS interleaved rounds," \
+		"proxy on core $PROXY_CPU, wrk + backend on core $LOAD_CPU. Medians over the rounds;" \
+		"CPU columns: the proxy's CPU time (all threads and processes) in % of one core," \
+		"and per request; the load core = backend + wrk."
+	echo
+	echo "| target | req/s | spread (min–max) | p50 | p99 | vs direct | proxy CPU | proxy CPU/req | load core |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+	for t in "${TARGET_LIST[@]}"; do
+		read -r m lo hi < <(stats "$t" 3)
+		read -r p50 _ _ < <(stats "$t" 4)
+		read -r p99 _ _ < <(stats "$t" 5)
+		read -r cpu _ _ < <(stats "$t" 9)
+		read -r us _ _ < <(stats "$t" 10)
+		read -r lc _ _ < <(stats "$t" 11)
+		MED[$t]=$m
+		vs=n/a
+		if has_target direct; then
+			vs="$(ratio "$m" "$(stats direct 3 | cut -d' ' -f1)")×"
+		fi
+		if [[ $t == direct ]]; then
+			cpu_cols="– | –"
+		else
+			cpu_cols=$(printf '%.0f%% | %.1f µs' "$cpu" "$us")
+		fi
+		printf '| %s | %.0f | %.0f–%.0f | %.2f ms | %.2f ms | %s | %s | %.0f%% |\n' \
+			"$t" "$m" "$lo" "$hi" "$p50" "$p99" "$vs" "$cpu_cols" "$lc"
+	done
+	echo
+	echo "Ratios of medians (req/s):"
+	echo
+	for pair in sessionlb/bare sessionlb/nginx sessionlb/haproxy bare/nginx bare/haproxy haproxy/nginx; do
+		a=${pair%/*} b=${pair#*/}
+		if [[ -n ${MED[$a]:-} && -n ${MED[$b]:-} ]]; then
+			echo "- $pair: $(ratio "${MED[$a]}" "${MED[$b]}")"
+		fi
+	done
+	if has_target sessionlb && has_target bare; then
+		# Adjacent in time, so less sensitive to drift than the ratio of medians.
+		per_round=$(awk -F'\t' '$2 == "sessionlb" { s[$1] = $3 } $2 == "bare" { b[$1] = $3 }
+			END { for (r in s) if (b[r] > 0) printf "%.3f\n", s[r] / b[r] }' "$RAW" | sort -g | paste -sd' ')
+		echo "- sessionlb/bare per round (sorted): $per_round"
+	fi
+	noisy_runs=$(awk -F'\t' '$15 == "yes"' "$RAW" | wc -l)
+	other=$(awk -F'\t' '$1 ~ /^[0-9]+$/ { v = $13 + 0; if (n++ == 0 || v < lo) lo = v; if (n == 1 || v > hi) hi = v }
+		END { printf "%.1f–%.1f%%", lo, hi }' "$RAW")
+	echo
+	echo "Runs flagged noisy (a compiler running, or > 10% of a core used by other processes or stolen):" \
+		"$noisy_runs of $((ROUNDS * n)); CPU of other processes during the runs: $other of one core."
+} >"$OUT/summary.md"
+
+cat "$OUT/summary.md"
+log "raw numbers: $RAW; wrk outputs and summary.md in $OUT"
