@@ -71,75 +71,8 @@ P_SLB=$((BASE_PORT + 4))
 
 read -r -a TARGET_LIST <<<"$TARGETS"
 
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FAILED: $*"
-	exit 1
-}
-
-# ---------------------------------------------------------------- processes
-
-WORK=$(mktemp -d /tmp/sessionlb-e2e.XXXXXX)
-PIDS=()
-declare -A TPID # name -> PID
-
-# Stop everything we started, by PID: SIGTERM, then SIGKILL after 5 s.
-cleanup() {
-	local status=$? pid i
-	trap - EXIT INT TERM
-	for pid in "${PIDS[@]}"; do
-		kill -TERM "$pid" 2>/dev/null || true
-	done
-	for pid in "${PIDS[@]}"; do
-		for ((i = 0; i < 50; i++)); do
-			kill -0 "$pid" 2>/dev/null || break
-			sleep 0.1
-		done
-		if kill -0 "$pid" 2>/dev/null; then
-			log "PID $pid did not stop; killing it"
-			kill -KILL "$pid" 2>/dev/null || true
-		fi
-		wait "$pid" 2>/dev/null || true
-	done
-	rm -rf "$WORK"
-	exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start NAME CPU COMMAND...: run COMMAND pinned to CPU, output to $WORK/NAME.log.
-start() {
-	local name=$1 cpu=$2
-	shift 2
-	taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
-	PIDS+=("$!")
-	TPID[$name]=$!
-	log "started $name (PID $!) on core $cpu: $*"
-}
-
-# wait_http NAME PORT: wait until GET /bench answers on PORT (10 s at most).
-wait_http() {
-	local name=$1 port=$2 i
-	for ((i = 0; i < 100; i++)); do
-		if curl -fsS -o /dev/null "http://127.0.0.1:$port/bench" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	cat "$WORK/$name.log" >&2 || true
-	die "$name does not answer on 127.0.0.1:$port"
-}
-
-# fill TEMPLATE OUTPUT KEY=VALUE...: replace @KEY@ by VALUE.
-fill() {
-	local tmpl=$1 out=$2 kv args=()
-	shift 2
-	for kv in "$@"; do
-		args+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
-	done
-	sed "${args[@]}" "$tmpl" >"$out"
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 port_of() {
 	case $1 in
@@ -158,66 +91,6 @@ has_target() {
 		[[ $t == "$1" ]] && return 0
 	done
 	return 1
-}
-
-# Compilers and linkers of other work on this machine (e.g. cargo builds).
-compilers_running() {
-	grep -qsxE 'rustc|cargo|cargo-nextest|rust-lld|cc1|cc1plus|collect2|ld|ld.lld|ld.gold|cc|c\+\+|clang' /proc/[0-9]*/comm
-}
-
-# CPU accounting, to see whether anything else ran during a measurement.
-HZ=$(getconf CLK_TCK)
-# sys_ticks: "busy steal" of all cores (busy = user + nice + system + irq + softirq).
-sys_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8, $9 }' /proc/stat; }
-# pid_ticks PID...: user + system ticks of these processes and of their children.
-pid_ticks() {
-	local p kids all=()
-	for p in "$@"; do
-		all+=("$p")
-		mapfile -t kids < <(pgrep -P "$p" || true)
-		all+=("${kids[@]}")
-	done
-	for p in "${all[@]}"; do
-		cat "/proc/$p/stat" 2>/dev/null || true
-	done | awk '{ s += $14 + $15 } END { print s + 0 }'
-}
-
-# busy_others: % of one core used over 2 s by processes other than ours.
-busy_others() {
-	local b0 b1 o0 o1 _s
-	read -r b0 _s < <(sys_ticks)
-	o0=$(pid_ticks "${PIDS[@]}")
-	sleep 2
-	read -r b1 _s < <(sys_ticks)
-	o1=$(pid_ticks "${PIDS[@]}")
-	awk -v b="$((b1 - b0))" -v o="$((o1 - o0))" -v hz="$HZ" 'BEGIN { printf "%.0f", (b - o) / hz / 2 * 100 }'
-}
-
-# quiet: no compiler runs and other processes use at most QUIET_CPU % of a core.
-quiet() {
-	local busy
-	! compilers_running || return 1
-	busy=$(busy_others)
-	((busy <= QUIET_CPU)) || return 1
-}
-
-# wait_quiet: wait (up to QUIET_TIMEOUT s) for a quiet machine; 1 if we gave up.
-wait_quiet() {
-	local waited=0
-	until quiet; do
-		if ((waited == 0)); then
-			log "the machine is busy (a compiler, or other processes > ${QUIET_CPU}% of a core);" \
-				"waiting (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-		fi
-		if ((waited >= QUIET_TIMEOUT)); then
-			log "still busy after ${QUIET_TIMEOUT}s; measuring anyway (flagged noisy)"
-			return 1
-		fi
-		sleep 3
-		waited=$((waited + 5))
-	done
-	((waited == 0)) || log "quiet again after ~${waited}s"
-	return 0
 }
 
 # ---------------------------------------------------------------- build
@@ -253,59 +126,16 @@ RAW=$OUT/raw.tsv
 
 # ---------------------------------------------------------------- start targets
 
-mkdir -p "$WORK/nginx-tmp" "$WORK/shared-storage" "$WORK/run"
-start backend "$LOAD_CPU" "$BIN/sessionlb-demo-backend" --listen "127.0.0.1:$P_DIRECT" --name bench
-wait_http backend "$P_DIRECT"
-
-if has_target nginx; then
-	fill bench/nginx.conf.tmpl "$WORK/nginx.conf" WORK="$WORK" LISTEN="127.0.0.1:$P_NGINX" BACKEND="127.0.0.1:$P_DIRECT"
-	nginx -t -q -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" || die "nginx rejects its configuration"
-	start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log"
-	wait_http nginx "$P_NGINX"
-fi
-if has_target haproxy; then
-	fill bench/haproxy.cfg.tmpl "$WORK/haproxy.cfg" LISTEN="127.0.0.1:$P_HAPROXY" BACKEND="127.0.0.1:$P_DIRECT"
-	haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejects its configuration"
-	start haproxy "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
-	wait_http haproxy "$P_HAPROXY"
-fi
-if has_target bare; then
-	# shellcheck disable=SC2086 # BARE_ARGS is a list of flags
-	start bare "$PROXY_CPU" "$BIN/examples/bare_forwarder" --listen "127.0.0.1:$P_BARE" \
-		--backend "127.0.0.1:$P_DIRECT" --threads "$PROXY_THREADS" $BARE_ARGS
-	wait_http bare "$P_BARE"
-fi
+start_backend "$LOAD_CPU" "$P_DIRECT"
+! has_target nginx || start_nginx "$PROXY_CPU" "$P_NGINX" "$P_DIRECT"
+! has_target haproxy || start_haproxy "$PROXY_CPU" "$P_HAPROXY" "$P_DIRECT"
+# shellcheck disable=SC2086 # BARE_ARGS is a list of flags
+! has_target bare || start_bare "$PROXY_CPU" "$P_BARE" "$P_DIRECT" "$PROXY_THREADS" $BARE_ARGS
 
 COOKIE=""
 if has_target sessionlb; then
-	(
-		umask 077
-		head -c 32 /dev/urandom | base64 >"$WORK/secure-cookie-key"
-	)
-	fill bench/sessionlb.toml.tmpl "$WORK/sessionlb.toml" WORK="$WORK" PORT="$P_SLB" \
-		BACKEND="127.0.0.1:$P_DIRECT" THREADS="$PROXY_THREADS"
-	start sessionlb "$PROXY_CPU" "$BIN/sessionlb" --config "$WORK/sessionlb.toml" serve
-	wait_http sessionlb "$P_SLB"
-
-	# A known session: the first request places one and sets the affinity cookie.
-	# (wait_http's probe placed a session too; this one is ours.)
-	headers=$(curl -fsS -D - -o /dev/null "http://127.0.0.1:$P_SLB/bench" | tr -d '\r')
-	COOKIE=$(awk -F': ' 'tolower($1) == "set-cookie" { split($2, c, ";"); print c[1] }' <<<"$headers")
-	[[ $COOKIE == sessionlb-affinity=v1.* ]] || die "sessionlb set no affinity cookie; headers:
-$headers"
-	log "known session: $COOKIE"
-	# The cookie'd request must be routed, not placed: our backend, no new cookie.
-	for i in 1 2 3; do
-		headers=$(curl -fsS -D - -o "$WORK/body" -H "Cookie: $COOKIE" "http://127.0.0.1:$P_SLB/bench" | tr -d '\r')
-		grep -qi '^x-backend: bench$' <<<"$headers" || die "sessionlb did not reach the bench backend:
-$headers"
-		if grep -qi '^set-cookie:' <<<"$headers"; then
-			die "sessionlb set a new cookie on a known session (request $i):
-$headers"
-		fi
-		[[ $(cat "$WORK/body") == ok ]] || die "unexpected body through sessionlb: $(cat "$WORK/body")"
-	done
-	log "sessionlb routes the known session (x-backend: bench, no Set-Cookie)"
+	start_sessionlb "$PROXY_CPU" "$P_SLB" "$P_DIRECT" "$PROXY_THREADS"
+	known_session "$P_SLB" # sets COOKIE
 	metrics_before=$(curl -fsS "http://127.0.0.1:$P_SLB/metrics")
 fi
 # Every target gets the same request headers.
