@@ -113,6 +113,18 @@ async fn stopped_cluster_is_redefined_by_the_first_node_with_the_new_key() {
     let fx = ClusterFixture::new(&db.url);
     let mut a = fx.start(&fx.spec("127.0.0.2", None)).await;
     let mut b = fx.start(&fx.spec("127.0.0.3", None)).await;
+    // One node stops and gets a new key while the other is still online
+    // with the old one: the new-key node is refused.
+    let new_key = fx.path().join("new-key");
+    write_key(&new_key, KEY2, 0o600);
+    b.proc.signal(Signal::TERM);
+    assert!(b.proc.wait_exit(Duration::from_secs(20)).success());
+    let mut b_new = b.spec.clone();
+    b_new.key_file = new_key;
+    let mut refused = fx.spawn(&b_new);
+    assert!(!refused.proc.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(status_of(&fx, &a.config, &b.spec).as_deref(), Some("Invalid secure cookie key"));
+    let mut b = fx.start(&b.spec).await;
     for n in [&mut a, &mut b] {
         n.proc.signal(Signal::TERM);
         assert!(n.proc.wait_exit(Duration::from_secs(20)).success());
@@ -227,6 +239,11 @@ async fn delete_node_removes_stopped_nodes_and_protects_online_ones_with_session
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 session(s) will be re-placed"));
     assert_eq!(registry.get_session("s1").await.unwrap().unwrap().node_id, None);
+    // The deleted node was running: it stops by itself, cleanly, and stays deleted.
+    let mut a = a;
+    assert!(a.proc.wait_exit(Duration::from_secs(20)).success());
+    assert!(a.proc.log_text().contains("node deleted by an admin"), "{}", a.proc.log_text());
+    assert!(row_of(&list_nodes(&fx, &a.config), &a.spec).is_none());
     let out = fx.admin(&a.config, &["delete-node", "424242"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node with ID 424242"));
@@ -308,4 +325,39 @@ fn check_config_prints_effective_settings_without_the_key() {
     assert!(text.contains("balancer = \"sessions\""));
     assert!(text.contains("postgres://lb:***@db/lb"));
     assert!(!text.contains("s3cr3t") && !text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_nodes_orders_online_first_and_flags_versions_and_clock_skew() {
+    let db = TestDb::postgres().await;
+    let fx = ClusterFixture::new(&db.url);
+    let mut first = fx.start(&fx.spec("127.0.0.2", None)).await;
+    let second = fx.start(&fx.spec("127.0.0.3", None)).await;
+    let third = fx.start(&fx.spec("127.0.0.4", None)).await;
+    // The first node (lowest id) stops: online nodes are listed first.
+    first.proc.signal(Signal::TERM);
+    first.proc.wait_exit(Duration::from_secs(20));
+    // Another version on the third node, and a clock 5 s off on the second.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE sessionlb_nodes SET version = '0.0.9' WHERE port = $1")
+        .bind(i32::from(third.spec.port))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sessionlb_nodes SET clock_skew_ms = 5000 WHERE port = $1")
+        .bind(i32::from(second.spec.port))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = fx.admin(&second.config, &["list-nodes"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows = parse_list_nodes(&text);
+    let order: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(order, vec!["Online", "Online", "Offline"], "{text}");
+    assert!(rows[0].id < rows[1].id);
+    assert_eq!(row_of(&rows, &first.spec).unwrap().status, "Offline");
+    assert!(row_of(&rows, &second.spec).unwrap().notes.contains("CLOCK SKEW over 1s"), "{text}");
+    assert!(row_of(&rows, &third.spec).unwrap().notes.contains("VERSION MISMATCH"), "{text}");
+    assert!(!row_of(&rows, &second.spec).unwrap().notes.contains("VERSION MISMATCH"), "{text}");
+    assert!(text.contains("5000ms"), "{text}");
 }

@@ -8,3 +8,5 @@ mod lock;
 mod passthrough;
 mod registry;
 mod routing;
+mod sessions;
+mod tls;

@@ -45,6 +45,19 @@ async fn sessions_balancer_evens_out_session_counts() {
         assert_eq!(reply.status, 200);
     }
     assert_eq!(c.counts().await, [4, 4, 4]);
+
+    // The balancer changes without a restart: edit the file, SIGHUP.
+    let pid = router.proc.pid();
+    let text = std::fs::read_to_string(&router.config).unwrap();
+    std::fs::write(&router.config, format!("balancer = \"user-hash\"\n{text}")).unwrap();
+    router.proc.signal(rustix::process::Signal::HUP);
+    eventually(Duration::from_secs(5), "the router to use user-hash", || async {
+        router.health().await.filter(|h| h["balancer"] == "user-hash").map(|_| ())
+    })
+    .await;
+    assert_eq!(router.proc.pid(), pid);
+    assert_eq!(Browser::new().get(&router.url("/")).await.status, 200);
+    assert!(router.proc.log_text().contains("configuration reloaded: balancer applied"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

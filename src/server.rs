@@ -56,6 +56,8 @@ pub enum ServeError {
         #[source]
         source: LockError,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot resolve the backend {backend}: {reason}")]
     Backend { backend: String, reason: String },
 }
@@ -127,6 +129,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         tasks
     });
 
+    let http = crate::proxy::control_client(&config).map_err(ServeError::Tls)?;
     let balancer: Arc<RwLock<Arc<dyn Balancer>>> = Arc::new(RwLock::new(balancer::build(&config.balancer)));
     let router = Router::new(
         config.clone(),
@@ -138,6 +141,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         balancer.clone(),
         locks,
         control.handle().clone(),
+        http,
     );
     let probe_timeout =
         config.proxy.timeout.unwrap_or(Duration::from_secs(10)).min(config.cluster.health_check_interval * 2);
@@ -241,6 +245,7 @@ fn pingora_conf(config: &Config) -> ServerConf {
         grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
         pid_file: s.run_dir.join(format!("sessionlb-{address}-{port}.pid")).display().to_string(),
+        ca_file: config.proxy.ssl_ca_file.as_ref().map(|p| p.display().to_string()),
         upgrade_sock: s.run_dir.join(format!("sessionlb-{address}-{port}.upgrade.sock")).display().to_string(),
         ..ServerConf::default()
     }

@@ -38,6 +38,8 @@ pub struct ClusterOptions {
     pub router: bool,
     /// A database URL to use instead of a fresh PostgreSQL database.
     pub database_url: Option<String>,
+    /// Nodes serve TLS (`extra` carries the ssl-* keys).
+    pub tls: bool,
 }
 
 fn merge_toml(top: &str, per_node: &str) -> String {
@@ -58,6 +60,7 @@ impl Cluster {
         for (i, ip) in NODE_IPS.iter().enumerate() {
             let mut spec = fx.spec(ip, Some(backends[i].addr));
             spec.extra = merge_toml(&opts.extra, &opts.per_node[i]);
+            spec.tls = opts.tls;
             specs.push(spec);
         }
         let mut nodes = Vec::new();
@@ -178,6 +181,31 @@ impl Browser {
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Browser { client, cookies: BTreeMap::new(), user: None }
+    }
+
+    /// A browser that trusts only this CA (PEM) for https.
+    pub fn trusting(ca_pem: &[u8]) -> Browser {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).unwrap())
+            .build()
+            .unwrap();
+        Browser { client, cookies: BTreeMap::new(), user: None }
+    }
+
+    /// A browser that accepts any certificate.
+    pub fn insecure() -> Browser {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .danger_accept_invalid_certs(true)
             .build()
             .unwrap();
         Browser { client, cookies: BTreeMap::new(), user: None }

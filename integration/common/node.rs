@@ -125,6 +125,8 @@ pub struct NodeSpec {
     pub key_file: PathBuf,
     /// Extra TOML lines (top-level keys first, then sections).
     pub extra: String,
+    /// The node serves TLS (`ssl-enabled` in `extra`): its URLs are https.
+    pub tls: bool,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -149,7 +151,14 @@ impl ClusterFixture {
 
     /// A spec for a node on `ip` with a fresh port and the shared key.
     pub fn spec(&self, ip: &str, backend: Option<SocketAddr>) -> NodeSpec {
-        NodeSpec { ip: ip.into(), port: free_port(ip), backend, key_file: self.key_file.clone(), extra: String::new() }
+        NodeSpec {
+            ip: ip.into(),
+            port: free_port(ip),
+            backend,
+            key_file: self.key_file.clone(),
+            extra: String::new(),
+            tls: false,
+        }
     }
 
     /// The node's config file contents.
@@ -215,12 +224,17 @@ impl Node {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.address(), path)
+        let scheme = if self.spec.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.address(), path)
     }
 
-    /// `/health` as JSON, if the node answers.
+    /// `/health` as JSON, if the node answers (TLS certificates are not
+    /// checked here: this is a readiness probe, not a test of TLS).
     pub async fn health(&self) -> Option<serde_json::Value> {
-        let resp = reqwest::get(self.url("/health")).await.ok()?;
+        static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+            reqwest::Client::builder().danger_accept_invalid_certs(true).no_proxy().build().unwrap()
+        });
+        let resp = CLIENT.get(self.url("/health")).send().await.ok()?;
         if !resp.status().is_success() {
             return None;
         }

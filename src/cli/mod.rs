@@ -5,6 +5,7 @@ mod check_config;
 mod locktester;
 mod nodes;
 mod serve;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ pub enum Command {
     Offline(nodes::ModeArgs),
     /// Take this node (or --node ID) out of offline mode.
     Online(nodes::ModeArgs),
+    /// Print this node's status page: every node (load, offline mode, reachability) and its sessions.
+    Status(status::StatusArgs),
     /// Validate the configuration and print the effective settings (the key itself is never printed).
     CheckConfig,
     /// Check which lock types the shared storage supports (run on two nodes).
@@ -103,6 +106,7 @@ pub fn main() -> ExitCode {
             Command::ResetCluster => nodes::reset_cluster(&config).await,
             Command::Offline(args) => nodes::set_offline_mode(&config, args, true).await,
             Command::Online(args) => nodes::set_offline_mode(&config, args, false).await,
+            Command::Status(args) => status::run(&config, args).await,
             Command::CheckConfig => check_config::run(&config, &cli.global),
             Command::Locktester(args) => locktester::run(args, &config).await,
         }

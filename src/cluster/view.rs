@@ -27,37 +27,46 @@ impl NodeSnapshot {
     }
 }
 
-/// A session as this node knows it, with local activity counters.
+/// Local activity of a session, shared by every version of its entry (a
+/// request holding an older entry still counts against the current one).
+#[derive(Debug, Default)]
+struct Activity {
+    /// Last request seen by this node (ms, local clock); 0 = none since the last write-back.
+    last_request: AtomicI64,
+    /// Requests in flight through this node, upgraded and streaming ones included.
+    in_flight: AtomicU32,
+}
+
+/// A session as this node knows it, with its local activity.
 #[derive(Debug)]
 pub struct SessionEntry {
     pub record: SessionRecord,
-    /// Last request seen by this node (ms, local clock); 0 = none since the last write-back.
-    local_active: AtomicI64,
-    /// Upgraded/streaming connections open through this node.
-    open_streams: AtomicU32,
+    activity: Arc<Activity>,
 }
 
 impl SessionEntry {
-    fn new(record: SessionRecord) -> SessionEntry {
-        SessionEntry { record, local_active: AtomicI64::new(0), open_streams: AtomicU32::new(0) }
-    }
-
     /// Note a request for this session (cheap: one atomic store).
     pub fn touch(&self, now_ms: i64) {
-        self.local_active.store(now_ms, Ordering::Relaxed);
+        self.activity.last_request.store(now_ms, Ordering::Relaxed);
     }
 
-    /// A long-lived connection opened (`+1`) or closed (`-1`).
+    /// A request (possibly long-lived: a WebSocket, a stream) started.
     pub fn stream_opened(&self) {
-        self.open_streams.fetch_add(1, Ordering::Relaxed);
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// That request ended.
     pub fn stream_closed(&self) {
-        let _ = self.open_streams.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self.activity.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// Requests in flight through this node.
     pub fn open_streams(&self) -> u32 {
-        self.open_streams.load(Ordering::Relaxed)
+        self.activity.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn last_request(&self) -> i64 {
+        self.activity.last_request.load(Ordering::Relaxed)
     }
 }
 
@@ -69,14 +78,11 @@ struct SessionIndex {
 }
 
 impl SessionIndex {
-    fn insert(&mut self, record: SessionRecord) {
+    /// Insert or replace a session; a replaced entry's activity carries over.
+    fn insert(&mut self, record: SessionRecord, activity: Option<Arc<Activity>>) {
         let key = record.key.clone();
-        let fresh = Arc::new(SessionEntry::new(record));
-        if let Some(old) = self.by_key.get(&key) {
-            // Keep activity counters across updates of the same session.
-            fresh.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
-            fresh.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+        let activity = activity.or_else(|| self.by_key.get(&key).map(|e| e.activity.clone())).unwrap_or_default();
+        let fresh = Arc::new(SessionEntry { record, activity });
         self.remove(&key);
         if let Some(node) = fresh.record.node_id {
             *self.per_node.entry(node).or_default() += 1;
@@ -244,15 +250,12 @@ impl ClusterView {
             .iter()
             .filter_map(|k| index.by_key.get(k))
             .filter(|e| e.record.node_id.is_some())
-            .max_by_key(|e| {
-                let local = e.local_active.load(Ordering::Relaxed);
-                (e.record.last_active.max(local), e.record.created, e.record.key.clone())
-            })
+            .max_by_key(|e| (e.record.last_active.max(e.last_request()), e.record.created, e.record.key.clone()))
             .cloned()
     }
 
     pub fn upsert_session(&self, record: SessionRecord) {
-        self.sessions.write().insert(record);
+        self.sessions.write().insert(record, None);
     }
 
     pub fn remove_session(&self, key: &str) {
@@ -264,12 +267,8 @@ impl ClusterView {
         let mut index = self.sessions.write();
         let mut fresh = SessionIndex::default();
         for r in records {
-            let key = r.key.clone();
-            fresh.insert(r);
-            if let (Some(old), Some(new)) = (index.by_key.get(&key), fresh.by_key.get(&key)) {
-                new.local_active.store(old.local_active.load(Ordering::Relaxed), Ordering::Relaxed);
-                new.open_streams.store(old.open_streams.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
+            let activity = index.by_key.get(&r.key).map(|e| e.activity.clone());
+            fresh.insert(r, activity);
         }
         *index = fresh;
     }
@@ -297,7 +296,7 @@ impl ClusterView {
         index
             .by_key
             .values()
-            .filter(|e| e.local_active.swap(0, Ordering::Relaxed) != 0 || e.open_streams() > 0)
+            .filter(|e| e.activity.last_request.swap(0, Ordering::Relaxed) != 0 || e.open_streams() > 0)
             .map(|e| e.record.key.clone())
             .collect()
     }
@@ -361,6 +360,20 @@ mod tests {
         v.session("b").unwrap().stream_closed();
         v.session("b").unwrap().stream_closed();
         assert!(v.take_active_keys().is_empty());
+    }
+
+    #[test]
+    fn a_request_holding_an_older_entry_closes_against_the_current_one() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("a", Some(1), None, 1));
+        let held = v.session("a").unwrap();
+        held.stream_opened();
+        // The session moves (a notification, a resync) while the request runs.
+        v.upsert_session(session("a", Some(2), None, 1));
+        v.set_sessions(vec![session("a", Some(3), None, 1)]);
+        assert_eq!(v.session("a").unwrap().open_streams(), 1);
+        held.stream_closed();
+        assert_eq!(v.session("a").unwrap().open_streams(), 0, "the session can go idle again");
     }
 
     #[test]

@@ -285,6 +285,8 @@ pub struct ProxyConfig {
     pub ssl_enabled: bool,
     pub ssl_certificate: Option<PathBuf>,
     pub ssl_certificate_key: Option<PathBuf>,
+    /// CA bundle (PEM) that peers' certificates must chain to; `None` = the system's roots.
+    pub ssl_ca_file: Option<PathBuf>,
     /// Accepted clock difference for signed node-to-node headers.
     pub forwarding_window: Duration,
 }
@@ -427,6 +429,7 @@ impl Config {
         let ssl_enabled = r.bool("ssl-enabled", false);
         let ssl_certificate = r.opt_string("ssl-certificate").map(PathBuf::from);
         let ssl_certificate_key = r.opt_string("ssl-certificate-key").map(PathBuf::from);
+        let ssl_ca_file = r.opt_string("ssl-ca-file").map(PathBuf::from);
         if ssl_enabled && (ssl_certificate.is_none() || ssl_certificate_key.is_none()) {
             r.problem_at(
                 "ssl-enabled",
@@ -551,6 +554,7 @@ impl Config {
                 ssl_enabled,
                 ssl_certificate,
                 ssl_certificate_key,
+                ssl_ca_file,
                 forwarding_window,
             },
             sessions: SessionsConfig {
@@ -617,6 +621,7 @@ impl Config {
         line("ssl-enabled", self.proxy.ssl_enabled.to_string());
         line("ssl-certificate", self.proxy.ssl_certificate.as_deref().map_or(q(""), p));
         line("ssl-certificate-key", self.proxy.ssl_certificate_key.as_deref().map_or(q(""), p));
+        line("ssl-ca-file", self.proxy.ssl_ca_file.as_deref().map_or(q(""), p));
         line("forwarding-window", d(self.proxy.forwarding_window));
         line("threads", self.server.threads.to_string());
         line("grace-period", d(self.server.grace_period));

@@ -28,7 +28,7 @@ mod endpoints;
 pub mod forward;
 pub mod health;
 pub mod identity;
-mod placement;
+pub mod placement;
 pub mod routing;
 
 use std::net::{IpAddr, SocketAddr};
@@ -89,15 +89,8 @@ impl Router {
         balancer: Arc<RwLock<Arc<dyn Balancer>>>,
         locks: LockManager,
         control: tokio::runtime::Handle,
+        http: reqwest::Client,
     ) -> Router {
-        let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(30));
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .danger_accept_invalid_certs(!config.proxy.verify_ssl_certs)
-            .no_proxy()
-            .build()
-            .expect("HTTP client");
         Router {
             workbench_mac: identity::workbench_mac(&key),
             self_id: view.self_id(),
@@ -124,6 +117,30 @@ impl Router {
     fn peer_tls(&self) -> bool {
         self.config.proxy.ssl_enabled
     }
+}
+
+/// The HTTP client for node-to-node control calls (probes, status
+/// gathering): bounded by `timeout`, verifying peers like the data path does.
+pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, String> {
+    let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(30));
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .danger_accept_invalid_certs(!config.proxy.verify_ssl_certs)
+        .no_proxy();
+    if let Some(path) = &config.proxy.ssl_ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read ssl-ca-file {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("ssl-ca-file {} is not a PEM certificate bundle: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("ssl-ca-file {} holds no certificate", path.display()));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| format!("cannot build the node-to-node HTTP client: {e}"))
 }
 
 /// Where a request goes.
@@ -264,15 +281,20 @@ impl ProxyHttp for Router {
         if !ctx.failed.is_empty() && ctx.inbound.is_none() {
             placement::fail_over(self, ctx).await?;
         }
-        let (addr, tls) = match ctx.route {
+        let (addr, tls, sni) = match ctx.route {
             Route::Local => match self.backend {
-                Some(b) => (b, false),
+                Some(b) => (b, false, String::new()),
                 None => return Err(status_error(503, "router node without a backend")),
             },
-            Route::Peer { addr, .. } => (addr, self.peer_tls()),
+            // Peers are verified against their registered host (name or IP):
+            // Pingora skips verification when the SNI is empty.
+            Route::Peer { id, addr } => {
+                let host = if self.peer_tls() { self.view.nodes().get(id).map(|n| n.host.clone()) } else { None };
+                (addr, self.peer_tls(), host.unwrap_or_default())
+            }
             Route::Unset => return Err(status_error(500, "request was not routed")),
         };
-        let mut peer = HttpPeer::new(addr, tls, String::new());
+        let mut peer = HttpPeer::new(addr, tls, sni);
         let timeout = self.config.proxy.timeout;
         peer.options.connection_timeout = timeout;
         peer.options.total_connection_timeout = timeout;

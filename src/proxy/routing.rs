@@ -94,65 +94,82 @@ pub fn check(r: &Router, entry: &SessionEntry) -> Result<Route, MoveReason> {
     node_addr(node).map(|addr| Route::Peer { id, addr }).ok_or(MoveReason::Unreachable)
 }
 
-/// Decide where the request goes (placing or re-placing its session when needed).
-pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    let req = session.req_header();
-    let now = now_secs();
+/// What the request carries, and the session it belongs to as far as the
+/// in-memory view knows — computed without I/O.
+#[derive(Debug)]
+pub struct Decision {
+    pub user: Option<String>,
+    /// The verified affinity cookie, or a fresh one.
+    pub affinity: Affinity,
+    /// `Set-Cookie` value when the cookie is new or refreshed.
+    pub set_cookie: Option<String>,
+    /// A backend key in the path.
+    pub path_key: Option<String>,
+    /// Whether the view knows the path key.
+    pub path_key_known: bool,
+    /// The session found, in routing order: path key, affinity key, the user's latest.
+    pub found: Option<Arc<SessionEntry>>,
+}
+
+/// The routing decision's pure part: identity, cookies, keys, lookups in
+/// the view. Counts rejected cookies.
+pub fn decide(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now: u64) -> Decision {
     let cfg = &r.config.sessions;
-    ctx.user = identify(r, req, ctx.client);
+    let user = identify(r, req, client);
 
     // The affinity cookie: verified, refreshed when old, replaced when bad or absent.
     let max_age = cfg.affinity_cookie_max_age.as_secs();
-    let affinity: Option<Affinity> = match cookie::find_cookie(cookie_headers(req), &cfg.affinity_cookie_name) {
-        Some(value) => match cookie::verify(&r.key, value, now, max_age) {
-            Ok(a) => Some(a),
-            Err(reason) => {
+    let verified = cookie::find_cookie(cookie_headers(req), &cfg.affinity_cookie_name).and_then(|value| {
+        cookie::verify(&r.key, value, now, max_age)
+            .map_err(|reason| {
                 METRICS.rejected_cookies.with_label_values(&["affinity", reason.as_str()]).inc();
-                tracing::debug!(reason = reason.as_str(), client = ?ctx.client, "ignored an affinity cookie that does not verify");
-                None
-            }
-        },
-        None => None,
-    };
-    let affinity = match affinity {
+                tracing::debug!(reason = reason.as_str(), client = ?client, "ignored an affinity cookie that does not verify");
+            })
+            .ok()
+    });
+    let set =
+        |value: &str| Some(cookie::set_cookie_header(&cfg.affinity_cookie_name, value, max_age, cfg.cookie_secure));
+    let (affinity, set_cookie) = match verified {
         Some(a) if now.saturating_sub(a.issued) > max_age / 2 => {
             let refreshed = cookie::sign(&r.key, &a.id, now);
-            ctx.set_cookie =
-                Some(cookie::set_cookie_header(&cfg.affinity_cookie_name, &refreshed, max_age, cfg.cookie_secure));
-            Affinity { issued: now, ..a }
+            (Affinity { issued: now, ..a }, set(&refreshed))
         }
-        Some(a) => a,
+        Some(a) => (a, None),
         None => {
             let (a, value) = cookie::issue(&r.key, now);
-            ctx.set_cookie =
-                Some(cookie::set_cookie_header(&cfg.affinity_cookie_name, &value, max_age, cfg.cookie_secure));
-            a
+            (a, set(&value))
         }
     };
 
-    // 1. a registered backend key
-    ctx.path_key = path_key(&cfg.path_pattern, req.uri.path());
-    let mut chosen: Option<Arc<SessionEntry>> = None;
-    if let Some(pk) = ctx.path_key.clone() {
-        chosen = match r.view.session(&pk) {
-            Some(e) => Some(e),
-            None => placement::lookup(r, &pk).await,
-        };
-        ctx.path_key_known = chosen.is_some();
-    }
-    // 2. the affinity key
-    let affinity_key = affinity.session_key();
-    if chosen.is_none() {
-        chosen = r.view.session(&affinity_key);
-    }
-    // 3. the user's most recent session
-    if chosen.is_none()
-        && let Some(user) = &ctx.user
-    {
-        chosen = r.view.latest_session_of(user);
-    }
+    // 1. a registered backend key; 2. the affinity key; 3. the user's most recent session.
+    let path_key = path_key(&cfg.path_pattern, req.uri.path());
+    let by_path = path_key.as_deref().and_then(|k| r.view.session(k));
+    let path_key_known = by_path.is_some();
+    let found = by_path
+        .or_else(|| r.view.session(&affinity.session_key()))
+        .or_else(|| user.as_deref().and_then(|u| r.view.latest_session_of(u)));
+    Decision { user, affinity, set_cookie, path_key, path_key_known, found }
+}
 
-    let entry = match chosen {
+/// Decide where the request goes (placing or re-placing its session when needed).
+pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let d = decide(r, session.req_header(), ctx.client, now_secs());
+    ctx.user = d.user;
+    ctx.set_cookie = d.set_cookie;
+    ctx.path_key_known = d.path_key_known;
+    let mut found = d.found;
+    // A backend key this node has not heard of yet (its notification may
+    // still be on the way): one registry lookup before routing otherwise.
+    if let Some(pk) = &d.path_key
+        && !d.path_key_known
+        && let Some(entry) = placement::lookup(r, pk).await
+    {
+        ctx.path_key_known = true;
+        found = Some(entry);
+    }
+    ctx.path_key = d.path_key;
+
+    let entry = match found {
         Some(entry) => match check(r, &entry) {
             Ok(route) => {
                 ctx.route = route;
@@ -161,7 +178,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
             Err(reason) => placement::replace(r, ctx, entry, reason).await?,
         },
         // 4. a new session under the affinity key
-        None => placement::place_new(r, ctx, affinity_key, SessionKind::Affinity).await?,
+        None => placement::place_new(r, ctx, d.affinity.session_key(), SessionKind::Affinity).await?,
     };
     tracing::debug!(
         target: crate::telemetry::DIAGNOSTICS_TARGET,

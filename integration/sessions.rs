@@ -1,0 +1,66 @@
+//! Issue 4: session activity — requests and open tunnels keep a session
+//! active; `session-idle-timeout` ends the others; an ended session's
+//! cookie is placed again on its next request.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::cluster::{Browser, Cluster, ClusterOptions};
+use crate::common::eventually;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sessions_end_while_busy_ones_and_open_tunnels_stay() {
+    let c = Cluster::start(ClusterOptions {
+        extra: "[sessions]\nsession-idle-timeout = \"2s\"\ntouch-interval = \"200ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let key_of = |b: &Browser| format!("aff:{}", b.affinity().unwrap().split('.').nth(1).unwrap());
+
+    let mut idle = Browser::new();
+    assert_eq!(idle.get(&c.nodes[0].url("/")).await.status, 200);
+    let mut busy = Browser::new();
+    assert_eq!(busy.get(&c.nodes[1].url("/")).await.status, 200);
+    let mut tunnel = Browser::new();
+    assert_eq!(tunnel.get(&c.nodes[2].url("/")).await.status, 200);
+    let (idle_key, busy_key, tunnel_key) = (key_of(&idle), key_of(&busy), key_of(&tunnel));
+    for k in [&idle_key, &busy_key, &tunnel_key] {
+        assert!(c.registry.get_session(k).await.unwrap().is_some());
+    }
+
+    // An open WebSocket (through a node that may not own the session), silent throughout.
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws",
+        c.nodes[0].address()
+    ))
+    .unwrap();
+    request.headers_mut().insert("cookie", tunnel.cookie_header().unwrap().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+
+    // Five seconds: `busy` keeps asking, `idle` says nothing.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            busy.get(&c.nodes[(started.elapsed().as_millis() / 500 % 3) as usize].url("/poll")).await.status,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    eventually(Duration::from_secs(5), "the idle session to end", || async {
+        c.registry.get_session(&idle_key).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(c.registry.get_session(&busy_key).await.unwrap().is_some(), "a session in use was ended");
+    assert!(c.registry.get_session(&tunnel_key).await.unwrap().is_some(), "a session with an open tunnel was ended");
+
+    // The tunnel still works; the idle browser's cookie is placed again.
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("still here".into()));
+    let again = idle.get(&c.nodes[1].url("/")).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(key_of(&idle), idle_key, "the cookie (still valid) keeps its key");
+    assert!(c.registry.get_session(&idle_key).await.unwrap().is_some(), "placed again on its next request");
+}
