@@ -60,7 +60,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-bench/results/e2e-$(date +%Y%m%d-%H%M%S)}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release
 
 P_DIRECT=$BASE_PORT
 P_NGINX=$((BASE_PORT + 1))
@@ -108,9 +107,7 @@ if [[ $SKIP_BUILD != 1 ]]; then
 	log "building release binaries (CARGO_TARGET_DIR=$TARGET_DIR)"
 	cargo build --release --bins --examples
 fi
-for b in sessionlb sessionlb-demo-backend examples/bare_forwarder; do
-	[[ -x $BIN/$b ]] || die "$BIN/$b is missing (build without SKIP_BUILD=1)"
-done
+private_binaries "$TARGET_DIR/release" # sets BIN
 
 mkdir -p "$OUT"
 RAW=$OUT/raw.tsv

@@ -1,6 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers of bench/e2e.sh and bench/profile.sh (sourced, from the
-# repository root, with BIN set to the release binaries' folder).
+# Shared helpers of the bench/ scripts (sourced, from the repository root).
 #
 # Sourcing creates a temporary WORK directory and installs traps that stop
 # every process started with `start` (by PID: SIGTERM, then SIGKILL after
@@ -138,6 +137,24 @@ wait_quiet() {
 	done
 	((waited == 0)) || log "quiet again after ~${waited}s"
 	return 0
+}
+
+# ---------------------------------------------------------------- binaries
+
+# private_binaries RELEASE_DIR: copy the release binaries to WORK/bin and set
+# BIN to it. The cargo target directory may be shared with other worktrees,
+# whose builds replace target/release/* at any time: the copies are checked
+# to have been built from this checkout (its path is in their debug info).
+private_binaries() {
+	local b
+	mkdir -p "$WORK/bin/examples"
+	for b in sessionlb sessionlb-demo-backend examples/bare_forwarder; do
+		[[ -x $1/$b ]] || die "$1/$b is missing (build without SKIP_BUILD=1)"
+		cp "$1/$b" "$WORK/bin/$b"
+		grep -aqF "$ROOT/" "$WORK/bin/$b" ||
+			die "$1/$b was not built from $ROOT (another worktree built into the shared target dir?); rebuild"
+	done
+	BIN=$WORK/bin
 }
 
 # ---------------------------------------------------------------- targets

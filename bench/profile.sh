@@ -9,13 +9,15 @@
 #   bench/profile.sh bare sessionlb          # any of: bare sessionlb nginx haproxy
 #
 # Settings (environment): DURATION=10 (seconds sampled), CONNECTIONS=64,
-# THREADS=1 (wrk), FREQ=999 (samples/s), PROXY_CPU=0, LOAD_CPU=1,
+# THREADS=1 (wrk), FREQ=499 (samples/s), STACK=32768 (bytes of stack
+# copied per sample; Pingora's async stacks are deep),
+# PROXY_CPU=0, LOAD_CPU=1, PERF_CPU=LOAD_CPU (perf itself, off the proxy's core),
 # PROXY_THREADS=1, BARE_ARGS, BASE_PORT=18700, OUT=bench/profiles,
 # PERF_DATA=/tmp/sessionlb-perf (perf.data files, kept for `perf report`;
 # not committed), SKIP_BUILD=0, CARGO_TARGET_DIR.
 #
 # sessionlb is profiled routing a known session (same cookie check as e2e.sh).
-# DWARF unwinding copies 16 KiB of stack per sample: the profiled proxy runs
+# DWARF unwinding copies the stack on every sample: the profiled proxy runs
 # somewhat slower than unprofiled; compare shares, not absolute rates.
 
 set -euo pipefail
@@ -23,7 +25,9 @@ set -euo pipefail
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
-FREQ=${FREQ:-999}
+FREQ=${FREQ:-499}
+STACK=${STACK:-32768}
+PERF_CPU=${PERF_CPU:-${LOAD_CPU:-1}}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROXY_THREADS=${PROXY_THREADS:-1}
@@ -35,7 +39,6 @@ PERF_DATA=${PERF_DATA:-/tmp/sessionlb-perf}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-bench/profiles}
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
@@ -45,6 +48,7 @@ command -v perf >/dev/null || die "perf is not installed (apt-get install linux-
 if [[ $SKIP_BUILD != 1 ]]; then
 	cargo build --release --bins --examples
 fi
+private_binaries "${CARGO_TARGET_DIR:-$ROOT/target}/release" # sets BIN
 mkdir -p "$OUT" "$PERF_DATA"
 
 P_BACKEND=$BASE_PORT
@@ -81,7 +85,8 @@ for target in "$@"; do
 	sleep 1
 	data=$PERF_DATA/$target.data
 	log "sampling $target (PID $pid) for ${DURATION}s at ${FREQ} Hz"
-	perf record -q -e cpu-clock -F "$FREQ" --call-graph dwarf,16384 -p "$pid" -o "$data" -- sleep "$DURATION"
+	taskset -c "$PERF_CPU" perf record -q -e cpu-clock -F "$FREQ" --call-graph "dwarf,$STACK" -p "$pid" \
+		-o "$data" -- sleep "$DURATION"
 	wait "$wrk_pid"
 	HEADERS=()
 
