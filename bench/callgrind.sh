@@ -16,7 +16,8 @@
 #
 # Settings (environment): DURATION=15s, CONNECTIONS=16, PROXY_CPU=0,
 # LOAD_CPU=1, PROXY_THREADS=1, BARE_ARGS, BASE_PORT=18750, OUT=bench/profiles,
-# SKIP_BUILD=0, CARGO_TARGET_DIR.
+# SKIP_BUILD=0, BINARIES / KEEP_BINARIES
+# (as in e2e.sh), CARGO_TARGET_DIR.
 
 set -euo pipefail
 
@@ -39,10 +40,7 @@ OUT=${OUT:-bench/profiles}
 
 (($# > 0)) || die "usage: bench/callgrind.sh TARGET... (bare sessionlb)"
 command -v valgrind >/dev/null || die "valgrind is not installed"
-if [[ $SKIP_BUILD != 1 ]]; then
-	cargo build --release --bins --examples
-fi
-private_binaries "${CARGO_TARGET_DIR:-$ROOT/target}/release" # sets BIN
+prepare_binaries # sets BIN
 mkdir -p "$OUT" "$CALLGRIND_DATA"
 
 # Run the proxies under callgrind: `start` runs "$BIN/..." via this wrapper.

@@ -27,6 +27,8 @@
 #                      flagged "noisy" if we gave up waiting, a compiler ran right
 #                      after it, or others used > 10 % of a core (or steal) during it
 #   SKIP_BUILD=0       1 = use the existing release binaries
+#   BINARIES=DIR       use the binaries saved by an earlier run with KEEP_BINARIES=DIR
+#                      (the cargo target dir may be shared: see prepare_binaries in lib.sh; KEEP_BINARIES=DIR saves them)
 #   OUT=bench/results/e2e-<date>   where the raw wrk outputs, raw.tsv and summary.md go
 #   CARGO_TARGET_DIR   as for cargo (default: ./target)
 #
@@ -59,7 +61,6 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-bench/results/e2e-$(date +%Y%m%d-%H%M%S)}
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 P_DIRECT=$BASE_PORT
 P_NGINX=$((BASE_PORT + 1))
@@ -103,11 +104,7 @@ for p in "$P_DIRECT" "$P_NGINX" "$P_HAPROXY" "$P_BARE" "$P_SLB"; do
 	fi
 done
 
-if [[ $SKIP_BUILD != 1 ]]; then
-	log "building release binaries (CARGO_TARGET_DIR=$TARGET_DIR)"
-	cargo build --release --bins --examples
-fi
-private_binaries "$TARGET_DIR/release" # sets BIN
+prepare_binaries # sets BIN
 
 mkdir -p "$OUT"
 RAW=$OUT/raw.tsv

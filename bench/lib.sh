@@ -141,20 +141,63 @@ wait_quiet() {
 
 # ---------------------------------------------------------------- binaries
 
-# private_binaries RELEASE_DIR: copy the release binaries to WORK/bin and set
-# BIN to it. The cargo target directory may be shared with other worktrees,
-# whose builds replace target/release/* at any time: the copies are checked
-# to have been built from this checkout (its path is in their debug info).
-private_binaries() {
+BINS=(sessionlb sessionlb-demo-backend examples/bare_forwarder)
+
+# built_here DIR: whether every binary in DIR was built from this checkout:
+# its path is their compilation directory (a NUL-terminated string in the
+# debug info).
+built_here() {
+	local b
+	for b in "${BINS[@]}"; do
+		[[ -x $1/$b ]] && grep -aqP "\Q$ROOT\E\x00" "$1/$b" || return 1
+	done
+}
+
+# copy_binaries FROM: copy FROM's binaries to WORK/bin and set BIN to it.
+copy_binaries() {
 	local b
 	mkdir -p "$WORK/bin/examples"
-	for b in sessionlb sessionlb-demo-backend examples/bare_forwarder; do
+	for b in "${BINS[@]}"; do
 		[[ -x $1/$b ]] || die "$1/$b is missing (build without SKIP_BUILD=1)"
 		cp "$1/$b" "$WORK/bin/$b"
-		grep -aqF "$ROOT/" "$WORK/bin/$b" ||
-			die "$1/$b was not built from $ROOT (another worktree built into the shared target dir?); rebuild"
 	done
 	BIN=$WORK/bin
+}
+
+# prepare_binaries: build the release binaries (unless SKIP_BUILD=1 or
+# BINARIES=DIR is given), copy them to WORK/bin and set BIN to it.
+#
+# The cargo target directory may be shared with other worktrees of this
+# repository (CARGO_TARGET_DIR): their builds produce the same artifact names,
+# replace target/release/* at any time, and can even make cargo take our
+# crate for fresh when it was last built from another checkout. So we run
+# private copies, checked to have been built from this checkout; when they
+# were not, the crate roots are touched (mtime only) to force cargo to
+# rebuild them from here, once. KEEP_BINARIES=DIR saves the checked copies
+# for later runs with BINARIES=DIR.
+prepare_binaries() {
+	local b release=${CARGO_TARGET_DIR:-$ROOT/target}/release
+	if [[ -n ${BINARIES:-} ]]; then
+		release=$BINARIES
+	elif [[ ${SKIP_BUILD:-0} != 1 ]]; then
+		log "building release binaries (target dir: ${CARGO_TARGET_DIR:-$ROOT/target})"
+		cargo build --release --bins --examples
+		if ! built_here "$release"; then
+			log "the release binaries were built from another checkout; rebuilding from $ROOT"
+			touch src/main.rs src/lib.rs src/bin/demo_backend.rs examples/bare_forwarder.rs
+			cargo build --release --bins --examples
+		fi
+	fi
+	copy_binaries "$release"
+	built_here "$BIN" || die "the binaries in $release were not built from $ROOT" \
+		"(another worktree built into the shared target dir?); build again without SKIP_BUILD/BINARIES"
+	if [[ -n ${KEEP_BINARIES:-} ]]; then
+		mkdir -p "$KEEP_BINARIES/examples"
+		for b in "${BINS[@]}"; do
+			cp "$BIN/$b" "$KEEP_BINARIES/$b"
+		done
+		log "binaries kept in $KEEP_BINARIES (reuse with BINARIES=$KEEP_BINARIES)"
+	fi
 }
 
 # ---------------------------------------------------------------- targets

@@ -14,7 +14,8 @@
 # PROXY_CPU=0, LOAD_CPU=1, PERF_CPU=LOAD_CPU (perf itself, off the proxy's core),
 # PROXY_THREADS=1, BARE_ARGS, BASE_PORT=18700, OUT=bench/profiles,
 # PERF_DATA=/tmp/sessionlb-perf (perf.data files, kept for `perf report`;
-# not committed), SKIP_BUILD=0, CARGO_TARGET_DIR.
+# not committed), SKIP_BUILD=0, BINARIES / KEEP_BINARIES
+# (as in e2e.sh), CARGO_TARGET_DIR.
 #
 # sessionlb is profiled routing a known session (same cookie check as e2e.sh).
 # DWARF unwinding copies the stack on every sample: the profiled proxy runs
@@ -45,10 +46,7 @@ OUT=${OUT:-bench/profiles}
 
 (($# > 0)) || die "usage: bench/profile.sh TARGET... (bare sessionlb nginx haproxy)"
 command -v perf >/dev/null || die "perf is not installed (apt-get install linux-perf)"
-if [[ $SKIP_BUILD != 1 ]]; then
-	cargo build --release --bins --examples
-fi
-private_binaries "${CARGO_TARGET_DIR:-$ROOT/target}/release" # sets BIN
+prepare_binaries # sets BIN
 mkdir -p "$OUT" "$PERF_DATA"
 
 P_BACKEND=$BASE_PORT
