@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Profile proxies under the load of bench/e2e.sh with perf: software
 # cpu-clock sampling (hardware counters are not available in this VM) with
-# DWARF call graphs, then text summaries — self time by symbol, inclusive
-# time by symbol, time by DSO — under bench/profiles/.
+# DWARF call graphs, then text summaries under bench/profiles/: self time
+# by symbol (<target>-self.txt), inclusive time by symbol (-inclusive.txt),
+# time by DSO (-dso.txt), CPU per request by category (-breakdown.txt,
+# bench/perf_breakdown.py), and system calls per request (-syscalls.txt,
+# `perf trace -s` during a separate 5 s wrk run).
 #
 # Usage (from anywhere):
 #
@@ -86,6 +89,7 @@ for target in "$@"; do
 	taskset -c "$PERF_CPU" perf record -q -e cpu-clock -F "$FREQ" --call-graph "dwarf,$STACK" -p "$pid" \
 		-o "$data" -- sleep "$DURATION"
 	wait "$wrk_pid"
+	SYSCALL_HEADERS=("${HEADERS[@]}")
 	HEADERS=()
 
 	report() { perf report -i "$data" --stdio --no-inline "$@" 2>/dev/null | grep -v '^$'; }
@@ -98,10 +102,38 @@ for target in "$@"; do
 	{
 		echo "# $target: inclusive time by symbol (perf report --children --sort sym -g none), >= 1.5%"
 		report --children --sort sym -g none --percent-limit 1.5
+		if [[ $target == sessionlb ]]; then
+			echo "## sessionlb's own functions, inclusive, >= 0.05%"
+			report --children --sort sym -g none --percent-limit 0.05 | grep -E 'sessionlb::' || true
+		fi
 	} >"$OUT/$target-inclusive.txt"
 	{
 		echo "# $target: time by DSO"
 		report --no-children --sort dso -g none
 	} >"$OUT/$target-dso.txt"
-	log "$target: $OUT/$target-{self,inclusive,dso}.txt; perf data in $data"
+	# CPU per request by category (requests while sampled ~ wrk's rate x DURATION).
+	{
+		echo "# $target: CPU per request by category (bench/perf_breakdown.py)"
+		perf script -i "$data" --no-inline 2>/dev/null |
+			python3 bench/perf_breakdown.py "$FREQ" \
+				"$(awk -v d="$DURATION" '/^Requests\/sec/ { printf "%d", $2 * d }' "$OUT/$target-wrk.txt")"
+	} >"$OUT/$target-breakdown.txt"
+
+	# System calls per request: `perf trace -s` attached for exactly one wrk run.
+	taskset -c "$PERF_CPU" perf trace -s -p "$pid" -o "$WORK/trace.txt" &
+	trace_pid=$!
+	sleep 1
+	taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d5s "${SYSCALL_HEADERS[@]}" \
+		"http://127.0.0.1:$port/bench" >"$WORK/trace-wrk.txt"
+	kill -INT "$trace_pid"
+	wait "$trace_pid" || true
+	requests=$(awk '/requests in/ { print $1 }' "$WORK/trace-wrk.txt")
+	{
+		echo "# $target: system calls per request (perf trace -s during one wrk -c$CONNECTIONS -d5s run, $requests requests;"
+		echo "# tracing slows the proxy, the counts per request stay meaningful)"
+		awk -v r="$requests" '$2 ~ /^[0-9]+$/ && $1 ~ /^[a-z_0-9]+$/ { c[$1] += $2; t += $2 }
+			END { printf "%-20s %8.2f\n", "total", t / r; for (k in c) if (c[k] / r >= 0.01) printf "%-20s %8.2f\n", k, c[k] / r }' \
+			"$WORK/trace.txt" | sort -k2 -rn
+	} >"$OUT/$target-syscalls.txt"
+	log "$target: $OUT/$target-{self,inclusive,dso,breakdown,syscalls}.txt; perf data in $data"
 done
