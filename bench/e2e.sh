@@ -30,6 +30,7 @@
 #   BINARIES=DIR       use the binaries saved by an earlier run with KEEP_BINARIES=DIR
 #                      (the cargo target dir may be shared: see prepare_binaries in lib.sh; KEEP_BINARIES=DIR saves them)
 #   OUT=bench/results/e2e-<date>   where the raw wrk outputs, raw.tsv and summary.md go
+#                      (summary.md by bench/summarize.sh, which can also pool several runs)
 #   CARGO_TARGET_DIR   as for cargo (default: ./target)
 #
 # Every process is started here, pinned, and stopped by PID on exit (also on
