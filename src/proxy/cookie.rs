@@ -15,7 +15,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::Mac;
 use parking_lot::RwLock;
-use subtle::ConstantTimeEq;
 
 use crate::config::key::SecureKey;
 
@@ -70,23 +69,32 @@ impl Affinity {
     }
 }
 
-/// A cookie value that verified, and what it verified to.
-type CachedCookie = (Box<str>, Arc<Affinity>);
+/// A cookie that verified: a second, independently keyed hash of its
+/// value (the check), and what it verified to.
+type CachedCookie = (u64, Arc<Affinity>);
 
 /// Cookies verified recently, so that a session's every request does not
-/// pay for an HMAC. Keyed by a randomly keyed hash of the cookie value; a
-/// hit is confirmed by a constant-time comparison with the stored value,
-/// and the maximum age is checked on every use. Only cookies that verified
-/// are stored; the cache is emptied when full.
+/// pay for an HMAC. An entry is found by one randomly keyed SipHash of the
+/// cookie value and confirmed by a second, independently keyed one: a
+/// value that is not the cached cookie would have to match two secret
+/// 64-bit hashes (one integer comparison, no data-dependent timing). The
+/// maximum age is checked on every use; only cookies that verified are
+/// stored; the cache is emptied when full.
 pub struct VerifiedCookies {
-    hasher: std::collections::hash_map::RandomState,
+    index: std::collections::hash_map::RandomState,
+    check: std::collections::hash_map::RandomState,
     entries: RwLock<HashMap<u64, CachedCookie>>,
     capacity: usize,
 }
 
 impl VerifiedCookies {
     pub fn new(capacity: usize) -> VerifiedCookies {
-        VerifiedCookies { hasher: Default::default(), entries: RwLock::new(HashMap::new()), capacity }
+        VerifiedCookies {
+            index: Default::default(),
+            check: Default::default(),
+            entries: RwLock::new(HashMap::new()),
+            capacity,
+        }
     }
 
     /// Verify `value`, from the cache when possible.
@@ -97,9 +105,10 @@ impl VerifiedCookies {
         now_secs: u64,
         max_age_secs: u64,
     ) -> Result<Arc<Affinity>, Rejection> {
-        let h = self.hasher.hash_one(value);
-        if let Some((stored, affinity)) = self.entries.read().get(&h)
-            && bool::from(stored.as_bytes().ct_eq(value.as_bytes()))
+        let h = self.index.hash_one(value);
+        let c = self.check.hash_one(value);
+        if let Some((check, affinity)) = self.entries.read().get(&h)
+            && *check == c
         {
             check_age(affinity.issued, now_secs, max_age_secs)?;
             return Ok(affinity.clone());
@@ -109,7 +118,7 @@ impl VerifiedCookies {
         if entries.len() >= self.capacity {
             entries.clear();
         }
-        entries.insert(h, (value.into(), affinity.clone()));
+        entries.insert(h, (c, affinity.clone()));
         Ok(affinity)
     }
 
