@@ -407,3 +407,83 @@ async fn diagnostics_go_to_stderr_or_a_temp_file() {
         node.proc.wait_exit(Duration::from_secs(20));
     }
 }
+
+#[test]
+fn encrypted_database_password_connects_to_a_password_protected_server() {
+    let pg = crate::common::db::ThrowawayPostgres::start_with_password("S3cr:t pw");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    write_key(&key, b"3f2504e0-4f89-11d3-9a0c-0305e82c3301\n", 0o600);
+    let encrypt = |key: &std::path::Path, pw: &str| {
+        let cfg = dir.path().join("enc.toml");
+        std::fs::write(&cfg, format!("secure-cookie-key-file = \"{}\"\n", key.display())).unwrap();
+        let mut child = std::process::Command::new(SESSIONLB)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("encrypt-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(format!("{pw}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let list_nodes = |password: &str, key: &std::path::Path| {
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "database = \"postgres://postgres@127.0.0.1:{}/postgres\"\ndatabase-password = \"{password}\"\nsecure-cookie-key-file = \"{}\"\n",
+                pg.port,
+                key.display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(SESSIONLB).arg("--config").arg(&cfg).arg("list-nodes").output().unwrap()
+    };
+
+    let good = encrypt(&key, "S3cr:t pw");
+    assert!(sessionlb::config::password::looks_encrypted(&good), "{good}");
+    assert!(!good.contains("S3cr"));
+    let out = list_nodes(&good, &key);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(no nodes)"));
+
+    // A wrong password is refused by the server...
+    let out = list_nodes(&encrypt(&key, "wrong"), &key);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("password authentication failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and a value encrypted with another key is refused before connecting.
+    let other = dir.path().join("other-key");
+    write_key(&other, b"ffffffff-4f89-11d3-9a0c-0305e82c3301\n", 0o600);
+    let out = list_nodes(&encrypt(&other, "S3cr:t pw"), &key);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another secure cookie key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A Workbench directory with the encrypted password in database.conf.
+    let etc = dir.path().join("etc-rstudio");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::copy(&key, etc.join("secure-cookie-key")).unwrap();
+    std::fs::write(
+        etc.join("database.conf"),
+        format!(
+            "provider=postgresql\nhost=127.0.0.1\nport={}\ndatabase=postgres\nusername=postgres\npassword={good}\n",
+            pg.port
+        ),
+    )
+    .unwrap();
+    let out =
+        std::process::Command::new(SESSIONLB).arg("--rstudio-config").arg(&etc).arg("list-nodes").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -58,6 +58,8 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Database(String),
     #[error("cannot resolve the backend {backend}: {reason}")]
     Backend { backend: String, reason: String },
 }
@@ -87,8 +89,9 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         .map_err(ServeError::Runtime)?;
 
     let url = config.cluster.database.redacted();
+    let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
-        .block_on(cluster::connect(&config.cluster.database, config.cluster.poll_interval))
+        .block_on(cluster::connect(&database, config.cluster.poll_interval))
         .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 

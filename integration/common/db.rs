@@ -94,6 +94,15 @@ pub struct ThrowawayPostgres {
 
 impl ThrowawayPostgres {
     pub fn start() -> ThrowawayPostgres {
+        ThrowawayPostgres::start_with(None)
+    }
+
+    /// A server that requires `password` (scram-sha-256) over TCP for `postgres`.
+    pub fn start_with_password(password: &str) -> ThrowawayPostgres {
+        ThrowawayPostgres::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> ThrowawayPostgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries under /usr/lib/postgresql (apt-get install postgresql)")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -108,13 +117,22 @@ impl ThrowawayPostgres {
             assert!(status.success());
         }
         let data = pg.dir.path().join("data");
-        let out = pg
-            .command("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
-            .output()
-            .unwrap();
+        let mut initdb = pg.command("initdb");
+        initdb.arg("-D").arg(&data).args(["-U", "postgres", "-E", "UTF8", "--auth-local=trust"]);
+        match password {
+            None => {
+                initdb.arg("--auth-host=trust");
+            }
+            Some(pw) => {
+                let pwfile = pg.dir.path().join("pwfile");
+                std::fs::write(&pwfile, pw).unwrap();
+                if rustix::process::geteuid().is_root() {
+                    std::process::Command::new("chown").arg("postgres").arg(&pwfile).status().unwrap();
+                }
+                initdb.arg("--auth-host=scram-sha-256").arg(format!("--pwfile={}", pwfile.display()));
+            }
+        }
+        let out = initdb.output().unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         pg.start_server();
         pg

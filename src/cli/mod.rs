@@ -2,6 +2,7 @@
 //! list, configuration loading and exit codes. Each command lives in its own
 //! file; this is the only place that uses `anyhow`.
 mod check_config;
+mod encrypt_password;
 mod locktester;
 mod nodes;
 mod serve;
@@ -61,6 +62,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Validate the configuration and print the effective settings (the key itself is never printed).
     CheckConfig,
+    /// Encrypt the database password with the secure cookie key (Workbench's format), for `database-password`.
+    EncryptPassword,
     /// Check which lock types the shared storage supports (run on two nodes).
     Locktester(locktester::LocktesterArgs),
 }
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
             Command::Online(args) => nodes::set_offline_mode(&config, args, false).await,
             Command::Status(args) => status::run(&config, args).await,
             Command::CheckConfig => check_config::run(&config, &cli.global),
+            Command::EncryptPassword => encrypt_password::run(&config),
             Command::Locktester(args) => locktester::run(args, &config).await,
         }
     });

@@ -30,7 +30,8 @@ pub struct ModeArgs {
 }
 
 async fn registry(config: &Config) -> anyhow::Result<Arc<dyn Registry>> {
-    cluster::connect(&config.cluster.database, config.cluster.poll_interval)
+    let database = config.registry_url().map_err(anyhow::Error::msg)?;
+    cluster::connect(&database, config.cluster.poll_interval)
         .await
         .with_context(|| format!("connecting to the registry at {}", config.cluster.database.redacted()))
 }

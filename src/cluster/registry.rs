@@ -14,10 +14,12 @@ use crate::config::DatabaseUrl;
 /// Registry failures.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    // The cause is part of the message, not a `source`, so that error
+    // chains do not print it twice.
     #[error("registry database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("migrating the registry database: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("node {0} is not in the registry")]
     NodeNotFound(NodeId),
     #[error("session {0:?} is not in the registry")]
@@ -33,6 +35,18 @@ pub enum RegistryError {
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(e: sqlx::Error) -> Self {
+        RegistryError::Db(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for RegistryError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        RegistryError::Migrate(e)
+    }
+}
 
 /// A session to write: insert if absent (the database is the final guard
 /// against two nodes placing one key).

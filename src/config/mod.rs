@@ -7,6 +7,7 @@
 //! [`Config`] is plain data: nobody writes it back.
 
 pub mod key;
+pub mod password;
 pub mod raw;
 pub mod rstudio;
 pub mod schema;
@@ -174,6 +175,19 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// `url` with its password replaced by `password` (percent-encoded).
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("the database URL has no scheme")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, host) = authority
+        .rsplit_once('@')
+        .ok_or("the database URL must name a user (postgres://user@host/db) to go with database-password")?;
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let password = percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
+    Ok(format!("{scheme}://{user}:{password}@{host}{tail}"))
+}
+
 fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
@@ -254,6 +268,9 @@ pub struct NodeConfig {
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub database: DatabaseUrl,
+    /// The PostgreSQL password, plain or encrypted with `sessionlb
+    /// encrypt-password`; combined with `database` by [`Config::registry_url`].
+    pub database_password: Option<String>,
     pub secure_cookie_key_file: PathBuf,
     pub shared_storage_path: PathBuf,
     /// How often the node checks in (default 300 s); "Missed check-in" after twice that.
@@ -338,6 +355,27 @@ impl Config {
         }
     }
 
+    /// The registry URL with `database-password` filled in (decrypted with
+    /// the secure cookie key when it was encrypted).
+    pub fn registry_url(&self) -> Result<DatabaseUrl, String> {
+        let Some(configured) = &self.cluster.database_password else {
+            return Ok(self.cluster.database.clone());
+        };
+        let DatabaseUrl::Postgres(url) = &self.cluster.database else {
+            return Err("`database-password` goes with a postgres:// database".into());
+        };
+        let plain = if password::looks_encrypted(configured) {
+            let path = &self.cluster.secure_cookie_key_file;
+            let key = std::fs::read(path).map_err(|e| {
+                format!("cannot read the secure cookie key {} to decrypt database-password: {e}", path.display())
+            })?;
+            password::decrypt(&key, configured).map_err(|e| format!("database-password: {e}"))?
+        } else {
+            configured.clone()
+        };
+        with_password(url, &plain).map(DatabaseUrl::Postgres)
+    }
+
     /// Whether this node is a router (no local backend).
     pub fn is_router(&self) -> bool {
         self.node.backend.is_none()
@@ -408,6 +446,13 @@ impl Config {
                 .and_then(DatabaseUrl::parse)
                 .ok_or_else(|| "a database URL: sqlite:///path/to/file.db or postgres://user@host:5432/db".into())
         });
+        let database_password = r.opt_string("database-password");
+        if database_password.is_some() && !matches!(database, DatabaseUrl::Postgres(_)) {
+            r.problem_at(
+                "database-password",
+                "`database-password` goes with a postgres:// database; SQLite has no password".into(),
+            );
+        }
         let secure_cookie_key_file = r.path("secure-cookie-key-file", "/etc/sessionlb/secure-cookie-key");
         let shared_storage_path = r.path("server-shared-storage-path", "/var/lib/sessionlb/shared-storage");
         let checkin_interval = r.duration("checkin-interval", Duration::from_secs(300), Duration::from_millis(100));
@@ -540,6 +585,7 @@ impl Config {
             },
             cluster: ClusterConfig {
                 database,
+                database_password,
                 secure_cookie_key_file,
                 shared_storage_path,
                 checkin_interval,
@@ -606,6 +652,7 @@ impl Config {
         line("loadavg-path", p(&n.loadavg_path));
         line("delete-node-on-exit", n.delete_node_on_exit.to_string());
         line("database", q(&c.database.redacted()));
+        line("database-password", q(if c.database_password.is_some() { "***" } else { "" }));
         line("secure-cookie-key-file", p(&c.secure_cookie_key_file));
         line("server-shared-storage-path", p(&c.shared_storage_path));
         line("checkin-interval", d(c.checkin_interval));

@@ -168,19 +168,6 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
     let get = |name: &str| lines.iter().find(|kv| kv.key == name);
     let first_line = lines.first().map_or(1, |kv| kv.line);
     let provider = get("provider").map_or("sqlite".to_string(), |kv| kv.value.to_ascii_lowercase());
-    if let Some(pw) = get("password")
-        && looks_encrypted(&pw.value)
-    {
-        problems.push(problem(
-            path,
-            pw.line,
-            Some("password"),
-            "encrypted passwords (`rstudio-server encrypt-password`) are not supported yet; \
-             put the plain password in database.conf (mode 0600) or in the connection-uri"
-                .into(),
-        ));
-        return;
-    }
     let url = match provider.as_str() {
         "sqlite" => {
             let dir = get("directory").map_or("/var/lib/rstudio-server", |kv| kv.value.as_str());
@@ -194,11 +181,8 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
                 let port = get("port").map_or("5432", |kv| kv.value.as_str());
                 let db = get("database").map_or("rstudio", |kv| kv.value.as_str());
                 let user = get("username").map_or("postgres", |kv| kv.value.as_str());
-                let password = get("password").map(|kv| kv.value.as_str()).unwrap_or("");
-                let enc =
-                    |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
-                let auth = if password.is_empty() { enc(user) } else { format!("{}:{}", enc(user), enc(password)) };
-                format!("postgres://{auth}@{host}:{port}/{db}")
+                let user = percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC);
+                format!("postgres://{user}@{host}:{port}/{db}")
             }
         }
         other => {
@@ -214,12 +198,13 @@ fn database_conf(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path: &
     };
     let line = get("provider").map_or(first_line, |kv| kv.line);
     raw.set("database", RawValue::Text(url), path, line);
+    // Plain or encrypted (`encrypt-password`): decrypted when connecting.
+    if provider != "sqlite"
+        && let Some(pw) = get("password").filter(|kv| !kv.value.is_empty())
+    {
+        raw.set("database-password", RawValue::Text(pw.value.clone()), path, pw.line);
+    }
     raw.files.push(path.to_path_buf());
-}
-
-/// Workbench's encrypted form: the key's CRC32 as 8 hex digits at both ends.
-fn looks_encrypted(value: &str) -> bool {
-    value.len() > 16 && value[..8].chars().all(|c| c.is_ascii_hexdigit()) && value[..8] == value[value.len() - 8..]
 }
 
 fn map_key(
@@ -291,11 +276,5 @@ mod tests {
         assert_eq!(raw.entries["locks.refresh-rate"].origin.line, 2);
         let errs = file_locks(Path::new("file-locks"), "lock-typ=advisory\n").unwrap_err();
         assert!(errs[0].message.contains("allowed: lock-type"), "{}", errs[0]);
-    }
-
-    #[test]
-    fn encrypted_password_is_recognised() {
-        assert!(looks_encrypted("BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145"));
-        assert!(!looks_encrypted("plain-password"));
     }
 }

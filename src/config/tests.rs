@@ -121,9 +121,33 @@ fn rstudio_directory_overlays_with_workbench_file_origins() {
     assert_eq!(c.node.www_port, 8790);
     assert_eq!(c.locks.lock_type, LockType::Advisory);
     assert_eq!(c.locks.timeout_interval, Duration::from_secs(60));
-    assert_eq!(c.cluster.database, DatabaseUrl::Postgres("postgres://rs:p%40ss@db:5432/rstudio".into()));
+    assert_eq!(c.cluster.database, DatabaseUrl::Postgres("postgres://rs@db:5432/rstudio".into()));
+    assert_eq!(c.registry_url().unwrap(), DatabaseUrl::Postgres("postgres://rs:p%40ss@db:5432/rstudio".into()));
 
     std::fs::write(dir.path().join("load-balancer"), "balancer=fastest\n").unwrap();
     let err = Config::load(None, Some(dir.path())).unwrap_err().to_string();
     assert!(err.contains("load-balancer:1: `balancer` must be one of sessions"), "{err}");
+}
+
+#[test]
+fn encrypted_database_password_is_decrypted_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    let key = b"d3161166-e89b-4158-af3b-5980e3056cc6\n";
+    std::fs::write(&key_file, key).unwrap();
+    let encrypted = password::encrypt(key, "s3cr:t/pw").unwrap();
+    let c = parse(&format!(
+        "database = \"postgres://lb@db:5432/lb\"\ndatabase-password = \"{encrypted}\"\nsecure-cookie-key-file = \"{}\"\n",
+        key_file.display()
+    ))
+    .unwrap();
+    assert_eq!(c.registry_url().unwrap(), DatabaseUrl::Postgres("postgres://lb:s3cr%3At%2Fpw@db:5432/lb".into()));
+    assert!(!c.render().contains(&encrypted), "the rendering hides it");
+    // With another key it fails clearly.
+    std::fs::write(&key_file, b"ffffffff-e89b-4158-af3b-5980e3056cc6\n").unwrap();
+    assert!(c.registry_url().unwrap_err().contains("another secure cookie key"));
+    // Only for PostgreSQL, and the URL must name a user.
+    assert!(problems("database-password = \"x\"\n")[0].message.contains("goes with a postgres://"));
+    let c = parse("database = \"postgres://db/lb\"\ndatabase-password = \"x\"\n").unwrap();
+    assert!(c.registry_url().unwrap_err().contains("must name a user"));
 }

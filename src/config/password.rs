@@ -1,0 +1,123 @@
+//! Workbench-compatible encryption of the registry database password
+//! (`sessionlb encrypt-password`, and encrypted `password=` values in a
+//! Workbench `database.conf` or the native `database-password` key).
+//!
+//! Workbench's scheme ("v0", as implemented by Posit's `rskey`):
+//! `hash ‖ base64(iv32 ‖ AES-128-CBC(key', PKCS#7)) ‖ hash`, where `hash` is
+//! the CRC32 of the raw secure cookie key as 8 upper-case hex digits, `key'`
+//! is the first 16 bytes of the key XORed with a fixed 10-byte pad, and the
+//! 32-byte IV field holds the 16-byte IV first. The CRC only tells which key
+//! encrypted a value; the secrecy is the key's.
+
+use aes::cipher::block_padding::Pkcs7;
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+
+type Encryptor = cbc::Encryptor<aes::Aes128>;
+type Decryptor = cbc::Decryptor<aes::Aes128>;
+
+/// Workbench's `OBFUSCATE_KEY` pad.
+const PAD: [u8; 10] = [223, 99, 111, 160, 122, 212, 223, 105, 37, 190];
+const IV_FIELD: usize = 32;
+
+/// Why a value does not decrypt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PasswordError {
+    #[error("the value is not an encrypted password (expected <8 hex digits><base64><the same 8 hex digits>)")]
+    NotEncrypted,
+    #[error("the password was encrypted with another secure cookie key (key hash {found}, this key's {expected})")]
+    WrongKey { found: String, expected: String },
+    #[error("the encrypted password is corrupt")]
+    Corrupt,
+    #[error("the secure cookie key must be at least 16 bytes to encrypt passwords")]
+    ShortKey,
+}
+
+/// The key's CRC32 as Workbench prints it: 8 upper-case hex digits.
+pub fn key_hash(key: &[u8]) -> String {
+    format!("{:08X}", crc32fast::hash(key))
+}
+
+fn aes_key(key: &[u8]) -> Result<[u8; 16], PasswordError> {
+    if key.len() < 16 {
+        return Err(PasswordError::ShortKey);
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = key[i] ^ PAD[i % PAD.len()];
+    }
+    Ok(out)
+}
+
+/// Whether a configured value has the shape of an encrypted password.
+pub fn looks_encrypted(value: &str) -> bool {
+    value.len() > 16
+        && value.is_ascii()
+        && value[..8].bytes().all(|b| b.is_ascii_hexdigit())
+        && value[..8] == value[value.len() - 8..]
+}
+
+/// Encrypt `plain` with the secure cookie key.
+pub fn encrypt(key: &[u8], plain: &str) -> Result<String, PasswordError> {
+    let k = aes_key(key)?;
+    let iv_field: [u8; IV_FIELD] = rand::random();
+    let mut iv = [0u8; 16];
+    iv.copy_from_slice(&iv_field[..16]);
+    let cipher = Encryptor::new(&k.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plain.as_bytes());
+    let mut payload = iv_field.to_vec();
+    payload.extend_from_slice(&cipher);
+    let hash = key_hash(key);
+    Ok(format!("{hash}{}{hash}", B64.encode(payload)))
+}
+
+/// Decrypt a value made by `encrypt` (or by Workbench) with the same key.
+pub fn decrypt(key: &[u8], value: &str) -> Result<String, PasswordError> {
+    if !looks_encrypted(value) {
+        return Err(PasswordError::NotEncrypted);
+    }
+    let expected = key_hash(key);
+    let found = &value[..8];
+    if !found.eq_ignore_ascii_case(&expected) {
+        return Err(PasswordError::WrongKey { found: found.to_string(), expected });
+    }
+    let payload = B64.decode(&value[8..value.len() - 8]).map_err(|_| PasswordError::Corrupt)?;
+    if payload.len() <= IV_FIELD || !(payload.len() - IV_FIELD).is_multiple_of(16) {
+        return Err(PasswordError::Corrupt);
+    }
+    let mut iv = [0u8; 16];
+    iv.copy_from_slice(&payload[..16]);
+    let plain = Decryptor::new(&aes_key(key)?.into(), &iv.into())
+        .decrypt_padded_vec_mut::<Pkcs7>(&payload[IV_FIELD..])
+        .map_err(|_| PasswordError::Corrupt)?;
+    String::from_utf8(plain).map_err(|_| PasswordError::Corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"d3161166-e89b-4158-af3b-5980e3056cc6\n";
+
+    #[test]
+    fn decrypts_posit_rskey_test_vector() {
+        assert_eq!(key_hash(KEY), "BFA25145");
+        let vector = "BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145";
+        assert_eq!(decrypt(KEY, vector).unwrap(), "success");
+    }
+
+    #[test]
+    fn round_trips_and_refuses_other_keys_and_corruption() {
+        let enc = encrypt(KEY, "p@ss wörd").unwrap();
+        assert!(looks_encrypted(&enc));
+        assert_eq!(decrypt(KEY, &enc).unwrap(), "p@ss wörd");
+        assert_ne!(encrypt(KEY, "p@ss wörd").unwrap(), enc, "random IV");
+        let other = b"ffffffff-e89b-4158-af3b-5980e3056cc6\n";
+        assert!(matches!(decrypt(other, &enc), Err(PasswordError::WrongKey { .. })));
+        let mut bad = enc.clone();
+        bad.replace_range(20..24, "AAAA");
+        assert!(decrypt(KEY, &bad).is_err());
+        assert_eq!(decrypt(KEY, "plain-password"), Err(PasswordError::NotEncrypted));
+        assert_eq!(encrypt(b"short", "x"), Err(PasswordError::ShortKey));
+    }
+}
