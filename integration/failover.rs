@@ -103,6 +103,20 @@ async fn forged_or_replayed_forwarding_headers_get_403() {
     assert_eq!((ok.status().as_u16(), ok.headers()["x-backend"].to_str().unwrap()), (200, "B"));
     // Replayed to another path.
     assert_eq!(send("/admin", good).await.status().as_u16(), 403);
+    // Replayed with another identity header: the backend sees only the signed user.
+    for (claimed, seen) in [("admin", None), ("ann", Some("ann"))] {
+        let signed = forward::sign(&key, a, b, sessionlb_now_ms(), "aff:test", Some("ann"), &line("/headers"));
+        let reply = client
+            .get(c.nodes[1].url("/headers"))
+            .header(forward::HEADER, signed)
+            .header("x-forwarded-user", claimed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 200);
+        let echoed: serde_json::Value = reply.json().await.unwrap();
+        assert_eq!(echoed["headers"]["x-forwarded-user"].as_str(), seen, "claimed {claimed}: {echoed}");
+    }
     // Forged MAC.
     let forged = forward::sign(
         &sessionlb::config::key::SecureKey::from_bytes(b"not-the-cluster-key-at-all-00000\n".to_vec()),
@@ -413,4 +427,59 @@ async fn probes_find_a_frozen_node_and_its_recovery() {
     let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
     assert!(!shown(&text).is_empty() && !shown(&text).contains("(unreachable)"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5), "found after {:?}", started.elapsed());
+}
+
+/// `sessionlb_session_moves_total{reason="…"}` from a node's /metrics.
+async fn moves_for(c: &Cluster, node: usize, reason: &str) -> u64 {
+    let text = reqwest::get(c.nodes[node].url("/metrics")).await.unwrap().text().await.unwrap();
+    let prefix = format!("sessionlb_session_moves_total{{reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_backend_died_tells_the_sender_to_fail_over() {
+    // Probes slow enough that only the data path can notice the dead backend.
+    let mut c =
+        Cluster::start(ClusterOptions { extra: "health-check-interval = \"60s\"".into(), ..Default::default() }).await;
+    let mut browser = session_on(&c, 2).await;
+    let c_id = c.node_id(2).await;
+    c.backends[2].proc.kill();
+    // Through A: A forwards to C, C cannot reach its backend and answers with
+    // the marker, A fails over and serves the request elsewhere.
+    let reply = browser.get(&c.nodes[0].url("/after-backend-death")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
+    assert!(!reply.headers.contains_key(forward::BACKEND_DOWN_HEADER), "the internal marker leaked");
+    let rows = c.registry.list_sessions().await.unwrap();
+    assert!(rows.iter().all(|s| s.node_id != Some(c_id)), "the session row still names C: {rows:?}");
+    assert_eq!(moves_for(&c, 0, "backend_down").await, 1, "the move is counted as backend_down");
+    assert_eq!(moves_for(&c, 0, "connect_failure").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_cannot_forge_the_backend_down_marker() {
+    let c =
+        Cluster::start(ClusterOptions { extra: "health-check-interval = \"60s\"".into(), ..Default::default() }).await;
+    let mut browser = session_on(&c, 2).await;
+    let c_id = c.node_id(2).await;
+    let placements = || async {
+        let rows = c.registry.list_sessions().await.unwrap();
+        rows.into_iter().map(|s| (s.key, s.node_id)).collect::<Vec<_>>()
+    };
+    let before = placements().await;
+    // C's backend (an app a user runs, say) answers 503 with the marker; the
+    // request comes in through A, so A would fail over if it believed it.
+    for _ in 0..3 {
+        let reply = browser.get(&c.nodes[0].url("/forged-backend-down")).await;
+        assert_eq!((reply.status, reply.backend()), (503, Some("C")), "{}", reply.body);
+        assert!(!reply.headers.contains_key(forward::BACKEND_DOWN_HEADER), "the marker reached the client");
+    }
+    // Nothing moved, C is still reachable from A, and the session still reaches C.
+    assert_eq!(placements().await, before);
+    assert!(before.iter().any(|(_, node)| *node == Some(c_id)));
+    let status = c.status_json(&c.nodes[0]).await;
+    assert_eq!(counter(&status, "session_moves"), 0, "{status}");
+    let c_status = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == c_id).unwrap().clone();
+    assert_eq!(c_status["reachable"], true, "{c_status}");
+    assert_eq!(browser.get(&c.nodes[0].url("/")).await.backend(), Some("C"));
 }

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
 
@@ -127,4 +128,62 @@ async fn forwarded_headers_are_set_once_and_internal_headers_never_leak() {
     assert_eq!(h["host"], via.address().as_str(), "the Host header passes unchanged");
     assert!(h.get("x-forwarded-user").is_none(), "an untrusted identity header is stripped: {h}");
     assert!(h.get(sessionlb::proxy::forward::HEADER).is_none(), "the node-to-node header never reaches a backend");
+}
+
+/// Longer than Pingora's built-in 60 s downstream read timeout.
+const LONG_IDLE: Duration = Duration::from_secs(65);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_tunnels_and_stalled_uploads_outlive_pingora_read_timeout() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (b, owner, other) = session(&c).await;
+    let via = &c.nodes[other];
+
+    // A WebSocket through two hops, silent both ways.
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws",
+        via.address()
+    ))
+    .unwrap();
+    request.headers_mut().insert("cookie", b.cookie_header().unwrap().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(hello, Message::Text(format!("hello from {}", NAMES[owner]).into()));
+
+    // At the same time, an upload through two hops that stalls mid-body.
+    let block = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let parts = futures::stream::iter(0..2).then(move |i| {
+        let block = block.clone();
+        async move {
+            if i == 1 {
+                tokio::time::sleep(LONG_IDLE).await;
+            }
+            Ok::<_, std::io::Error>(block)
+        }
+    });
+    let no_timeout = reqwest::Client::builder().no_proxy().build().unwrap();
+    let upload = no_timeout
+        .post(via.url("/upload"))
+        .header("cookie", b.cookie_header().unwrap())
+        .body(reqwest::Body::wrap_stream(parts))
+        .send();
+    let idle_socket = async {
+        // Both sides idle longer than any read timeout in the path.
+        tokio::time::sleep(LONG_IDLE).await;
+        for text in ["after a long silence", "and again"] {
+            ws.send(Message::Text(text.into())).await.unwrap();
+            let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("echo in time")
+                .expect("the tunnel is still open")
+                .unwrap();
+            assert_eq!(echo, Message::Text(text.into()));
+        }
+        ws.close(None).await.unwrap();
+    };
+    let (resp, ()) = tokio::join!(upload, idle_socket);
+    let resp = resp.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let result: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((result["bytes"].as_u64(), result["backend"].as_str()), (Some(2 << 20), Some(NAMES[owner])));
 }

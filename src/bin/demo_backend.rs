@@ -198,6 +198,14 @@ async fn status(State(s): State<Shared>, Path(code): Path<u16>) -> Response {
     tagged(&s, code, format!("status {code} from {}\n", s.name))
 }
 
+/// What a hostile app behind the IDE server could answer: a 503 carrying
+/// sessionlb's internal backend-down marker.
+async fn forged_backend_down(State(s): State<Shared>) -> Response {
+    let mut resp = tagged(&s, StatusCode::SERVICE_UNAVAILABLE, "pretending the backend is down\n");
+    resp.headers_mut().insert("x-sessionlb-backend-down", HeaderValue::from_static("1"));
+    resp
+}
+
 async fn fallback(State(s): State<Shared>, req: Request) -> Response {
     tagged(&s, StatusCode::OK, format!("backend {}: {}\n", s.name, req.uri().path()))
 }
@@ -234,6 +242,7 @@ fn main() {
         .route("/download", get(download))
         .route("/upload", post(upload))
         .route("/status/{code}", any(status))
+        .route("/forged-backend-down", any(forged_backend_down))
         .fallback(fallback)
         .with_state(state);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

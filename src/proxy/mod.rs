@@ -192,6 +192,17 @@ fn ip_header_value(ip: IpAddr) -> std::result::Result<http::HeaderValue, http::h
     http::HeaderValue::from_bytes(&buf[..len])
 }
 
+/// Pingora reads a downstream request body (and, after a 101, the client
+/// side of a tunnel) under a 60 s read timeout: an idle WebSocket or a
+/// stalled upload would be cut. `timeout` never bounds proxied bodies, long
+/// polls or tunnels, so once the request head is in, reads are unbounded
+/// (the head itself stays bounded by Pingora's default).
+fn unbound_downstream_reads(session: &mut Session) {
+    session.set_read_timeout(None);
+    // Draining an unread body before reusing the connection stays bounded.
+    session.set_total_drain_timeout(Some(Duration::from_secs(60)));
+}
+
 fn config_trusted_header(config: &Config) -> Option<http::HeaderName> {
     config.identity.trusted_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
 }
@@ -324,6 +335,7 @@ impl ProxyHttp for Router {
                     );
                     ctx.inbound = Some(f);
                     ctx.route = Route::Local;
+                    unbound_downstream_reads(session);
                     return Ok(false);
                 }
                 Err(reason) => {
@@ -334,6 +346,7 @@ impl ProxyHttp for Router {
         }
 
         routing::route(self, session, ctx).await?;
+        unbound_downstream_reads(session);
         Ok(false)
     }
 
@@ -378,8 +391,17 @@ impl ProxyHttp for Router {
         if upstream.headers.contains_key(&*FORWARD_HEADER) {
             upstream.remove_header(&*FORWARD_HEADER);
         }
-        if ctx.inbound.is_some() {
-            // The sending node already set X-Forwarded-* and vetted identity headers.
+        if let Some(f) = &ctx.inbound {
+            // The sending node already set X-Forwarded-* and vetted identity
+            // headers. The identity header is not covered by the forwarding
+            // MAC, so only a value equal to the signed user passes: a replayed
+            // forwarding header cannot carry another identity.
+            if let Some(name) = &self.trusted_header
+                && let Some(value) = upstream.headers.get(name)
+                && f.user.as_deref().map(str::as_bytes) != Some(value.as_bytes())
+            {
+                upstream.remove_header(name);
+            }
             return Ok(());
         }
         let cidrs = &self.config.identity.trusted_cidrs;
@@ -459,7 +481,7 @@ impl ProxyHttp for Router {
         if ctx.peer_backend_down {
             // The peer answered before touching any backend: safe to retry
             // any method, as long as the request body is still buffered.
-            ctx.peer_backend_down = false;
+            // (`fail_over` reads and clears the flag to count the move.)
             let retry = !session.as_ref().retry_buffer_truncated() && ctx.failed.len() <= placement::MAX_FAILOVERS;
             e.set_retry(retry);
         } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
@@ -495,7 +517,11 @@ impl ProxyHttp for Router {
             }
             _ => {}
         }
-        if ctx.inbound.is_none() && resp.headers.contains_key(&*BACKEND_DOWN) {
+        // Only this node's own refusal (written by `respond_backend_down`,
+        // never through this filter) may carry the marker: a backend (which
+        // users' apps can be) must not be able to make a sender mark this
+        // node unreachable and move its sessions away.
+        if matches!(ctx.route, Route::Local) && resp.headers.contains_key(&*BACKEND_DOWN) {
             resp.remove_header(&*BACKEND_DOWN);
         }
         Ok(())

@@ -279,7 +279,8 @@ pub async fn fail_over(r: &Router, ctx: &mut RequestCtx) -> Result<()> {
     let Some(entry) = ctx.entry.clone() else {
         return Err(status_error(503, "no node could take the request"));
     };
-    let reason = if ctx.peer_backend_down { MoveReason::BackendDown } else { MoveReason::ConnectFailure };
+    let reason =
+        if std::mem::take(&mut ctx.peer_backend_down) { MoveReason::BackendDown } else { MoveReason::ConnectFailure };
     let job = Job {
         key: entry.record.key.clone(),
         kind: entry.record.kind,
