@@ -26,6 +26,7 @@ pub struct Metrics {
     pub session_moves: IntCounterVec,
     /// Backend keys registered on this node.
     pub backend_keys_registered: IntCounter,
+    pub registry_breaker_trips: IntCounter,
     /// Placements that lost a race and used the winner's node.
     pub placement_races_lost: IntCounter,
     /// Placement latency (lock, re-check, choose, write).
@@ -111,6 +112,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "sessionlb_backend_keys_registered_total",
             "Backend session keys registered on this node",
+        ),
+        registry_breaker_trips: counter(
+            &r,
+            "sessionlb_registry_breaker_trips_total",
+            "Times requests started skipping an unavailable registry",
         ),
         placement_races_lost: counter(
             &r,

@@ -115,6 +115,7 @@ fn counters() -> BTreeMap<String, u64> {
         ("placements".into(), metrics::total(&m.placements)),
         ("session_moves".into(), metrics::total(&m.session_moves)),
         ("backend_keys_registered".into(), m.backend_keys_registered.get()),
+        ("registry_breaker_trips".into(), m.registry_breaker_trips.get()),
         ("placement_races_lost".into(), m.placement_races_lost.get()),
         ("balancer_fallbacks".into(), m.balancer_fallbacks.get()),
         ("lock_failures".into(), m.lock_failures.get()),

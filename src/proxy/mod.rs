@@ -29,6 +29,7 @@ pub mod forward;
 pub mod health;
 pub mod identity;
 pub mod placement;
+pub mod registry_calls;
 pub mod routing;
 
 use std::net::{IpAddr, SocketAddr};
@@ -94,6 +95,10 @@ pub struct Router {
     pub cookies: cookie::VerifiedCookies,
     /// `[identity] trusted-header`, parsed once (validated by the configuration).
     trusted_header: Option<http::HeaderName>,
+    /// Open while the registry recently failed: requests skip it.
+    pub registry_breaker: registry_calls::RegistryBreaker,
+    /// Backend keys recently looked up and not found.
+    pub key_misses: registry_calls::MissCache,
 }
 
 impl Router {
@@ -127,6 +132,8 @@ impl Router {
             http,
             cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
             trusted_header,
+            registry_breaker: registry_calls::RegistryBreaker::default(),
+            key_misses: registry_calls::MissCache::default(),
         }
     }
 
@@ -511,7 +518,7 @@ impl ProxyHttp for Router {
             }
             Route::Local if resp.status.as_u16() < 400 && !ctx.path_key_known => {
                 if let Some(key) = ctx.path_key.clone() {
-                    placement::register_backend_key(self, &key, ctx.user.clone()).await;
+                    registry_calls::register_backend_key(self, &key, ctx.user.clone(), now_ms()).await;
                     ctx.path_key_known = true;
                 }
             }

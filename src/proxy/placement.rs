@@ -208,13 +208,24 @@ impl Placer {
 
 /// Run `job` on the control runtime.
 async fn run(r: &Router, job: Job) -> Result<SessionRecord, PlaceError> {
+    let now = super::now_ms();
+    if r.registry_breaker.is_open(now) {
+        // The registry failed moments ago: answer now rather than wait it out.
+        return Err(PlaceError::Registry(RegistryError::Db(sqlx::Error::PoolTimedOut)));
+    }
     let placer = Placer::new(r);
     let deadline = control_timeout(r) * 2;
-    match tokio::time::timeout(deadline, r.control.spawn(async move { placer.place(job).await })).await {
+    let result = match tokio::time::timeout(deadline, r.control.spawn(async move { placer.place(job).await })).await {
         Ok(Ok(result)) => result,
         Ok(Err(join)) => Err(PlaceError::Registry(RegistryError::Corrupt(format!("placement task failed: {join}")))),
         Err(_) => Err(PlaceError::Registry(RegistryError::Db(sqlx::Error::PoolTimedOut))),
+    };
+    match &result {
+        Err(PlaceError::Registry(RegistryError::Db(_))) => r.registry_breaker.trip(now),
+        Ok(_) => r.registry_breaker.reset(),
+        Err(_) => {}
     }
+    result
 }
 
 /// Set `ctx.route` for `entry` or fail with 503.
@@ -340,55 +351,5 @@ async fn moved(
             };
             Ok(old)
         }
-    }
-}
-
-/// Look a key up in the registry (a key this node's view does not know yet).
-pub async fn lookup(r: &Router, key: &str) -> Option<Arc<SessionEntry>> {
-    let registry = r.registry.clone();
-    let owned = key.to_string();
-    let found =
-        tokio::time::timeout(control_timeout(r), r.control.spawn(async move { registry.get_session(&owned).await }))
-            .await;
-    match found {
-        Ok(Ok(Ok(Some(rec)))) => Some(entry_of(r, &rec)),
-        Ok(Ok(Ok(None))) => None,
-        _ => {
-            tracing::debug!(key, "registry lookup failed; routing by affinity");
-            None
-        }
-    }
-}
-
-/// Register a backend key on this node (its backend answered it below 400).
-pub async fn register_backend_key(r: &Router, key: &str, user: Option<String>) {
-    let registry = r.registry.clone();
-    let view = r.view.clone();
-    let me = r.self_id;
-    let owned = key.to_string();
-    let task = r.control.spawn(async move {
-        let rec = registry
-            .place_session(&NewSession {
-                key: &owned,
-                node_id: me,
-                user_name: user.as_deref(),
-                kind: SessionKind::Backend,
-            })
-            .await?;
-        view.upsert_session(rec.clone());
-        Ok::<_, RegistryError>(rec)
-    });
-    match tokio::time::timeout(control_timeout(r), task).await {
-        Ok(Ok(Ok(rec))) if rec.node_id == Some(me) => {
-            METRICS.backend_keys_registered.inc();
-            tracing::debug!(key, "backend key registered on this node");
-        }
-        Ok(Ok(Ok(rec))) => {
-            tracing::warn!(key, node = ?rec.node_id, "backend key is already registered on another node")
-        }
-        _ => tracing::warn!(
-            key,
-            "could not register a backend key (registry unavailable); it follows affinity meanwhile"
-        ),
     }
 }

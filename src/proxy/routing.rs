@@ -12,7 +12,7 @@ use pingora::prelude::*;
 
 use super::cookie::{self, Affinity};
 use super::placement::{self, MoveReason};
-use super::{RequestCtx, Route, Router, identity, now_ms, now_secs};
+use super::{RequestCtx, Route, Router, identity, now_ms, now_secs, registry_calls};
 use crate::cluster::view::SessionEntry;
 use crate::cluster::{NodeRecord, NodeStatus, SessionKind};
 use crate::config::SessionPathPattern;
@@ -169,7 +169,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
     // still be on the way): one registry lookup before routing otherwise.
     if let Some(pk) = &d.path_key
         && !d.path_key_known
-        && let Some(entry) = placement::lookup(r, pk).await
+        && let Some(entry) = registry_calls::lookup(r, pk, now_ms()).await
     {
         ctx.path_key_known = true;
         found = Some(entry);

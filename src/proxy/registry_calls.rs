@@ -1,0 +1,222 @@
+//! The registry calls a request may wait for: looking up a backend key this
+//! node has not heard of, and registering a key its backend answered.
+//!
+//! Both are optional for routing (an unknown key follows the affinity key or
+//! the user's session), so neither may stall a request for long:
+//! - a request waits at most [`REQUEST_PATH_WAIT`] (or `timeout`, if
+//!   shorter); a registration still running then finishes in the background;
+//! - after a failure or a slow answer the [`RegistryBreaker`] opens for
+//!   [`BREAKER_OPEN`]: requests skip the registry instead of each waiting out
+//!   a database outage, and new placements are refused at once (503);
+//! - a key looked up and not found is remembered for [`MISS_TTL`] so a client
+//!   polling a dead or made-up key costs one lookup per interval, not one per
+//!   request. A key registered meanwhile reaches the view by notification,
+//!   which is consulted first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::Router;
+use super::routing::control_timeout;
+use crate::cluster::view::SessionEntry;
+use crate::cluster::{NewSession, RegistryError, SessionKind};
+use crate::metrics::METRICS;
+
+/// The longest a request waits for an optional registry call.
+pub const REQUEST_PATH_WAIT: Duration = Duration::from_millis(500);
+/// How long the registry is skipped after it failed or answered too slowly.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(2);
+/// How long a key found absent is not looked up again.
+pub const MISS_TTL: Duration = Duration::from_secs(1);
+/// Remembered misses at most (the table is cleared when full).
+const MISS_CAPACITY: usize = 10_000;
+
+/// Open while the registry recently failed; then one caller tries again.
+#[derive(Debug, Default)]
+pub struct RegistryBreaker {
+    open_until_ms: AtomicI64,
+}
+
+impl RegistryBreaker {
+    pub fn is_open(&self, now_ms: i64) -> bool {
+        now_ms < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Record a failure: skip the registry for [`BREAKER_OPEN`].
+    pub fn trip(&self, now_ms: i64) {
+        let until = now_ms + BREAKER_OPEN.as_millis() as i64;
+        if self.open_until_ms.swap(until, Ordering::Relaxed) <= now_ms {
+            METRICS.registry_breaker_trips.inc();
+            tracing::warn!(
+                open_for_ms = BREAKER_OPEN.as_millis() as u64,
+                "registry unavailable: requests skip it for a while (known sessions keep routing)"
+            );
+        }
+    }
+
+    /// Record a success: the registry answers again.
+    pub fn reset(&self) {
+        self.open_until_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Backend keys recently looked up and not found.
+#[derive(Debug, Default)]
+pub struct MissCache {
+    seen: Mutex<HashMap<Box<str>, i64>>,
+}
+
+impl MissCache {
+    /// Whether `key` was found absent less than [`MISS_TTL`] ago.
+    pub fn recently_missed(&self, key: &str, now_ms: i64) -> bool {
+        self.seen.lock().get(key).is_some_and(|at| now_ms - at < MISS_TTL.as_millis() as i64)
+    }
+
+    pub fn record(&self, key: &str, now_ms: i64) {
+        let mut seen = self.seen.lock();
+        if seen.len() >= MISS_CAPACITY {
+            let ttl = MISS_TTL.as_millis() as i64;
+            seen.retain(|_, at| now_ms - *at < ttl);
+            if seen.len() >= MISS_CAPACITY {
+                seen.clear();
+            }
+        }
+        seen.insert(key.into(), now_ms);
+    }
+
+    pub fn forget(&self, key: &str) {
+        self.seen.lock().remove(key);
+    }
+}
+
+fn wait_limit(r: &Router) -> Duration {
+    control_timeout(r).min(REQUEST_PATH_WAIT)
+}
+
+/// Look up a key this node's view does not know (yet). `None` when it is not
+/// registered, or when the registry cannot tell quickly.
+pub async fn lookup(r: &Router, key: &str, now_ms: i64) -> Option<Arc<SessionEntry>> {
+    if r.registry_breaker.is_open(now_ms) || r.key_misses.recently_missed(key, now_ms) {
+        return None;
+    }
+    let registry = r.registry.clone();
+    let owned = key.to_string();
+    let task = r.control.spawn(async move { registry.get_session(&owned).await });
+    match tokio::time::timeout(wait_limit(r), task).await {
+        Ok(Ok(Ok(Some(rec)))) => {
+            r.registry_breaker.reset();
+            // A notification may have brought it meanwhile: keep that entry.
+            r.view.session(&rec.key).or_else(|| {
+                r.view.upsert_session(rec.clone());
+                r.view.session(&rec.key)
+            })
+        }
+        Ok(Ok(Ok(None))) => {
+            r.registry_breaker.reset();
+            r.key_misses.record(key, now_ms);
+            None
+        }
+        outcome => {
+            tracing::debug!(key, failed = outcome.is_ok(), "registry lookup failed or too slow; routing by affinity");
+            r.registry_breaker.trip(now_ms);
+            None
+        }
+    }
+}
+
+/// Register a backend key on this node (its backend answered it below 400).
+/// Skipped while the breaker is open: a later answer registers it then.
+pub async fn register_backend_key(r: &Router, key: &str, user: Option<String>, now_ms: i64) {
+    if r.registry_breaker.is_open(now_ms) {
+        tracing::debug!(key, "registry unavailable: backend key not registered yet");
+        return;
+    }
+    let registry = r.registry.clone();
+    let view = r.view.clone();
+    let me = r.self_id;
+    let owned = key.to_string();
+    let task = r.control.spawn(async move {
+        let rec = registry
+            .place_session(&NewSession {
+                key: &owned,
+                node_id: me,
+                user_name: user.as_deref(),
+                kind: SessionKind::Backend,
+            })
+            .await?;
+        view.upsert_session(rec.clone());
+        Ok::<_, RegistryError>(rec)
+    });
+    r.key_misses.forget(key);
+    match tokio::time::timeout(wait_limit(r), task).await {
+        Ok(Ok(Ok(rec))) if rec.node_id == Some(me) => {
+            r.registry_breaker.reset();
+            METRICS.backend_keys_registered.inc();
+            tracing::debug!(key, "backend key registered on this node");
+        }
+        Ok(Ok(Ok(rec))) => {
+            r.registry_breaker.reset();
+            tracing::warn!(key, node = ?rec.node_id, "backend key is already registered on another node")
+        }
+        Err(_) => {
+            // Still running on the control runtime; it completes (or fails) there.
+            r.registry_breaker.trip(now_ms);
+            tracing::warn!(key, "registering a backend key is slow; the response is not held for it")
+        }
+        Ok(_) => {
+            r.registry_breaker.trip(now_ms);
+            tracing::warn!(
+                key,
+                "could not register a backend key (registry unavailable); it follows affinity meanwhile"
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_on_failure_for_its_interval_and_closes_on_success() {
+        let b = RegistryBreaker::default();
+        assert!(!b.is_open(1_000));
+        b.trip(1_000);
+        assert!(b.is_open(1_000));
+        assert!(b.is_open(1_000 + BREAKER_OPEN.as_millis() as i64 - 1));
+        assert!(!b.is_open(1_000 + BREAKER_OPEN.as_millis() as i64));
+        b.trip(5_000);
+        b.reset();
+        assert!(!b.is_open(5_001));
+    }
+
+    #[test]
+    fn misses_expire_and_are_forgotten_on_registration() {
+        let m = MissCache::default();
+        assert!(!m.recently_missed("k", 0));
+        m.record("k", 10_000);
+        assert!(m.recently_missed("k", 10_000 + MISS_TTL.as_millis() as i64 - 1));
+        assert!(!m.recently_missed("k", 10_000 + MISS_TTL.as_millis() as i64));
+        assert!(!m.recently_missed("other", 10_000));
+        m.record("k", 20_000);
+        m.forget("k");
+        assert!(!m.recently_missed("k", 20_000));
+    }
+
+    #[test]
+    fn a_full_miss_table_keeps_only_fresh_entries() {
+        let m = MissCache::default();
+        for i in 0..MISS_CAPACITY {
+            m.record(&format!("old-{i}"), 0);
+        }
+        let later = MISS_TTL.as_millis() as i64 * 5;
+        m.record("fresh", later);
+        assert!(m.recently_missed("fresh", later));
+        assert!(!m.recently_missed("old-1", later));
+        assert_eq!(m.seen.lock().len(), 1);
+    }
+}
