@@ -5,12 +5,13 @@
 # Works on a fresh Debian machine with the `postgresql` package installed:
 # - installs what the build needs but a fresh machine lacks (cmake, for Pingora);
 # - uses the PostgreSQL server at $SESSIONLB_TEST_PG (default: the local one,
-#   postgres://postgres@127.0.0.1:5432/postgres) and, if none answers there,
-#   starts a throwaway server (initdb into a temp dir; as root it runs as the
-#   `postgres` user) and stops it afterwards.
+#   postgres://postgres@127.0.0.1:5432/postgres) if it can log in there and run
+#   a query; with the default URL it otherwise starts a throwaway server (initdb
+#   into a temp dir; as root it runs as the `postgres` user) and stops it
+#   afterwards, while an explicitly set URL that refuses the login is an error.
 # Extra arguments go to `cargo nextest run` (or `cargo test` without nextest).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
@@ -20,19 +21,27 @@ as_root() {
 }
 
 # --- build prerequisites -----------------------------------------------------
-missing=()
-command -v cmake >/dev/null || missing+=(cmake)
-command -v cc >/dev/null || missing+=(build-essential)
-command -v curl >/dev/null || missing+=(curl)
-command -v ip >/dev/null || missing+=(iproute2)
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]}"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+install_build_prerequisites() {
+  local missing=()
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v ip >/dev/null || missing+=(iproute2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
 
 # --- PostgreSQL ----------------------------------------------------------------
-export SESSIONLB_TEST_PG="${SESSIONLB_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
+# A server that merely runs is not enough: a stock Debian cluster `main` wants a
+# password on 127.0.0.1, and every DB test would then fail. So the probe logs in
+# and runs a query. The default URL falls back to a throwaway server when that
+# fails; a URL the user set explicitly must work, or the script stops.
+PG_DEFAULT_URL=postgres://postgres@127.0.0.1:5432/postgres
+PG_URL_EXPLICIT=${SESSIONLB_TEST_PG:+1}
+export SESSIONLB_TEST_PG="${SESSIONLB_TEST_PG:-$PG_DEFAULT_URL}"
 
 pg_bin_dir() {
   local d
@@ -42,9 +51,19 @@ pg_bin_dir() {
   log "no PostgreSQL server binaries found: apt-get install postgresql"; return 1
 }
 
-pg_answers() {
-  local bin; bin=$(pg_bin_dir) || return 1
-  "$bin/pg_isready" -q -d "$1" -t 3 2>/dev/null || { command -v pg_isready >/dev/null && pg_isready -q -d "$1" -t 3; }
+# The URL with the password of its user info and any `password=` query
+# parameter replaced by ***, for messages.
+pg_redact() {
+  printf '%s' "$1" | sed -E 's|^([a-z]+://[^:/?#@]*):[^@/?#]*@|\1:***@|; s|([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&#]*|\1***|g'
+}
+
+# Succeeds when we can log in at URL $1 and run a query (psql never prompts
+# for a password here). psql comes with the `postgresql` package.
+pg_login_ok() {
+  local url=$1 psql="" d
+  d=$(pg_bin_dir 2>/dev/null) && [ -x "$d/psql" ] && psql="$d/psql"
+  [ -n "$psql" ] || psql=$(command -v psql) || { log "psql not found: apt-get install postgresql"; return 1; }
+  [ "$(PGCONNECT_TIMEOUT=3 "$psql" -X -w -Atq -d "$url" -c 'select 1' </dev/null 2>/dev/null)" = 1 ]
 }
 
 PG_TMP=""
@@ -57,21 +76,42 @@ stop_throwaway_pg() {
   rm -rf "$PG_TMP"
 }
 
-if pg_answers "$SESSIONLB_TEST_PG"; then
-  log "using PostgreSQL at ${SESSIONLB_TEST_PG}"
-else
+# Start a throwaway server (trust auth, 127.0.0.1 on a free port) and point
+# SESSIONLB_TEST_PG at it; stop_throwaway_pg (an EXIT trap) removes it.
+start_throwaway_pg() {
+  local bin port run=()
   bin=$(pg_bin_dir)
   PG_TMP=$(mktemp -d /tmp/sessionlb-pg.XXXXXX)
   trap stop_throwaway_pg EXIT
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 55432)
-  run=()
   if [ "$(id -u)" = 0 ]; then chown postgres "$PG_TMP"; run=(runuser -u postgres --); fi
-  log "no PostgreSQL answers at ${SESSIONLB_TEST_PG}; starting a throwaway server on 127.0.0.1:${port}"
+  log "starting a throwaway PostgreSQL on 127.0.0.1:${port}"
   "${run[@]}" "$bin/initdb" -D "$PG_TMP/data" -U postgres --auth=trust -E UTF8 >/dev/null
   "${run[@]}" "$bin/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w \
     -o "-p $port -k $PG_TMP -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" start >/dev/null
   export SESSIONLB_TEST_PG="postgres://postgres@127.0.0.1:${port}/postgres"
-fi
+  pg_login_ok "$SESSIONLB_TEST_PG" || { log "cannot log in to the throwaway PostgreSQL (log: $PG_TMP/server.log)"; return 1; }
+}
+
+choose_pg() {
+  if pg_login_ok "$SESSIONLB_TEST_PG"; then
+    log "using PostgreSQL at $(pg_redact "$SESSIONLB_TEST_PG")"
+  elif [ -n "$PG_URL_EXPLICIT" ]; then
+    log "cannot log in to PostgreSQL at SESSIONLB_TEST_PG=$(pg_redact "$SESSIONLB_TEST_PG") (is the server up, and do"
+    log "the user, password, database and pg_hba.conf allow this login?). Fix it, or unset SESSIONLB_TEST_PG"
+    log "to use ${PG_DEFAULT_URL} or else a throwaway server."
+    return 1
+  else
+    log "cannot log in to PostgreSQL at $(pg_redact "$SESSIONLB_TEST_PG") (no server, or it refuses this login)"
+    start_throwaway_pg
+  fi
+}
+
+# `SESSIONLB_TEST_SH_FUNCTIONS_ONLY=1 source scripts/test.sh` defines the
+# functions above without running anything (to test them by hand).
+if [ -n "${SESSIONLB_TEST_SH_FUNCTIONS_ONLY:-}" ]; then return 0 2>/dev/null || exit 0; fi
+install_build_prerequisites
+choose_pg
 
 # --- tests -------------------------------------------------------------------------
 if cargo nextest --version >/dev/null 2>&1; then

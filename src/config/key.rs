@@ -26,7 +26,7 @@ pub enum KeyError {
     #[error("secure cookie key file {path} does not exist (create it with: `uuidgen > {path} && chmod 0600 {path}`)")]
     Missing { path: PathBuf },
     #[error(
-        "secure cookie key file {path} has mode {mode:04o}; it must not be readable by group or others (chmod 0600 {path})"
+        "secure cookie key file {path} has mode {mode:04o}; it must not be readable or writable by group or others (e.g. 0600: chmod 0600 {path})"
     )]
     BadPermissions { path: PathBuf, mode: u32 },
     #[error(
@@ -62,8 +62,10 @@ impl SecureKey {
         SecureKey { bytes, mac }
     }
 
-    /// Read and check the key file: it must exist, have no group/other
-    /// permission bits, and hold at least 16 bytes.
+    /// Read and check the key file: it must exist, must not be readable or
+    /// writable by group or others (e.g. 0600; owner-only modes such as 0400
+    /// or 0700 pass, any group/other permission bit is refused), and hold at
+    /// least 16 bytes.
     pub fn load(path: &Path) -> Result<SecureKey, KeyError> {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
@@ -189,6 +191,31 @@ mod tests {
         assert!(matches!(SecureKey::load(&short), Err(KeyError::TooShort { len: 15, .. })));
         let ok = write_key(dir.path(), b"0123456789abcdef", 0o600);
         assert_eq!(SecureKey::load(&ok).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn only_owner_permissions_matter() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"0123456789abcdef0123456789abcdef\n";
+        for mode in [0o400, 0o600, 0o700] {
+            let path = write_key(dir.path(), key, mode);
+            assert!(SecureKey::load(&path).is_ok(), "mode {mode:04o} is owner-only and must be accepted");
+        }
+        for mode in [0o640, 0o604, 0o620, 0o602, 0o610] {
+            let path = write_key(dir.path(), key, mode);
+            match SecureKey::load(&path) {
+                Err(e @ KeyError::BadPermissions { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&format!(
+                            "has mode {mode:04o}; it must not be readable or writable by group or others (e.g. 0600"
+                        )),
+                        "{msg}"
+                    );
+                }
+                other => panic!("mode {mode:04o} must be refused, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -175,11 +175,16 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// Splits `rest` (a URL after `scheme://`) into its authority and the rest
+/// (path, query, fragment): the authority ends at the first `/`, `?` or `#`.
+fn split_authority(rest: &str) -> (&str, &str) {
+    rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()))
+}
+
 /// `url` with its password replaced by `password` (percent-encoded).
 fn with_password(url: &str, password: &str) -> Result<String, String> {
     let (scheme, rest) = url.split_once("://").ok_or("the database URL has no scheme")?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
+    let (authority, tail) = split_authority(rest);
     let (userinfo, host) = authority
         .rsplit_once('@')
         .ok_or("the database URL must name a user (postgres://user@host/db) to go with database-password")?;
@@ -188,22 +193,42 @@ fn with_password(url: &str, password: &str) -> Result<String, String> {
     Ok(format!("{scheme}://{user}:{password}@{host}{tail}"))
 }
 
-fn redact_url_password(url: &str) -> String {
+/// `url` with the password of its user info and the value of every query
+/// parameter named `password` (any case, percent-encoded or not) replaced by
+/// `***`; everything else is kept as written.
+pub(crate) fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let (authority, tail) = split_authority(rest);
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
         },
-        None => {
-            // key=value style query password
-            url.to_string()
+        None => authority.to_string(),
+    };
+    let (before_fragment, fragment) = tail.split_at(tail.find('#').unwrap_or(tail.len()));
+    let tail = match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((name, _))
+                        if percent_encoding::percent_decode_str(name)
+                            .decode_utf8_lossy()
+                            .eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{name}=***")
+                    }
+                    _ => param.to_string(),
+                })
+                .collect();
+            format!("{path}?{}{fragment}", params.join("&"))
         }
-    }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Where the session key sits in request paths (`[sessions] session-path-pattern`).
@@ -265,7 +290,8 @@ pub struct NodeConfig {
 }
 
 /// The cluster-wide parts: registry, key, shared storage, check-ins.
-#[derive(Debug, Clone)]
+/// Its `Debug` redacts the database password.
+#[derive(Clone)]
 pub struct ClusterConfig {
     pub database: DatabaseUrl,
     /// The PostgreSQL password, plain or encrypted with `sessionlb
@@ -281,6 +307,32 @@ pub struct ClusterConfig {
     pub poll_interval: Duration,
     /// How often peers are probed for liveness (default 2 s).
     pub health_check_interval: Duration,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let ClusterConfig {
+            database,
+            database_password,
+            secure_cookie_key_file,
+            shared_storage_path,
+            checkin_interval,
+            load_report_interval,
+            poll_interval,
+            health_check_interval,
+        } = self;
+        f.debug_struct("ClusterConfig")
+            .field("database", database)
+            .field("database_password", &database_password.as_ref().map(|_| "***"))
+            .field("secure_cookie_key_file", secure_cookie_key_file)
+            .field("shared_storage_path", shared_storage_path)
+            .field("checkin_interval", checkin_interval)
+            .field("load_report_interval", load_report_interval)
+            .field("poll_interval", poll_interval)
+            .field("health_check_interval", health_check_interval)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -365,11 +417,10 @@ impl Config {
             return Err("`database-password` goes with a postgres:// database".into());
         };
         let plain = if password::looks_encrypted(configured) {
-            let path = &self.cluster.secure_cookie_key_file;
-            let key = std::fs::read(path).map_err(|e| {
-                format!("cannot read the secure cookie key {} to decrypt database-password: {e}", path.display())
-            })?;
-            password::decrypt(&key, configured).map_err(|e| format!("database-password: {e}"))?
+            // The same checks (existence, mode, length) as when the node starts.
+            let key = key::SecureKey::load(&self.cluster.secure_cookie_key_file)
+                .map_err(|e| format!("cannot use the secure cookie key to decrypt database-password: {e}"))?;
+            password::decrypt(key.bytes(), configured).map_err(|e| format!("database-password: {e}"))?
         } else {
             configured.clone()
         };

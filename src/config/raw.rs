@@ -56,6 +56,18 @@ impl RawValue {
             RawValue::Unsupported(kind) => format!("a {kind}"),
         }
     }
+
+    /// This value as written under `key`, with secrets hidden: any string
+    /// given as `database-password`, and the passwords in a `database` URL.
+    pub fn redacted(&self, key: &str) -> RawValue {
+        match (key, self) {
+            ("database-password", RawValue::Str(_)) => RawValue::Str("***".into()),
+            ("database-password", RawValue::Text(_)) => RawValue::Text("***".into()),
+            ("database", RawValue::Str(s)) => RawValue::Str(super::redact_url_password(s)),
+            ("database", RawValue::Text(s)) => RawValue::Text(super::redact_url_password(s)),
+            _ => self.clone(),
+        }
+    }
 }
 
 /// One setting: its value and where it was written.
@@ -66,12 +78,23 @@ pub struct RawEntry {
 }
 
 /// All settings found, by canonical dotted key. A later source overrides an
-/// earlier one key by key.
-#[derive(Debug, Default, Clone)]
+/// earlier one key by key. Its `Debug` hides secrets (see [`RawValue::redacted`]).
+#[derive(Default, Clone)]
 pub struct RawConfig {
     pub entries: BTreeMap<String, RawEntry>,
     /// Every file that contributed, in the order read.
     pub files: Vec<PathBuf>,
+}
+
+impl fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let entries: BTreeMap<&str, RawEntry> = self
+            .entries
+            .iter()
+            .map(|(k, e)| (k.as_str(), RawEntry { value: e.value.redacted(k), origin: e.origin.clone() }))
+            .collect();
+        f.debug_struct("RawConfig").field("entries", &entries).field("files", &self.files).finish()
+    }
 }
 
 impl RawConfig {

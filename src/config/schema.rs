@@ -46,7 +46,7 @@ impl Reader {
             file: entry.origin.file.clone(),
             line: Some(entry.origin.line),
             key: Some(key.to_string()),
-            message: format!("`{key}` must be {expected}; found {}", entry.value.describe()),
+            message: format!("`{key}` must be {expected}; found {}", entry.value.redacted(key).describe()),
         });
     }
 

@@ -1,3 +1,5 @@
+use std::os::unix::fs::PermissionsExt;
+
 use super::*;
 
 fn parse(src: &str) -> Result<Config, ConfigError> {
@@ -135,6 +137,7 @@ fn encrypted_database_password_is_decrypted_with_the_key() {
     let key_file = dir.path().join("key");
     let key = b"d3161166-e89b-4158-af3b-5980e3056cc6\n";
     std::fs::write(&key_file, key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let encrypted = password::encrypt(key, "s3cr:t/pw").unwrap();
     let c = parse(&format!(
         "database = \"postgres://lb@db:5432/lb\"\ndatabase-password = \"{encrypted}\"\nsecure-cookie-key-file = \"{}\"\n",
@@ -150,4 +153,93 @@ fn encrypted_database_password_is_decrypted_with_the_key() {
     assert!(problems("database-password = \"x\"\n")[0].message.contains("goes with a postgres://"));
     let c = parse("database = \"postgres://db/lb\"\ndatabase-password = \"x\"\n").unwrap();
     assert!(c.registry_url().unwrap_err().contains("must name a user"));
+}
+
+#[test]
+fn decrypting_database_password_applies_the_key_file_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    let key = b"d3161166-e89b-4158-af3b-5980e3056cc6\n";
+    std::fs::write(&key_file, key).unwrap();
+    let encrypted = password::encrypt(key, "pw").unwrap();
+    let c = parse(&format!(
+        "database = \"postgres://lb@db:5432/lb\"\ndatabase-password = \"{encrypted}\"\nsecure-cookie-key-file = \"{}\"\n",
+        key_file.display()
+    ))
+    .unwrap();
+    // Group- or other-readable: refused, as when the node starts.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = c.registry_url().unwrap_err();
+    assert!(err.contains("must not be readable or writable by group or others"), "{err}");
+    // Owner-only (even read-only): accepted.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o400)).unwrap();
+    assert_eq!(c.registry_url().unwrap(), DatabaseUrl::Postgres("postgres://lb:pw@db:5432/lb".into()));
+    // Missing and too short: the key module's errors.
+    std::fs::remove_file(&key_file).unwrap();
+    assert!(c.registry_url().unwrap_err().contains("does not exist"));
+    std::fs::write(&key_file, b"short\n").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(c.registry_url().unwrap_err().contains("at least 16 bytes"));
+}
+
+#[test]
+fn url_passwords_are_redacted_in_user_info_and_query() {
+    for (url, redacted) in [
+        ("postgres://lb:s3cret@db:5432/lb", "postgres://lb:***@db:5432/lb"),
+        ("postgres://lb@db:5432/lb", "postgres://lb@db:5432/lb"),
+        ("postgres://db/lb", "postgres://db/lb"),
+        (
+            "postgres://lb@db/lb?sslmode=require&password=s3cret&application_name=x",
+            "postgres://lb@db/lb?sslmode=require&password=***&application_name=x",
+        ),
+        ("postgres://lb@db/lb?password=s3cret", "postgres://lb@db/lb?password=***"),
+        ("postgresql://db?PassWord=s3cret&user=lb", "postgresql://db?PassWord=***&user=lb"),
+        ("postgres://db/lb?user=lb&%70assword=s3cret#frag", "postgres://db/lb?user=lb&%70assword=***#frag"),
+        ("postgres://lb:s3cret@db?password=s3cret", "postgres://lb:***@db?password=***"),
+        ("postgres://db/lb?password_file=x&mypassword=y", "postgres://db/lb?password_file=x&mypassword=y"),
+    ] {
+        assert_eq!(DatabaseUrl::Postgres(url.into()).redacted(), redacted, "{url}");
+    }
+    // check-config prints the redacted URL.
+    let c = parse("database = \"postgres://lb@db:5432/lb?sslmode=disable&password=s3cret\"\n").unwrap();
+    let out = c.render();
+    assert!(!out.contains("s3cret"), "{out}");
+    assert!(out.contains("database = \"postgres://lb@db:5432/lb?sslmode=disable&password=***\""), "{out}");
+    // The password still reaches the connection.
+    assert_eq!(
+        c.registry_url().unwrap(),
+        DatabaseUrl::Postgres("postgres://lb@db:5432/lb?sslmode=disable&password=s3cret".into())
+    );
+}
+
+#[test]
+fn database_password_with_a_query_keeps_the_query() {
+    let c = parse("database = \"postgres://lb@db?sslmode=disable\"\ndatabase-password = \"p\"\n").unwrap();
+    assert_eq!(c.registry_url().unwrap(), DatabaseUrl::Postgres("postgres://lb:p@db?sslmode=disable".into()));
+}
+
+#[test]
+fn debug_output_never_shows_database_passwords() {
+    let src = "database = \"postgres://lb:urlpw@db/lb?password=querypw\"\ndatabase-password = \"plainpw\"\n";
+    let c = parse(src).unwrap();
+    for text in [format!("{c:?}"), format!("{:?}", c.cluster), format!("{c:#?}")] {
+        for secret in ["urlpw", "querypw", "plainpw"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("database_password: Some(") && text.contains("\"***\""), "{text}");
+    }
+    let raw = toml_file::parse(Path::new("/etc/sessionlb/sessionlb.toml"), src).unwrap();
+    let text = format!("{raw:?}");
+    for secret in ["urlpw", "querypw", "plainpw"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
+
+#[test]
+fn invalid_values_do_not_echo_database_passwords() {
+    let p = problems("database = \"mysql://lb:urlpw@db/lb?password=querypw\"\ndatabase-password = 5\n");
+    let all = p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+    assert_eq!(p.len(), 2, "{all}");
+    assert!(!all.contains("urlpw") && !all.contains("querypw"), "{all}");
+    assert!(all.contains("found \"mysql://lb:***@db/lb?password=***\""), "{all}");
 }
