@@ -546,6 +546,45 @@ fn locktester_says_when_both_instances_could_take_a_lock() {
 }
 
 #[test]
+fn locktester_does_not_take_a_lock_held_by_an_unknown_process_as_proof() {
+    let setup = Setup::new("linkbased", "1s", "60s", false);
+    // Some other process (not a locktester) holds the link-based lock.
+    let foreign = setup.manager(LockType::LinkBased, Duration::from_secs(1), Duration::from_secs(60), "foreign.log");
+    let foreign_guard = foreign.try_acquire(TESTER_LOCK).unwrap().expect("free lock");
+    let unknown =
+        "* Could not acquire link-based lock: held by an unknown process, not by a locktester instance: not tested";
+    let supports_linkbased = "Your filesystem appears to support link-based locks.";
+
+    // Only that type, no instance record: nothing tested, nothing concluded.
+    let mut only = Proc::spawn("only", &["--config", setup.config(), "locktester", "--lock-type", "linkbased"]);
+    let status = only.wait_exit(STARTUP);
+    assert!(!status.success(), "nothing was tested: must fail\n{}", only.output());
+    assert!(only.has_line(unknown), "{}", only.output());
+    assert!(!only.has_line(supports_linkbased), "{}", only.output());
+    assert!(!only.stdout().iter().any(|l| l.contains("held by another process")), "{}", only.output());
+
+    // Both types: the first instance holds what it could take...
+    let mut first = Proc::spawn("first", &["--config", setup.config(), "locktester"]);
+    first.wait_for_line("* Acquired advisory lock");
+    first.wait_for_line(unknown);
+    first.wait_for_line("Press Ctrl+C to release.");
+    assert!(!first.has_line(supports_linkbased), "{}", first.output());
+    // ...and the second proves only that type.
+    let mut second = Proc::spawn("second", &["--config", setup.config(), "locktester"]);
+    let status = second.wait_exit(STARTUP);
+    assert!(status.success(), "{}", second.output());
+    for line in ["* Could not acquire advisory lock (held by another process)", unknown] {
+        assert!(second.has_line(line), "missing {line:?}\n{}", second.output());
+    }
+    assert!(second.has_line("Your filesystem appears to support advisory locks."), "{}", second.output());
+    assert!(!second.has_line(supports_linkbased), "{}", second.output());
+    first.signal(Signal::INT);
+    assert!(first.wait_exit(STARTUP).success(), "{}", first.output());
+    assert!(!foreign_guard.is_lost(), "the foreign lock was left alone");
+    drop(foreign_guard);
+}
+
+#[test]
 fn locktester_stress_reads_the_workbench_file_locks_file() {
     let tmp = tempfile::tempdir().unwrap();
     let rstudio = tmp.path().join("rstudio");

@@ -6,10 +6,14 @@
 //! Test mode: the first instance takes a lock of each type, says which it
 //! could take (`* Acquired advisory lock`, `* Acquired link-based lock`),
 //! records itself in `DIR/locktester.instance` and holds the locks until
-//! SIGINT/SIGTERM. A later instance sees that record (or finds the locks
-//! busy), tries each type, and concludes: a type it could *not* take while
-//! the first instance holds it works on this file system; a type both could
-//! take does not.
+//! SIGINT/SIGTERM. A later instance sees that record, tries each type, and
+//! concludes: a type it could *not* take while the first instance holds it
+//! works on this file system; a type both could take does not.
+//!
+//! A lock that is busy although no locktester instance records holding it
+//! is held by some unknown process (a leftover lock file, another program,
+//! or a file system that only pretends to lock): that proves nothing, so it
+//! is reported as such and never counts as evidence that the type works.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
@@ -186,13 +190,16 @@ async fn test(dir: &Path, types: &[LockType], settings: &LockSettings) -> anyhow
         };
         attempts.push((t, attempt));
     }
-    let someone_holds = attempts.iter().any(|(_, a)| matches!(a, Attempt::Busy));
-    if other.is_none() && !someone_holds {
-        first_instance(dir, attempts, &mut interrupt, &mut terminate).await
-    } else {
-        later_instance(dir, attempts, other.as_ref()).await
+    // Without a record this is the first instance, even if a lock is busy:
+    // only a recorded instance's locks make a busy lock meaningful.
+    match &other {
+        None => first_instance(dir, attempts, &mut interrupt, &mut terminate).await,
+        Some(other) => later_instance(dir, attempts, other).await,
     }
 }
+
+/// Why a lock was busy although no locktester instance records holding it.
+const HELD_BY_UNKNOWN: &str = "held by an unknown process, not by a locktester instance: not tested";
 
 async fn first_instance(
     dir: &Path,
@@ -202,16 +209,27 @@ async fn first_instance(
 ) -> anyhow::Result<()> {
     let mut held = Vec::new();
     let mut failed = Vec::new();
+    let mut busy_unknown = false;
     for (t, attempt) in attempts {
         match attempt {
             Attempt::Acquired(guard) => held.push((t, guard)),
             Attempt::Failed(e) => failed.push((t, e.to_string())),
-            Attempt::Busy => failed.push((t, "held by another process".to_string())),
+            Attempt::Busy => {
+                busy_unknown = true;
+                failed.push((t, HELD_BY_UNKNOWN.to_string()));
+            }
         }
     }
     if held.is_empty() {
         for (t, why) in &failed {
             println!("* Could not acquire {} lock: {why}", label(*t));
+        }
+        if busy_unknown {
+            println!(
+                "No lock type could be acquired in {}, and none was tested: remove leftover lock files (or stop the process holding them) and try again.",
+                dir.display()
+            );
+            bail!("the locks in {} are held by an unknown process", dir.display());
         }
         println!("No lock type could be acquired in {}: locking does not work there.", dir.display());
         bail!("no lock type works in {}", dir.display());
@@ -304,40 +322,41 @@ enum Outcome {
     BothAcquired,
     /// The other instance does not hold it, so nothing was tested.
     Untested,
+    /// Busy, but the other instance does not hold it: some unknown process
+    /// does, which proves nothing.
+    HeldByUnknown,
     /// Taking it failed with an error: not supported.
     Error,
 }
 
-async fn later_instance(
-    dir: &Path,
-    attempts: Vec<(LockType, Attempt)>,
-    other: Option<&OtherInstance>,
-) -> anyhow::Result<()> {
+/// What one attempt of a later instance means, and the line it prints.
+fn judge(t: LockType, attempt: &Attempt, other: &OtherInstance) -> (String, Outcome) {
+    let other_holds = other.holds(t);
+    match attempt {
+        Attempt::Busy if other_holds => {
+            (format!("* Could not acquire {} lock (held by another process)", label(t)), Outcome::Excluded)
+        }
+        // Busy, but not by the recorded instance: proves nothing.
+        Attempt::Busy => (format!("* Could not acquire {} lock: {HELD_BY_UNKNOWN}", label(t)), Outcome::HeldByUnknown),
+        Attempt::Failed(e) => (format!("* Could not acquire {} lock: {e}", label(t)), Outcome::Error),
+        Attempt::Acquired(_) if other_holds => {
+            (format!("* Acquired {} lock, although the other instance holds it", label(t)), Outcome::BothAcquired)
+        }
+        Attempt::Acquired(_) => (
+            format!("* Acquired {} lock (the other instance does not hold one: not tested)", label(t)),
+            Outcome::Untested,
+        ),
+    }
+}
+
+async fn later_instance(dir: &Path, attempts: Vec<(LockType, Attempt)>, other: &OtherInstance) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (t, attempt) in attempts {
-        // Without a record, a busy lock proves another holder.
-        let other_holds = other.is_none_or(|o| o.holds(t));
-        let outcome = match attempt {
-            Attempt::Busy => {
-                println!("* Could not acquire {} lock (held by another process)", label(t));
-                Outcome::Excluded
-            }
-            Attempt::Failed(e) => {
-                println!("* Could not acquire {} lock: {e}", label(t));
-                Outcome::Error
-            }
-            Attempt::Acquired(guard) => {
-                let outcome = if other_holds {
-                    println!("* Acquired {} lock, although the other instance holds it", label(t));
-                    Outcome::BothAcquired
-                } else {
-                    println!("* Acquired {} lock (the other instance does not hold one: not tested)", label(t));
-                    Outcome::Untested
-                };
-                guard.release().await?;
-                outcome
-            }
-        };
+        let (line, outcome) = judge(t, &attempt, other);
+        println!("{line}");
+        if let Attempt::Acquired(guard) = attempt {
+            guard.release().await?;
+        }
         results.push((t, outcome));
     }
     let (lines, any_works) = conclude(&results);
@@ -490,6 +509,26 @@ mod tests {
         let (lines, ok) = conclude(&[(LockType::Advisory, Outcome::Untested)]);
         assert!(!ok);
         assert_eq!(lines.len(), 1);
+    }
+
+    #[test]
+    fn only_a_lock_the_other_instance_holds_can_prove_exclusion() {
+        let other = OtherInstance::parse("host=n1\npid=42\nheld=advisory\n");
+        let (line, outcome) = judge(LockType::Advisory, &Attempt::Busy, &other);
+        assert_eq!(line, "* Could not acquire advisory lock (held by another process)");
+        assert_eq!(outcome, Outcome::Excluded);
+        // Busy, but the recorded instance does not hold it: an unknown holder.
+        let (line, outcome) = judge(LockType::LinkBased, &Attempt::Busy, &other);
+        assert_eq!(
+            line,
+            "* Could not acquire link-based lock: held by an unknown process, not by a locktester instance: not tested"
+        );
+        assert_eq!(outcome, Outcome::HeldByUnknown);
+        let (lines, ok) =
+            conclude(&[(LockType::Advisory, Outcome::HeldByUnknown), (LockType::LinkBased, Outcome::HeldByUnknown)]);
+        assert!(!ok, "{lines:?}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("Your filesystem appears to support no lock type"), "{lines:?}");
     }
 
     #[test]

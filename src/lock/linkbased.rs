@@ -15,8 +15,11 @@
 //!    be lost and the retransmission fail with `EEXIST` after the link was
 //!    made): we hold the lock iff the proxy's link count, fetched fresh from
 //!    the server, is 2. Where hard links are not supported (`EPERM`,
-//!    `EOPNOTSUPP`, `EXDEV`, `ENOSYS`) the manager switches for good to an
-//!    exclusive create (`O_CREAT|O_EXCL`) of the lock file.
+//!    `EOPNOTSUPP`, `EXDEV`, `ENOSYS`), or where `link()` succeeds but the
+//!    link count then is not 2 (file systems that emulate links or do not
+//!    keep link counts, so the proof cannot work), the manager undoes the
+//!    link and switches for good to an exclusive create (`O_CREAT|O_EXCL`)
+//!    of the lock file.
 //! 3. On success the proxy name is removed (the lock file is the same inode;
 //!    we keep a descriptor on it) and the lock is handed to the refresher,
 //!    which touches it every `refresh-rate`.
@@ -46,8 +49,11 @@
 //!    it was not refreshed up to a point after it left the lock path (mtime
 //!    only moves forward, so it was still stale when moved): delete it. If
 //!    anything changed — its owner refreshed it late, or it is a different
-//!    lock — it is not deleted: it is linked back to the lock path, which
-//!    fails rather than replace a lock created meanwhile.
+//!    lock — it is not deleted: it is put back with an operation that fails
+//!    rather than replace a lock created meanwhile (`link()`, else
+//!    `renameat2(RENAME_NOREPLACE)`, else rename over a placeholder taken
+//!    with an exclusive create). If the path is taken by then, it is not
+//!    put back, and its owner finds the lock lost at its next refresh.
 //!
 //! While a reaper holds the gate, the lock path can change only through its
 //! owner (refresh or release), and only a lock whose owner has not refreshed
@@ -82,6 +88,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use rustix::fs::{CWD, RenameFlags};
 use rustix::io::Errno;
 
 use super::fsutil::{self, FileId};
@@ -111,8 +118,12 @@ pub(crate) struct LinkBased {
     host: String,
     host_part: String,
     pid: u32,
-    /// Cleared for good when `link()` says hard links are not supported.
+    /// Cleared for good when `link()` says hard links are not supported, or
+    /// when a successful link does not give the link count 2.
     hard_links: AtomicBool,
+    /// The link count of an open file, fetched fresh (a parameter so that
+    /// tests can play a file system whose link counts cannot be trusted).
+    link_count: fn(&File) -> io::Result<u64>,
     log: Arc<LockLog>,
     refresher: Refresher,
 }
@@ -137,7 +148,6 @@ struct Proxy {
     path: PathBuf,
     file: Option<File>,
     content: Vec<u8>,
-    id: FileId,
     /// The file system's time when the proxy was written.
     fs_now: SystemTime,
     /// Taken before the proxy was created: a lock made from it is no older.
@@ -156,6 +166,46 @@ fn links_unsupported(e: &io::Error) -> bool {
         .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
+fn fresh_link_count(file: &File) -> io::Result<u64> {
+    fsutil::meta(file).map(|m| m.nlink)
+}
+
+/// `renameat2(RENAME_NOREPLACE)` is not available: the file system does not
+/// support the flag (`EINVAL`; NFS, for one), or the kernel lacks the call
+/// or a seccomp profile blocks it.
+fn noreplace_unsupported(e: Errno) -> bool {
+    e == Errno::INVAL || e == Errno::NOSYS || e == Errno::OPNOTSUPP || e == Errno::PERM
+}
+
+/// Move `aside` back to `path` unless `path` exists, without
+/// `RENAME_NOREPLACE` and without hard links: first take `path` with an
+/// exclusive create (a placeholder, which fails if a lock appeared
+/// meanwhile), then rename `aside` over our own placeholder. While the
+/// placeholder is there nobody else can create `path`, and nobody removes
+/// it (it is fresh, so nobody reaps it, and it names no one else's file, so
+/// no release removes it), so a lock created in between is never replaced —
+/// unlike "`path` is free, so rename", whose check and rename are two
+/// steps. Returns whether `aside` was put back.
+fn put_back_over_placeholder(aside: &Path, path: &Path, content: &[u8]) -> bool {
+    let placeholder = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path);
+    let Ok(mut placeholder) = placeholder else {
+        return false;
+    };
+    let id = fsutil::meta(&placeholder).map(|m| m.id);
+    let written = placeholder.write_all(content);
+    // Closed before the rename: NFS would silly-rename an open file.
+    drop(placeholder);
+    if written.is_ok() && fs::rename(aside, path).is_ok() {
+        return true;
+    }
+    if let Ok(id) = id
+        && fsutil::names_file(path, id, content).unwrap_or(false)
+    {
+        let _ = fsutil::remove_if_present(path);
+    }
+    false
+}
+
 impl LinkBased {
     pub(crate) fn new(dir: &Path, refresh_rate: Duration, timeout: Duration, log: Arc<LockLog>) -> LinkBased {
         let host = fsutil::host_name();
@@ -166,6 +216,7 @@ impl LinkBased {
             host,
             pid: std::process::id(),
             hard_links: AtomicBool::new(true),
+            link_count: fresh_link_count,
             refresher: Refresher::new(
                 dir,
                 refresh_rate,
@@ -182,6 +233,18 @@ impl LinkBased {
     pub(crate) fn without_hard_links(self) -> LinkBased {
         self.hard_links.store(false, Ordering::Relaxed);
         self
+    }
+
+    /// Take link counts from `link_count` instead of the file system.
+    #[cfg(test)]
+    pub(crate) fn with_link_count(mut self, link_count: fn(&File) -> io::Result<u64>) -> LinkBased {
+        self.link_count = link_count;
+        self
+    }
+
+    #[cfg(test)]
+    pub(crate) fn uses_hard_links(&self) -> bool {
+        self.hard_links.load(Ordering::Relaxed)
     }
 
     #[cfg(test)]
@@ -206,7 +269,7 @@ impl LinkBased {
             Ok((file, meta))
         };
         match write() {
-            Ok((file, meta)) => Ok(Proxy { path, file: Some(file), content, id: meta.id, fs_now: meta.mtime, created }),
+            Ok((file, meta)) => Ok(Proxy { path, file: Some(file), content, fs_now: meta.mtime, created }),
             Err(source) => {
                 let _ = fsutil::remove_if_present(&path);
                 Err(LockError::io("write the proxy file", &path, source))
@@ -224,16 +287,17 @@ impl LinkBased {
         if let Err(e) = &linked
             && links_unsupported(e)
         {
-            self.hard_links.store(false, Ordering::Relaxed);
-            tracing::warn!(dir = %self.dir.display(), error = %e,
-                "hard links are not supported in the lock directory; link-based locks fall back to exclusive create");
+            if self.hard_links.swap(false, Ordering::Relaxed) {
+                tracing::warn!(dir = %self.dir.display(), error = %e,
+                    "hard links are not supported in the lock directory; link-based locks fall back to exclusive create");
+            }
             return self.claim_exclusive(proxy, target);
         }
         let Some(file) = proxy.file.as_ref() else {
             return Err(LockError::io("use the proxy file", &proxy.path, io::Error::other("already used")));
         };
-        let meta = fsutil::meta(file).map_err(|e| LockError::io("check the link count of", &proxy.path, e))?;
-        if meta.nlink == 2 {
+        let nlink = (self.link_count)(file).map_err(|e| LockError::io("check the link count of", &proxy.path, e))?;
+        if nlink == 2 {
             let file = proxy.file.take();
             if let Err(e) = fsutil::remove_if_present(&proxy.path) {
                 // Harmless: a second name of our lock, cleaned up later.
@@ -242,16 +306,35 @@ impl LinkBased {
             return Ok(file);
         }
         match linked {
-            // Linked, yet the count is not 2: something else links to our
-            // private file. Undo rather than hold an ambiguous lock.
+            // Linked, yet the count is not 2: this file system's link counts
+            // (or its links) cannot prove ownership. Undo the link and use
+            // exclusive create from now on, as where links fail outright.
             Ok(()) => {
-                if fsutil::meta_at(target).is_ok_and(|m| m.id == proxy.id) {
-                    let _ = fsutil::remove_if_present(target);
+                self.undo_link(proxy, target);
+                if self.hard_links.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(dir = %self.dir.display(), nlink,
+                        "hard links in the lock directory do not give the expected link count (2); link-based locks fall back to exclusive create");
                 }
-                Ok(None)
+                self.claim_exclusive(proxy, target)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(LockError::io("link the proxy file to", target, e)),
+        }
+    }
+
+    /// Remove the lock path that our link just made. It is recognised by its
+    /// content (our random token) rather than its inode, in case the file
+    /// system made a copy instead of a link. Nobody else removes it
+    /// meanwhile: it is fresh, and it names no other owner's file.
+    fn undo_link(&self, proxy: &Proxy, target: &Path) {
+        let ours = match fsutil::open_meta(target) {
+            Ok(Some((mut file, _))) => {
+                fsutil::read_limited(&mut file, proxy.content.len() as u64 + 1).is_ok_and(|c| c == proxy.content)
+            }
+            _ => false,
+        };
+        if ours && let Err(e) = fsutil::remove_if_present(target) {
+            tracing::warn!(path = %target.display(), error = %e, "cannot undo a link to the lock path");
         }
     }
 
@@ -309,17 +392,36 @@ impl LinkBased {
         if moved.is_none() {
             return Ok(Removal::Vanished);
         }
-        let restored = match fs::hard_link(&aside, path) {
-            Ok(()) => true,
-            Err(e) if links_unsupported(&e) => {
-                // Without hard links the put-back cannot be conditional;
-                // only do it when the path is still free.
-                !path.exists() && fs::rename(&aside, path).is_ok()
-            }
-            Err(_) => false,
-        };
+        let restored = self.put_back(&aside, path);
         let _ = fsutil::remove_if_present(&aside);
         Ok(Removal::PutBack { restored })
+    }
+
+    /// Put the moved-aside file back at `path`, never replacing a file that
+    /// appeared there meanwhile (then its owner finds the lock lost). Returns
+    /// whether it was put back. `aside` may still exist afterwards (a link).
+    fn put_back(&self, aside: &Path, path: &Path) -> bool {
+        if self.hard_links.load(Ordering::Relaxed) {
+            match fs::hard_link(aside, path) {
+                Ok(()) => return true,
+                Err(e) if !links_unsupported(&e) => return false,
+                Err(_) => {}
+            }
+        }
+        match rustix::fs::renameat_with(CWD, aside, CWD, path, RenameFlags::NOREPLACE) {
+            Ok(()) => true,
+            // No `RENAME_NOREPLACE` here (NFS says `EINVAL`). Not putting
+            // back at all would cost every late owner its lock; the old
+            // "rename if `path` does not exist" could replace a lock created
+            // between the check and the rename. A placeholder taken with an
+            // exclusive create makes the put-back conditional again.
+            Err(e) if noreplace_unsupported(e) => {
+                let content = format!("host={}\npid={}\nputback={}\n", self.host, self.pid, fsutil::random_hex64());
+                put_back_over_placeholder(aside, path, content.as_bytes())
+            }
+            // `EEXIST`: a lock was created meanwhile; it stays.
+            Err(_) => false,
+        }
     }
 
     /// Take the reap gate `gate` (with a proxy of its own, so that the

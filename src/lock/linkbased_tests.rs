@@ -3,6 +3,7 @@
 //! without hard links.
 
 use std::fs;
+use std::io;
 use std::time::Instant;
 
 use super::*;
@@ -187,11 +188,18 @@ fn an_owner_whose_lease_ran_out_stops_refreshing_and_reports_the_loss() {
     let a = link_based(dir.path(), None);
     let entry = a.refresher().entry(NAME, &dir.path().join("x.lock"), file, id, Vec::new(), Instant::now());
     assert!(super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log), "fresh lease: touched");
-    if let Some(past) = Instant::now().checked_sub(s.timeout_interval) {
-        entry.state.lock().last_refresh = past;
-        assert!(!super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log));
-        assert!(entry.is_lost());
-    }
+    assert!(!entry.is_lost());
+    // The last successful refresh is `timeout_interval` old.
+    let past = Instant::now()
+        .checked_sub(s.timeout_interval)
+        .expect("cannot set up the test: the monotonic clock started less than timeout_interval ago");
+    entry.state.lock().last_refresh = past;
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    File::options().write(true).open(dir.path().join("x.lock")).unwrap().set_modified(old).unwrap();
+    assert!(!super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log), "lease ran out: not touched");
+    assert!(entry.is_lost(), "a lease that ran out is reported lost");
+    assert_eq!(fsutil::meta_at(&dir.path().join("x.lock")).unwrap().mtime, old, "the lock was not touched");
+    assert!(!super::super::refresher::refresh_entry(&entry, s.timeout_interval, &log), "a lost lock stays lost");
 }
 
 #[test]
@@ -206,6 +214,81 @@ fn without_hard_links_exclusive_create_is_used() {
     assert!(!lock_file(dir.path()).exists());
     foreign_lock(&lock_file(dir.path()), Duration::from_secs(3));
     assert!(b.try_lock(NAME, STEM).unwrap().is_some(), "stale lock reaped without hard links too");
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+}
+
+/// A file system on which `link()` succeeds but the link count cannot be
+/// trusted (here: it reads `n`).
+fn with_link_count_reading(dir: &Path, n: fn(&File) -> io::Result<u64>) -> Arc<LinkBased> {
+    Arc::new(Arc::into_inner(link_based(dir, None)).unwrap().with_link_count(n))
+}
+
+#[test]
+fn a_link_without_the_link_count_2_falls_back_to_exclusive_create() {
+    let counts: [fn(&File) -> io::Result<u64>; 2] = [|_| Ok(1), |_| Ok(3)];
+    for count in counts {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_link_count_reading(dir.path(), count);
+        assert!(a.uses_hard_links());
+        let held = a.clone().try_lock(NAME, STEM).unwrap().expect("a free lock is taken by exclusive create");
+        assert!(!a.uses_hard_links(), "switched to exclusive create for good");
+        let content = fs::read_to_string(lock_file(dir.path())).unwrap();
+        assert!(content.contains(&format!("pid={}", std::process::id())) && content.contains("token="), "{content}");
+        assert_eq!(fsutil::meta_at(&lock_file(dir.path())).unwrap().nlink, 1, "the link was undone");
+        assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+        // It excludes others (of either mode) and is released as usual.
+        assert!(link_based(dir.path(), None).try_lock(NAME, STEM).unwrap().is_none());
+        assert!(a.clone().try_lock(NAME, STEM).unwrap().is_none());
+        held.release().unwrap();
+        assert!(!lock_file(dir.path()).exists());
+        drop(a.clone().try_lock(NAME, STEM).unwrap().expect("free again"));
+        assert!(!lock_file(dir.path()).exists());
+    }
+}
+
+/// Puts `aside` back at `path` with `put_back`, first when a new lock has
+/// taken `path` meanwhile (it must stay), then when `path` is free.
+fn check_put_back(dir: &Path, put_back: impl Fn(&Path, &Path) -> bool) {
+    let path = lock_file(dir);
+    let aside = dir.join(format!("{REAPED_PREFIX}test"));
+    foreign_lock_with_token(&aside, Duration::from_secs(3), "0a");
+    let moved = LinkBased::observe(&aside).unwrap().unwrap();
+    foreign_lock_with_token(&path, Duration::ZERO, "0b");
+    let newer = LinkBased::observe(&path).unwrap().unwrap();
+    assert!(!put_back(&aside, &path), "a lock created meanwhile is not replaced");
+    assert_eq!(LinkBased::observe(&path).unwrap().as_ref(), Some(&newer));
+    assert_eq!(LinkBased::observe(&aside).unwrap().as_ref(), Some(&moved), "left for the caller");
+    fs::remove_file(&path).unwrap();
+    assert!(put_back(&aside, &path), "a free path gets the lock back");
+    assert_eq!(LinkBased::observe(&path).unwrap().as_ref(), Some(&moved), "the very same file");
+    let _ = fs::remove_file(&aside);
+    fs::remove_file(&path).unwrap();
+    assert_eq!(fs::read_dir(dir).unwrap().count(), 0, "no placeholder or other file left");
+}
+
+#[test]
+fn put_back_never_replaces_a_lock_created_meanwhile() {
+    // With hard links (link()), without (renameat2 RENAME_NOREPLACE), and
+    // where that flag is not supported either (placeholder, then rename).
+    let dir = tempfile::tempdir().unwrap();
+    let a = link_based(dir.path(), None);
+    check_put_back(dir.path(), |aside, path| a.put_back(aside, path));
+    let b = Arc::into_inner(link_based(dir.path(), None)).unwrap().without_hard_links();
+    check_put_back(dir.path(), |aside, path| b.put_back(aside, path));
+    check_put_back(dir.path(), |aside, path| put_back_over_placeholder(aside, path, b"host=h\npid=1\nputback=1\n"));
+}
+
+#[test]
+fn without_hard_links_a_refreshed_lock_is_put_back_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Arc::into_inner(link_based(dir.path(), None)).unwrap().without_hard_links();
+    let path = lock_file(dir.path());
+    foreign_lock(&path, Duration::from_secs(3));
+    let observed = LinkBased::observe(&path).unwrap().unwrap();
+    fsutil::touch(&File::open(&path).unwrap()).unwrap();
+    assert!(matches!(a.remove_if_unchanged(&path, &observed).unwrap(), Removal::PutBack { restored: true }));
+    let now = LinkBased::observe(&path).unwrap().expect("lock is back in place");
+    assert_eq!((now.id, &now.content), (observed.id, &observed.content));
     assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
 }
 

@@ -20,6 +20,11 @@ fn in_secs(s: u64) -> Instant {
     Instant::now() + Duration::from_secs(s)
 }
 
+/// How many share the in-process mutex of `name` (the map counts as one).
+fn local_users(m: &LockManager, name: &str) -> usize {
+    m.inner.local.lock().get(&names::file_stem(name.as_bytes())).map_or(0, Arc::strong_count)
+}
+
 #[tokio::test]
 async fn uncontended_acquire_is_immediate_and_not_contended() {
     for t in TYPES {
@@ -104,7 +109,14 @@ async fn dropping_a_waiting_acquire_leaves_nothing_held() {
         let held = m.acquire("k", in_secs(5)).await.unwrap();
         let m2 = m.clone();
         let waiter = tokio::spawn(async move { m2.acquire("k", in_secs(60)).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Wait until the waiter queues on the name's in-process mutex: it
+        // then shares it with the map and the holder.
+        let deadline = in_secs(10);
+        while local_users(&m, "k") < 3 {
+            assert!(Instant::now() < deadline, "{t:?}: the waiter never started waiting");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(!waiter.is_finished(), "{t:?}: the lock is held: the waiter must be waiting");
         waiter.abort();
         assert!(waiter.await.unwrap_err().is_cancelled());
         drop(held);
