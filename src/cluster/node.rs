@@ -187,7 +187,8 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
             }
             for chunk in keys.chunks(1000) {
                 if let Err(e) = c.registry.touch_sessions(chunk).await {
-                    tracing::warn!(error = %e, sessions = chunk.len(), "writing session activity failed");
+                    tracing::warn!(error = %e, sessions = chunk.len(), "writing session activity failed; retrying later");
+                    c.view.restore_active_keys(chunk, local_now_ms());
                 }
             }
         }
@@ -201,6 +202,7 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
             // Write activity first, so that a session in use is never expired.
             let keys = c.view.take_active_keys();
             if !keys.is_empty() && c.registry.touch_sessions(&keys).await.is_err() {
+                c.view.restore_active_keys(&keys, local_now_ms());
                 return;
             }
             match c.registry.expire_idle_sessions(c.config.sessions.idle_timeout).await {

@@ -300,6 +300,18 @@ impl ClusterView {
             .map(|e| e.record.key.clone())
             .collect()
     }
+
+    /// Put back activity taken by [`take_active_keys`](Self::take_active_keys)
+    /// that could not be written: the next write retries it, so a session
+    /// used during a database outage is not expired early.
+    pub fn restore_active_keys(&self, keys: &[String], now_ms: i64) {
+        let index = self.sessions.read();
+        for key in keys {
+            if let Some(entry) = index.by_key.get(key) {
+                entry.touch(now_ms);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +372,19 @@ mod tests {
         v.session("b").unwrap().stream_closed();
         v.session("b").unwrap().stream_closed();
         assert!(v.take_active_keys().is_empty());
+    }
+
+    #[test]
+    fn activity_that_could_not_be_written_is_taken_again() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("a", Some(1), None, 1));
+        v.session("a").unwrap().touch(10);
+        let keys = v.take_active_keys();
+        assert_eq!(keys, vec!["a"]);
+        assert!(v.take_active_keys().is_empty());
+        v.restore_active_keys(&keys, 20);
+        v.restore_active_keys(&["gone".to_string()], 20);
+        assert_eq!(v.take_active_keys(), vec!["a"]);
     }
 
     #[test]
