@@ -10,7 +10,8 @@ use sessionlb::cluster::{NewSession, SessionKind};
 use sessionlb::proxy::cookie;
 
 use crate::common::cluster::{Browser, Cluster, ClusterOptions, NODE_IPS};
-use crate::common::node::list_nodes;
+use crate::common::db::TestDb;
+use crate::common::node::{ClusterFixture, list_nodes};
 use crate::routing::sessionlb_now;
 
 /// A CA, and one certificate for all three node IPs signed by it. Returns the CA's PEM.
@@ -129,4 +130,36 @@ async fn nodes_talk_https_without_verification_when_told() {
     let listing = String::from_utf8_lossy(&c.admin(&["list-nodes"]).stdout).to_string();
     assert!(listing.contains("Protocol\nHttps no verify\n"), "{listing}");
     sticky_over_tls(&c, Browser::insecure()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unusable_tls_files_are_refused_before_the_node_comes_online() {
+    let db = TestDb::postgres().await;
+    let fx = ClusterFixture::new(&db.url);
+    let (one, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    make_pki(one.path(), &[NODE_IPS[0]]);
+    make_pki(other.path(), &[NODE_IPS[0]]);
+    let missing = format!(
+        "ssl-enabled = true\nssl-certificate = \"{}\"\nssl-certificate-key = \"{}\"\n",
+        one.path().join("absent.pem").display(),
+        one.path().join("node.key").display()
+    );
+    // A certificate with the key of another: Pingora would only find out
+    // (and panic) when it starts listening, after the node came online.
+    let mismatched = format!(
+        "ssl-enabled = true\nssl-certificate = \"{}\"\nssl-certificate-key = \"{}\"\n",
+        one.path().join("node.pem").display(),
+        other.path().join("node.key").display()
+    );
+    for (extra, says) in [(missing, "cannot read them"), (mismatched, "the key does not go with the certificate")] {
+        let mut spec = fx.spec(NODE_IPS[0], None);
+        spec.extra = extra;
+        let mut node = fx.spawn(&spec);
+        let status = node.proc.wait_exit(Duration::from_secs(20));
+        assert!(!status.success(), "serve must fail");
+        let log = node.proc.log_text();
+        assert!(log.contains("ssl-certificate") && log.contains(says), "{log}");
+        let rows = list_nodes(&fx, &node.config);
+        assert!(rows.iter().all(|r| r.status != "Online"), "a node that failed to start is listed Online: {rows:?}");
+    }
 }

@@ -88,6 +88,11 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         .build()
         .map_err(ServeError::Runtime)?;
 
+    // Everything that can fail is checked before the node comes online: a
+    // node that fails after that would stay `Online` in the registry.
+    let http = crate::proxy::control_client(&config).map_err(ServeError::Tls)?;
+    let tls_files = tls_files(&config)?;
+
     let url = config.cluster.database.redacted();
     let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
@@ -132,7 +137,6 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         tasks
     });
 
-    let http = crate::proxy::control_client(&config).map_err(ServeError::Tls)?;
     let balancer: Arc<RwLock<Arc<dyn Balancer>>> = Arc::new(RwLock::new(balancer::build(&config.balancer)));
     let router = Router::new(
         config.clone(),
@@ -166,13 +170,18 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, router);
-    match (&config.proxy.ssl_certificate, &config.proxy.ssl_certificate_key) {
-        (Some(cert), Some(key)) if config.proxy.ssl_enabled => {
-            service.add_tls(&listen, &cert.display().to_string(), &key.display().to_string()).map_err(|e| {
-                ServeError::Listen { address: listen.clone(), source: std::io::Error::other(e.to_string()) }
-            })?;
+    match tls_files {
+        Some((cert, key)) => {
+            if let Err(e) = service.add_tls(&listen, &cert, &key) {
+                // Not expected (the files were checked), but never leave the row Online.
+                let _ = shutdown_tx.send(true);
+                if let Err(stop) = control.block_on(node::stop(registry.as_ref(), started.id, false)) {
+                    tracing::error!(error = %stop, "could not record this node as stopped");
+                }
+                return Err(ServeError::Tls(format!("cannot listen with TLS on {listen}: {e}")));
+            }
         }
-        _ => service.add_tcp(&listen),
+        None => service.add_tcp(&listen),
     }
     server.add_service(service);
 
@@ -198,6 +207,32 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     control.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// With `ssl-enabled`: the certificate chain and key paths, once they are
+/// known to load and to match (Pingora would panic on them later, after the
+/// node came online).
+fn tls_files(config: &Config) -> Result<Option<(String, String)>, ServeError> {
+    let (Some(cert), Some(key)) = (&config.proxy.ssl_certificate, &config.proxy.ssl_certificate_key) else {
+        return Ok(None);
+    };
+    if !config.proxy.ssl_enabled {
+        return Ok(None);
+    }
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let fail =
+        |reason: String| ServeError::Tls(format!("ssl-certificate {cert} / ssl-certificate-key {key}: {reason}"));
+    let (chain, private) = match pingora::tls::load_certs_and_key_files(&cert, &key) {
+        Ok(Some(pair)) => pair,
+        Ok(None) => return Err(fail("no certificate in the first, or no private key in the second".into())),
+        Err(e) => return Err(fail(format!("cannot read them: {e}"))),
+    };
+    pingora::tls::install_default_crypto_provider();
+    pingora::tls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| fail(format!("the key does not go with the certificate: {e}")))?;
+    Ok(Some((cert, key)))
 }
 
 fn resolve_backend(backend: Option<&str>) -> Result<Option<SocketAddr>, ServeError> {
