@@ -35,6 +35,7 @@ on_both!(
     move_is_compare_and_set,
     touch_and_idle_expiry,
     changes_are_announced,
+    measurements_are_not_announced,
     reset_cluster_clears_the_record,
 );
 
@@ -295,6 +296,34 @@ async fn changes_are_announced(b: Backend) {
     // Touches alone are not announced: exactly two session upserts (insert, move).
     let upserts = seen.iter().filter(|e| matches!(e, ChangeEvent::Session(_))).count();
     assert_eq!(upserts, 2, "{seen:?}");
+}
+
+async fn measurements_are_not_announced(b: Backend) {
+    let db = TestDb::new(b).await;
+    let r = db.registry().await;
+    let a = online_node(&r, "a", "sha256:aa").await;
+    let bn = online_node(&r, "b", "sha256:aa").await;
+    let mut rx = r.subscribe().await.unwrap();
+    // Load reports and check-ins of A, then a change that matters: B offline.
+    for i in 0..5 {
+        r.report_load(a, [i as f64, 1.0, 1.0], 4).await.unwrap();
+        r.check_in(a, i).await.unwrap();
+    }
+    r.set_offline_mode(bn, true).await.unwrap();
+    // Notifications arrive in commit order: everything before B's is A's.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut before = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ChangeEvent::Node { id })) if id == bn => break,
+            Ok(Some(ev)) => before.push(ev),
+            other => panic!("B's offline mode was not announced ({other:?}); saw {before:?}"),
+        }
+    }
+    assert!(before.is_empty(), "measurements were announced: {before:?}");
+    // The figures are in the registry all the same.
+    let row = r.list_nodes().await.unwrap().into_iter().find(|n| n.id == a).unwrap();
+    assert_eq!(row.load[0], 4.0, "{row:?}");
 }
 
 async fn reset_cluster_clears_the_record(b: Backend) {

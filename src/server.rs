@@ -129,6 +129,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
                 registry.clone(),
                 view.clone(),
                 rx,
+                config.cluster.load_report_interval,
                 self_deleted_tx,
                 shutdown_rx.clone(),
             ))),

@@ -2,6 +2,8 @@
 //! registry notifications. Node and cluster changes reload the (small) node
 //! table; session changes apply row by row; a `Resync` (lost connection,
 //! pruned log) reloads everything, retrying until the database answers.
+//! Nodes' measurements (load reports, check-ins) are not announced: the node
+//! table is re-read on a fixed period for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,15 +32,20 @@ async fn reload_nodes(registry: &dyn Registry, view: &ClusterView) -> Result<Nod
     Ok(view.set_nodes(nodes))
 }
 
-/// Follow notifications until `shutdown` turns true. Sends `true` on
-/// `self_deleted` when this node's row disappears.
+/// Follow notifications until `shutdown` turns true, and re-read the node
+/// table every `measurements_every` (load reports and check-ins are not
+/// announced). Sends `true` on `self_deleted` when this node's row disappears.
 pub async fn follow(
     registry: Arc<dyn Registry>,
     view: Arc<ClusterView>,
     mut changes: ChangeStream,
+    measurements_every: Duration,
     self_deleted: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut measurements = tokio::time::interval(measurements_every);
+    measurements.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    measurements.reset();
     loop {
         let first = tokio::select! {
             ev = changes.recv() => match ev {
@@ -48,6 +55,13 @@ pub async fn follow(
                     return;
                 }
             },
+            _ = measurements.tick() => {
+                match reload_nodes(registry.as_ref(), &view).await {
+                    Ok(c) => report(&view, &c, &self_deleted),
+                    Err(e) => tracing::debug!(error = %e, "re-reading node measurements failed"),
+                }
+                continue;
+            }
             _ = shutdown.changed() => return,
         };
         // Coalesce a burst: one node reload serves many node events.
