@@ -181,6 +181,10 @@ fn split_authority(rest: &str) -> (&str, &str) {
     rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()))
 }
 
+/// The environment variable that overrides the database password, as in
+/// Workbench (2024.04+): plain or encrypted like `database-password`.
+pub const PASSWORD_ENV: &str = "WORKBENCH_POSTGRES_PASSWORD";
+
 /// `url` with its password replaced by `password` (percent-encoded).
 fn with_password(url: &str, password: &str) -> Result<String, String> {
     let (scheme, rest) = url.split_once("://").ok_or("the database URL has no scheme")?;
@@ -407,10 +411,21 @@ impl Config {
         }
     }
 
-    /// The registry URL with `database-password` filled in (decrypted with
-    /// the secure cookie key when it was encrypted).
+    /// The registry URL with the database password filled in: the
+    /// environment's [`PASSWORD_ENV`] (as Workbench reads it) or else
+    /// `database-password`; decrypted with the secure cookie key when it was
+    /// encrypted.
     pub fn registry_url(&self) -> Result<DatabaseUrl, String> {
-        let Some(configured) = &self.cluster.database_password else {
+        self.registry_url_with(std::env::var(PASSWORD_ENV).ok())
+    }
+
+    /// [`registry_url`](Self::registry_url) with the environment's password given.
+    pub fn registry_url_with(&self, env_password: Option<String>) -> Result<DatabaseUrl, String> {
+        // The variable only concerns a PostgreSQL registry (a node on SQLite
+        // may share its environment with a Workbench that uses it).
+        let env_password =
+            env_password.filter(|p| !p.is_empty() && matches!(self.cluster.database, DatabaseUrl::Postgres(_)));
+        let Some(configured) = env_password.as_ref().or(self.cluster.database_password.as_ref()) else {
             return Ok(self.cluster.database.clone());
         };
         let DatabaseUrl::Postgres(url) = &self.cluster.database else {

@@ -243,3 +243,30 @@ fn invalid_values_do_not_echo_database_passwords() {
     assert!(!all.contains("urlpw") && !all.contains("querypw"), "{all}");
     assert!(all.contains("found \"mysql://lb:***@db/lb?password=***\""), "{all}");
 }
+
+#[test]
+fn workbench_password_variable_overrides_database_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    let key = b"d3161166-e89b-4158-af3b-5980e3056cc6\n";
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = parse(&format!(
+        "database = \"postgres://lb@db:5432/lb\"\ndatabase-password = \"fromfile\"\nsecure-cookie-key-file = \"{}\"\n",
+        key_file.display()
+    ))
+    .unwrap();
+    let url = |env: Option<&str>| c.registry_url_with(env.map(str::to_string)).unwrap();
+    assert_eq!(url(None), DatabaseUrl::Postgres("postgres://lb:fromfile@db:5432/lb".into()));
+    assert_eq!(url(Some("fromenv")), DatabaseUrl::Postgres("postgres://lb:fromenv@db:5432/lb".into()));
+    assert_eq!(url(Some("")), DatabaseUrl::Postgres("postgres://lb:fromfile@db:5432/lb".into()), "empty: unset");
+    // Encrypted like the file's value.
+    let encrypted = password::encrypt(key, "encenv").unwrap();
+    assert_eq!(url(Some(&encrypted)), DatabaseUrl::Postgres("postgres://lb:encenv@db:5432/lb".into()));
+    // Without database-password in the file, the variable alone is enough.
+    let c = parse("database = \"postgres://lb@db/lb\"\n").unwrap();
+    assert_eq!(c.registry_url_with(Some("e".into())).unwrap(), DatabaseUrl::Postgres("postgres://lb:e@db/lb".into()));
+    // A SQLite registry ignores it.
+    let c = parse("database = \"sqlite:///tmp/r.db\"\n").unwrap();
+    assert_eq!(c.registry_url_with(Some("e".into())).unwrap(), c.cluster.database);
+}
