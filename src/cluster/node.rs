@@ -97,6 +97,12 @@ pub async fn start(
         }
     };
     registry.set_node_ipv4(id, Some(address.ip)).await?;
+    // The first load report precedes `Online`: peers never see this node
+    // eligible with the registry's default (zero) load.
+    match load::read_loadavg(&config.node.loadavg_path) {
+        Ok(avg) => registry.report_load(id, avg, load::cpu_count()).await?,
+        Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
+    }
 
     let freshness = 2 * config.cluster.checkin_interval;
     let outcome = registry.join_cluster(id, &key.fingerprint(), config.protocol(), freshness).await?;
