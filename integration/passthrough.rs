@@ -187,3 +187,41 @@ async fn idle_tunnels_and_stalled_uploads_outlive_pingora_read_timeout() {
     let result: serde_json::Value = resp.json().await.unwrap();
     assert_eq!((result["bytes"].as_u64(), result["backend"].as_str()), (Some(2 << 20), Some(NAMES[owner])));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_and_peer_connections_use_tcp_keepalive() {
+    // With no read timeout on tunnels, TCP keepalive is what ends a connection
+    // whose client vanished. `ss -o` shows a keepalive timer on such sockets.
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let (b, owner, other) = session(&c).await;
+    let via = &c.nodes[other];
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws",
+        via.address()
+    ))
+    .unwrap();
+    request.headers_mut().insert("cookie", b.cookie_header().unwrap().parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text(format!("hello from {}", NAMES[owner]).into()));
+    let sockets = |side: &str, addr: String| {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", side, "=", &addr])
+            .output()
+            .expect("ss (iproute2) runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let owner_addr = c.nodes[owner].address();
+    let checks = [
+        // The entry node's side of the client's connection (accepted).
+        ("client connection, accepted by the entry node", sockets("src", via.address())),
+        // The entry node's side of its connection to the owner (a peer).
+        ("node-to-node connection, opened by the entry node", sockets("dst", owner_addr.clone())),
+        // The owner's side of that connection (accepted).
+        ("node-to-node connection, accepted by the owner", sockets("src", owner_addr)),
+    ];
+    for (what, listing) in checks {
+        assert!(!listing.trim().is_empty(), "no {what}");
+        assert!(listing.lines().all(|l| l.contains("timer:(keepalive")), "{what} without keepalive:\n{listing}");
+    }
+    ws.close(None).await.unwrap();
+}

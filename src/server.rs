@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{SignalKind, signal};
@@ -171,9 +173,14 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, router);
+    // Unbounded tunnels and bodies (see the proxy) need TCP keepalive to end
+    // when a client vanishes without closing (sleep, NAT drop).
+    let mut socket = TcpSocketOptions::default();
+    socket.tcp_keepalive = Some(crate::proxy::tcp_keepalive());
     match tls_files {
-        Some((cert, key)) => {
-            if let Err(e) = service.add_tls(&listen, &cert, &key) {
+        Some((cert, key)) => match TlsSettings::intermediate(&cert, &key) {
+            Ok(settings) => service.add_tls_with_settings(&listen, Some(socket), settings),
+            Err(e) => {
                 // Not expected (the files were checked), but never leave the row Online.
                 let _ = shutdown_tx.send(true);
                 if let Err(stop) = control.block_on(node::stop(registry.as_ref(), started.id, false)) {
@@ -181,8 +188,8 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
                 }
                 return Err(ServeError::Tls(format!("cannot listen with TLS on {listen}: {e}")));
             }
-        }
-        None => service.add_tcp(&listen),
+        },
+        None => service.add_tcp_with_settings(&listen, socket),
     }
     server.add_service(service);
 

@@ -95,8 +95,11 @@ pub struct Router {
     pub cookies: cookie::VerifiedCookies,
     /// `[identity] trusted-header`, parsed once (validated by the configuration).
     trusted_header: Option<http::HeaderName>,
-    /// Open while the registry recently failed: requests skip it.
-    pub registry_breaker: registry_calls::RegistryBreaker,
+    /// Open while optional registry calls (lookups, registrations) recently
+    /// failed or were slow: requests skip them.
+    pub optional_calls: registry_calls::RegistryBreaker,
+    /// Open while placements recently failed: new sessions get 503 at once.
+    pub placements: registry_calls::RegistryBreaker,
     /// Backend keys recently looked up and not found.
     pub key_misses: registry_calls::MissCache,
 }
@@ -132,7 +135,8 @@ impl Router {
             http,
             cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
             trusted_header,
-            registry_breaker: registry_calls::RegistryBreaker::default(),
+            optional_calls: registry_calls::RegistryBreaker::new("backend key lookups and registrations"),
+            placements: registry_calls::RegistryBreaker::new("placements"),
             key_misses: registry_calls::MissCache::default(),
         }
     }
@@ -155,6 +159,7 @@ pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, S
     let mut builder = reqwest::Client::builder()
         .connect_timeout(timeout)
         .timeout(timeout)
+        .tcp_keepalive(Duration::from_secs(60))
         .danger_accept_invalid_certs(!config.proxy.verify_ssl_certs)
         .no_proxy();
     if let Some(path) = &config.proxy.ssl_ca_file {
@@ -197,6 +202,18 @@ fn ip_header_value(ip: IpAddr) -> std::result::Result<http::HeaderValue, http::h
         len += 1;
     }
     http::HeaderValue::from_bytes(&buf[..len])
+}
+
+/// TCP keepalive for client and peer connections: with no read timeout on
+/// tunnels and bodies, it is what ends a connection whose other end vanished
+/// without closing it (about 2 minutes: 60 s idle, then 6 probes 10 s apart).
+pub fn tcp_keepalive() -> pingora::protocols::TcpKeepalive {
+    pingora::protocols::TcpKeepalive {
+        idle: Duration::from_secs(60),
+        interval: Duration::from_secs(10),
+        count: 6,
+        user_timeout: Duration::ZERO,
+    }
 }
 
 /// Pingora reads a downstream request body (and, after a 101, the client
@@ -382,6 +399,7 @@ impl ProxyHttp for Router {
         peer.options.read_timeout = None;
         peer.options.write_timeout = None;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.tcp_keepalive = Some(tcp_keepalive());
         if tls {
             peer.options.verify_cert = self.config.proxy.verify_ssl_certs;
             peer.options.verify_hostname = self.config.proxy.verify_ssl_certs;
@@ -403,11 +421,16 @@ impl ProxyHttp for Router {
             // headers. The identity header is not covered by the forwarding
             // MAC, so only a value equal to the signed user passes: a replayed
             // forwarding header cannot carry another identity.
-            if let Some(name) = &self.trusted_header
-                && let Some(value) = upstream.headers.get(name)
-                && f.user.as_deref().map(str::as_bytes) != Some(value.as_bytes())
-            {
-                upstream.remove_header(name);
+            if let Some(name) = &self.trusted_header {
+                let mut values = upstream.headers.get_all(name).iter();
+                let only_the_signed_user = match (values.next(), values.next()) {
+                    (None, _) => true,
+                    (Some(value), None) => f.user.as_deref().map(str::as_bytes) == Some(value.as_bytes()),
+                    (Some(_), Some(_)) => false,
+                };
+                if !only_the_signed_user {
+                    upstream.remove_header(name);
+                }
             }
             return Ok(());
         }
@@ -518,7 +541,7 @@ impl ProxyHttp for Router {
             }
             Route::Local if resp.status.as_u16() < 400 && !ctx.path_key_known => {
                 if let Some(key) = ctx.path_key.clone() {
-                    registry_calls::register_backend_key(self, &key, ctx.user.clone(), now_ms()).await;
+                    registry_calls::register_backend_key(self, &key, ctx.user.clone()).await;
                     ctx.path_key_known = true;
                 }
             }

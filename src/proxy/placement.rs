@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pingora::prelude::*;
 
 use super::routing::{check, control_timeout, node_addr};
-use super::{RequestCtx, Route, Router, status_error};
+use super::{RequestCtx, Route, Router, registry_calls, status_error};
 use crate::balancer::{Balancer, Candidate, PlacementRequest};
 use crate::cluster::view::SessionEntry;
 use crate::cluster::{ClusterView, NewSession, NodeId, Registry, RegistryError, SessionKind, SessionRecord};
@@ -78,6 +78,9 @@ enum PlaceError {
     NoNode,
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// Placements failed moments ago (the breaker is open): not tried.
+    #[error("placements are failing; not tried for a moment")]
+    Skipped,
 }
 
 impl Placer {
@@ -208,10 +211,10 @@ impl Placer {
 
 /// Run `job` on the control runtime.
 async fn run(r: &Router, job: Job) -> Result<SessionRecord, PlaceError> {
-    let now = super::now_ms();
-    if r.registry_breaker.is_open(now) {
+    let started = registry_calls::mono_ms();
+    if r.placements.is_open(started) {
         // The registry failed moments ago: answer now rather than wait it out.
-        return Err(PlaceError::Registry(RegistryError::Db(sqlx::Error::PoolTimedOut)));
+        return Err(PlaceError::Skipped);
     }
     let placer = Placer::new(r);
     let deadline = control_timeout(r) * 2;
@@ -221,8 +224,8 @@ async fn run(r: &Router, job: Job) -> Result<SessionRecord, PlaceError> {
         Err(_) => Err(PlaceError::Registry(RegistryError::Db(sqlx::Error::PoolTimedOut))),
     };
     match &result {
-        Err(PlaceError::Registry(RegistryError::Db(_))) => r.registry_breaker.trip(now),
-        Ok(_) => r.registry_breaker.reset(),
+        Err(PlaceError::Registry(RegistryError::Db(_))) => r.placements.trip(registry_calls::mono_ms()),
+        Ok(_) => r.placements.succeeded(started),
         Err(_) => {}
     }
     result
@@ -261,6 +264,11 @@ pub async fn place_new(r: &Router, ctx: &mut RequestCtx, key: String, kind: Sess
         Err(PlaceError::NoNode) => {
             METRICS.no_node_available.inc();
             Err(status_error(503, "no node can take a new session"))
+        }
+        Err(PlaceError::Skipped) => {
+            // Logged once, when the breaker opened.
+            tracing::debug!("new session refused: placements are failing");
+            Err(status_error(503, "cannot place a new session: registry unavailable"))
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot place a new session: the registry is unavailable");

@@ -169,7 +169,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
     // still be on the way): one registry lookup before routing otherwise.
     if let Some(pk) = &d.path_key
         && !d.path_key_known
-        && let Some(entry) = registry_calls::lookup(r, pk, now_ms()).await
+        && let Some(entry) = registry_calls::lookup(r, pk).await
     {
         ctx.path_key_known = true;
         found = Some(entry);
