@@ -137,27 +137,36 @@ async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
     clear().await;
     assert_eq!(place_all().await, first, "the same users land on the same nodes");
 
-    // Remove C: only C's users move.
+    // Remove one node: only its users move. Ports (and so the hash) differ
+    // from run to run and the 1.25 bound lets one node hold up to 41.7% of the
+    // users, so the node removed is the one with the median share: the "about
+    // 1/N move" claim is then checked on a typical node, not a lucky or
+    // unlucky one. Which users move is checked exactly.
+    let mut shares: Vec<(usize, usize)> = (0..3).map(|i| (per_node.get(NAMES[i]).copied().unwrap_or(0), i)).collect();
+    shares.sort();
+    let gone = shares[1].1;
+    let kept: Vec<usize> = (0..3).filter(|i| *i != gone).collect();
     let mut c = c;
-    c.nodes[2].proc.signal(rustix::process::Signal::TERM);
-    c.nodes[2].proc.wait_exit(Duration::from_secs(20));
+    c.nodes[gone].proc.signal(rustix::process::Signal::TERM);
+    c.nodes[gone].proc.wait_exit(Duration::from_secs(20));
     let router = c.router.as_ref().unwrap();
-    eventually(Duration::from_secs(5), "the router to see C stopped", || async {
+    let gone_address = c.nodes[gone].address();
+    eventually(Duration::from_secs(5), "the router to see the node stopped", || async {
         let s = reqwest::get(router.url("/load-balancer/status?format=json"))
             .await
             .ok()?
             .json::<serde_json::Value>()
             .await
             .ok()?;
-        let c_status = s["nodes"]
+        let status = s["nodes"]
             .as_array()?
             .iter()
-            .find(|n| n["address"].as_str() == Some(&c.nodes[2].address()))
+            .find(|n| n["address"].as_str() == Some(&gone_address))
             .map(|n| n["status"].clone());
-        (c_status.is_none() || c_status == Some("Offline".into())).then_some(())
+        (status.is_none() || status == Some("Offline".into())).then_some(())
     })
     .await;
-    // Every user comes back: survivors' users keep their sessions, C's are re-placed by the hash.
+    // Every user comes back: survivors' users keep their sessions, the removed node's are re-placed by the hash.
     let mut after = BTreeMap::new();
     for u in &users {
         let reply = Browser::as_user(u).get(&router.url("/")).await;
@@ -165,16 +174,16 @@ async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
         after.insert(u.clone(), reply.backend().unwrap().to_string());
     }
     let moved: Vec<&String> = users.iter().filter(|u| first[*u] != after[*u]).collect();
-    assert!(moved.len() as f64 <= 0.40 * 300.0, "{} of 300 users moved", moved.len());
+    let on_gone: Vec<&String> = users.iter().filter(|u| first[*u] == NAMES[gone]).collect();
+    assert_eq!(moved, on_gone, "exactly the removed node's users move");
+    assert!(moved.len() as f64 <= 0.40 * 300.0, "{} of 300 users moved ({per_node:?})", moved.len());
     assert!(!moved.is_empty());
-    for u in &moved {
-        assert_eq!(first[*u], "C", "{u} moved from surviving node {}", first[*u]);
-    }
-    assert!(after.values().all(|b| b != "C"));
+    assert!(after.values().all(|b| b != NAMES[gone]));
     // Consistent hashing: a moved user goes to its next rendezvous choice among the survivors
     // (the loads stay within the 1.25 bound here, so the bound does not intervene).
-    let survivors: Vec<Candidate> = (0..2)
-        .map(|i| Candidate { id: i as i64, address: c.nodes[i].address(), sessions: 0, load: [0.0; 3], cpus: 1 })
+    let survivors: Vec<Candidate> = kept
+        .iter()
+        .map(|&i| Candidate { id: i as i64, address: c.nodes[i].address(), sessions: 0, load: [0.0; 3], cpus: 1 })
         .collect();
     for u in &moved {
         let best = UserHashBalancer::ranking(HashKey::User(u), &survivors)[0];

@@ -176,9 +176,18 @@ impl fmt::Debug for DatabaseUrl {
 }
 
 /// Splits `rest` (a URL after `scheme://`) into its authority and the rest
-/// (path, query, fragment): the authority ends at the first `/`, `?` or `#`.
+/// (path, query, fragment): the authority ends at the first `/`, `?` or `#`
+/// after its user info. A `user:password@` user info ends at the last `@`
+/// before the first `/`, so a password written with an unencoded `?` or `#`
+/// stays inside it (and is redacted, not printed).
 fn split_authority(rest: &str) -> (&str, &str) {
-    rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()))
+    let first_slash = rest.find('/').unwrap_or(rest.len());
+    let host_from = rest[..first_slash]
+        .rfind('@')
+        .filter(|&at| rest[..at].split_once(':').is_some_and(|(user, _)| !user.contains(['?', '#', '='])))
+        .map_or(0, |at| at + 1);
+    let end = rest[host_from..].find(['/', '?', '#']).map_or(rest.len(), |i| host_from + i);
+    rest.split_at(end)
 }
 
 /// The environment variable that overrides the database password, as in

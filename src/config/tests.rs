@@ -197,6 +197,11 @@ fn url_passwords_are_redacted_in_user_info_and_query() {
         ("postgres://db/lb?user=lb&%70assword=s3cret#frag", "postgres://db/lb?user=lb&%70assword=***#frag"),
         ("postgres://lb:s3cret@db?password=s3cret", "postgres://lb:***@db?password=***"),
         ("postgres://db/lb?password_file=x&mypassword=y", "postgres://db/lb?password_file=x&mypassword=y"),
+        // Unencoded `#` or `?` in the password: still redacted.
+        ("postgres://lb:ab#cd@db/lb", "postgres://lb:***@db/lb"),
+        ("postgres://lb:a?b@db:5432/lb?password=x", "postgres://lb:***@db:5432/lb?password=***"),
+        // An `@` in a query without a path is not user info.
+        ("postgresql://db?password=s3cret&x=a@b", "postgresql://db?password=***&x=a@b"),
     ] {
         assert_eq!(DatabaseUrl::Postgres(url.into()).redacted(), redacted, "{url}");
     }
