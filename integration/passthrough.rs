@@ -140,13 +140,7 @@ async fn idle_tunnels_and_stalled_uploads_outlive_pingora_read_timeout() {
     let via = &c.nodes[other];
 
     // A WebSocket through two hops, silent both ways.
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/ws",
-        via.address()
-    ))
-    .unwrap();
-    request.headers_mut().insert("cookie", b.cookie_header().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = b.websocket(via).await;
     let hello = ws.next().await.unwrap().unwrap();
     assert_eq!(hello, Message::Text(format!("hello from {}", NAMES[owner]).into()));
 
@@ -195,13 +189,7 @@ async fn client_and_peer_connections_use_tcp_keepalive() {
     let c = Cluster::start(ClusterOptions::default()).await;
     let (b, owner, other) = session(&c).await;
     let via = &c.nodes[other];
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/ws",
-        via.address()
-    ))
-    .unwrap();
-    request.headers_mut().insert("cookie", b.cookie_header().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = b.websocket(via).await;
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text(format!("hello from {}", NAMES[owner]).into()));
     let sockets = |side: &str, addr: String| {
         let out = std::process::Command::new("ss")

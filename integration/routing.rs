@@ -311,13 +311,7 @@ async fn websocket_through_a_non_owning_node_survives_idle_and_echoes() {
     let owner = browser.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
     let owner_index = NAMES.iter().position(|n| *n == owner).unwrap();
     let via = &c.nodes[(owner_index + 1) % 3];
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/ws",
-        via.address()
-    ))
-    .unwrap();
-    request.headers_mut().insert("cookie", browser.cookie_header().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = browser.websocket(via).await;
     let hello = ws.next().await.unwrap().unwrap();
     assert_eq!(hello, Message::Text(format!("hello from {owner}").into()));
     // Idle for three times `timeout`: nothing may close the tunnel.

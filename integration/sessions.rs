@@ -31,13 +31,7 @@ async fn idle_sessions_end_while_busy_ones_and_open_tunnels_stay() {
     }
 
     // An open WebSocket (through a node that may not own the session), silent throughout.
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/ws",
-        c.nodes[0].address()
-    ))
-    .unwrap();
-    request.headers_mut().insert("cookie", tunnel.cookie_header().unwrap().parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = tunnel.websocket(&c.nodes[0]).await;
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
 
     // Five seconds: `busy` keeps asking, `idle` says nothing.

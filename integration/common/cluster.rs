@@ -12,6 +12,9 @@ use super::db::TestDb;
 use super::eventually;
 use super::node::{Backend, ClusterFixture, Node, NodeSpec};
 
+/// A client WebSocket over plain TCP.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 pub const NODE_IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 pub const NAMES: [&str; 3] = ["A", "B", "C"];
 pub const ROUTER_IP: &str = "127.0.0.5";
@@ -249,6 +252,16 @@ impl Browser {
         self.absorb(&headers);
         let body = resp.text().await.unwrap_or_default();
         Reply { status, headers, body }
+    }
+
+    /// Open a WebSocket to `/ws` through `node`, with this browser's cookies.
+    pub async fn websocket(&self, node: &Node) -> WebSocket {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/ws", node.address()).into_client_request().unwrap();
+        if let Some(cookies) = self.cookie_header() {
+            request.headers_mut().insert("cookie", cookies.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request).await.unwrap().0
     }
 
     /// The affinity cookie value, if set.
