@@ -626,8 +626,8 @@ impl Config {
 
         // --- server
         let threads = r.int("threads", 0, 0, 1024) as usize;
-        let grace_period = r.duration("grace-period", Duration::from_secs(5), Duration::ZERO);
-        let shutdown_timeout = r.duration("shutdown-timeout", Duration::from_secs(5), Duration::ZERO);
+        let grace_period = r.whole_seconds("grace-period", Duration::from_secs(5));
+        let shutdown_timeout = r.whole_seconds("shutdown-timeout", Duration::from_secs(5));
         let diagnostics = r.choice(
             "diagnostics",
             Diagnostics::Off,

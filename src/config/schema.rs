@@ -134,6 +134,13 @@ impl Reader {
         self.get(key, default, |v| parse_duration(v).filter(|d| *d >= min).ok_or(expected))
     }
 
+    /// A duration that is a whole number of seconds (for settings that
+    /// Pingora counts in seconds: a fraction would be silently dropped).
+    pub fn whole_seconds(&mut self, key: &str, default: Duration) -> Duration {
+        let expected = "a whole number of seconds (a number, or a string like \"5s\", \"2m\")".to_string();
+        self.get(key, default, |v| parse_duration(v).filter(|d| d.subsec_nanos() == 0).ok_or(expected))
+    }
+
     /// One of a fixed set of names.
     pub fn choice<T: Copy>(&mut self, key: &str, default: T, choices: &[(&str, T)]) -> T {
         let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();

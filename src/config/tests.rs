@@ -275,3 +275,15 @@ fn workbench_password_variable_overrides_database_password() {
     let c = parse("database = \"sqlite:///tmp/r.db\"\n").unwrap();
     assert_eq!(c.registry_url_with(Some("e".into())).unwrap(), c.cluster.database);
 }
+
+#[test]
+fn shutdown_durations_are_whole_seconds() {
+    // Pingora counts them in seconds: "500ms" would silently become 0.
+    let found = problems("grace-period = \"500ms\"\nshutdown-timeout = 1.5\n");
+    assert_eq!(found.len(), 2, "{found:?}");
+    for p in &found {
+        assert!(p.message.contains("whole number of seconds"), "{p:?}");
+    }
+    let c = parse("grace-period = \"2m\"\nshutdown-timeout = 0\n").unwrap();
+    assert_eq!((c.server.grace_period, c.server.shutdown_timeout), (Duration::from_secs(120), Duration::ZERO));
+}
