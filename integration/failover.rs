@@ -39,15 +39,7 @@ async fn forged_and_expired_cookies_are_ignored_replaced_and_counted() {
     let genuine = victim.affinity().unwrap().to_string();
     // B takes no new sessions now, so only a (wrongly) trusted cookie could reach it.
     assert!(c.fx.admin(&c.nodes[1].config, &["offline"]).status.success());
-    eventually(Duration::from_secs(5), "A to see B draining", || async {
-        let s = c.status_json(&c.nodes[0]).await;
-        s["nodes"]
-            .as_array()?
-            .iter()
-            .any(|n| n["address"].as_str() == Some(&c.nodes[1].address()) && n["offline_mode"] == true)
-            .then_some(())
-    })
-    .await;
+    c.wait_sees_offline_mode(&c.nodes[0], &c.nodes[1], Duration::from_secs(5), "A to see B draining").await;
     let before = counter(&c.status_json(&c.nodes[0]).await, "rejected_cookies");
 
     // Wrong MAC, naming B's live session id.
@@ -197,20 +189,7 @@ async fn offline_node_drains_new_sessions_but_keeps_its_own() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let started = Instant::now();
     for node in &c.nodes {
-        eventually(Duration::from_secs(2), "every node to learn B is draining", || async {
-            let s = reqwest::get(node.url("/load-balancer/status?format=json"))
-                .await
-                .ok()?
-                .json::<serde_json::Value>()
-                .await
-                .ok()?;
-            s["nodes"]
-                .as_array()?
-                .iter()
-                .any(|n| n["address"].as_str() == Some(&c.nodes[1].address()) && n["offline_mode"] == true)
-                .then_some(())
-        })
-        .await;
+        c.wait_sees_offline_mode(node, &c.nodes[1], Duration::from_secs(2), "every node to learn B is draining").await;
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     for i in 0..30 {
@@ -333,15 +312,7 @@ async fn database_outage_does_not_stop_known_sessions() {
         c.nodes[2].health().await.filter(|h| h["offline_mode"] == true).map(|_| ())
     })
     .await;
-    eventually(Duration::from_secs(15), "A to learn it too", || async {
-        let s = c.status_json(&c.nodes[0]).await;
-        s["nodes"]
-            .as_array()?
-            .iter()
-            .any(|n| n["address"].as_str() == Some(&c.nodes[2].address()) && n["offline_mode"] == true)
-            .then_some(())
-    })
-    .await;
+    c.wait_sees_offline_mode(&c.nodes[0], &c.nodes[2], Duration::from_secs(15), "A to learn it too").await;
     // And new sessions are placed again.
     assert_eq!(Browser::new().get(&c.nodes[0].url("/")).await.status, 200);
 }

@@ -146,6 +146,25 @@ impl Cluster {
     pub async fn status_json(&self, node: &Node) -> serde_json::Value {
         reqwest::get(node.url("/load-balancer/status?format=json")).await.unwrap().json().await.unwrap()
     }
+
+    /// Wait until `viewer`'s status page shows `node` in offline mode.
+    pub async fn wait_sees_offline_mode(&self, viewer: &Node, node: &Node, within: Duration, what: &str) {
+        let address = node.address();
+        eventually(within, what, || async {
+            let s = reqwest::get(viewer.url("/load-balancer/status?format=json"))
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()?;
+            s["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["address"].as_str() == Some(&address) && n["offline_mode"] == true)
+                .then_some(())
+        })
+        .await;
+    }
 }
 
 /// A response, read whole.

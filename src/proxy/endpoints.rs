@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::forward::{self, BACKEND_DOWN_HEADER, RequestLine};
 use super::routing::{control_timeout, node_addr};
-use super::{RequestCtx, Router, now_ms, request_line};
+use super::{RequestCtx, Router, now_ms};
 use crate::cluster::node::VERSION;
 use crate::cluster::{NodeId, NodeStatus, load};
 use crate::metrics::{self, METRICS};
@@ -141,17 +141,7 @@ fn self_info(r: &Router) -> NodeInfo {
 }
 
 async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    let header = session.req_header().headers.get(forward::HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let verified = forward::verify(
-        &r.key,
-        header,
-        r.self_id,
-        |id| r.view.nodes().get(id).is_some(),
-        now_ms(),
-        r.config.proxy.forwarding_window.as_millis() as i64,
-        &request_line(session.req_header()),
-    );
-    match verified {
+    match r.verify_forward(session.req_header()) {
         Ok(f) if f.key == NODE_INFO_KEY => {
             let body = serde_json::to_string(&self_info(r)).expect("serialisable");
             respond(session, 200, "application/json", body.into()).await

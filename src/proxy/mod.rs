@@ -146,6 +146,22 @@ impl Router {
         self.backend.is_some() && self.backend_up.load(Ordering::Relaxed)
     }
 
+    /// Check a request's node-to-node header (absent counts as malformed):
+    /// meant for this node, from a known node, in the time window, MAC over
+    /// this request line.
+    pub fn verify_forward(&self, req: &RequestHeader) -> std::result::Result<Forwarded, ForwardRejection> {
+        let header = req.headers.get(forward::HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        forward::verify(
+            &self.key,
+            header,
+            self.self_id,
+            |id| self.view.nodes().get(id).is_some(),
+            now_ms(),
+            self.config.proxy.forwarding_window.as_millis() as i64,
+            &request_line(req),
+        )
+    }
+
     /// Peer scheme for node-to-node traffic.
     fn peer_tls(&self) -> bool {
         self.config.proxy.ssl_enabled
@@ -329,18 +345,8 @@ impl ProxyHttp for Router {
         }
 
         // A request from another node of the cluster: verified or refused.
-        if let Some(value) = session.req_header().headers.get(forward::HEADER) {
-            let value = value.to_str().unwrap_or("");
-            let verified = forward::verify(
-                &self.key,
-                value,
-                self.self_id,
-                |id| self.view.nodes().get(id).is_some(),
-                now_ms(),
-                self.config.proxy.forwarding_window.as_millis() as i64,
-                &request_line(session.req_header()),
-            );
-            match verified {
+        if session.req_header().headers.contains_key(forward::HEADER) {
+            match self.verify_forward(session.req_header()) {
                 Ok(f) => {
                     if !self.serves_locally() {
                         endpoints::respond_backend_down(session).await?;
