@@ -402,7 +402,7 @@ async fn diagnostics_go_to_stderr_or_a_temp_file() {
                 text
             }
         };
-        assert!(diag.contains("key=aff:"), "{diag}");
+        assert!(diag.contains("via=pin="), "an anonymous request is routed by its pin: {diag}");
         node.proc.signal(Signal::TERM);
         node.proc.wait_exit(Duration::from_secs(20));
     }

@@ -106,7 +106,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let node_address = started.address.host_port();
     tracing::info!(node_id = started.id, node = %node_address, listen = %listen, "node online");
 
-    let view = Arc::new(ClusterView::new(started.id));
+    let view = Arc::new(ClusterView::with_session_capacity(started.id, config.sessions.max_sessions_in_memory));
     let (self_deleted_tx, self_deleted_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = control.block_on(async {
@@ -166,6 +166,13 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     };
     let mut tasks = tasks;
     tasks.push(control.spawn(prober.run(shutdown_rx.clone())));
+    tasks.push(control.spawn(crate::proxy::degraded::run(
+        router.degraded.clone(),
+        registry.clone(),
+        view.clone(),
+        router.control_timeout().min(crate::proxy::routing::PLACEMENT_CALL_WAIT),
+        shutdown_rx.clone(),
+    )));
     if let Some(reload) = reload {
         tasks.push(control.spawn(reload_on_sighup(reload, config.clone(), balancer, shutdown_rx.clone())));
     }

@@ -7,6 +7,7 @@ pub mod address;
 pub mod load;
 pub mod model;
 pub mod node;
+pub mod pins;
 pub mod postgres;
 pub mod registry;
 mod sql;

@@ -100,7 +100,7 @@ pub async fn start(
     // The first load report precedes `Online`: peers never see this node
     // eligible with the registry's default (zero) load.
     match load::read_loadavg(&config.node.loadavg_path) {
-        Ok(avg) => registry.report_load(id, avg, load::cpu_count()).await?,
+        Ok(avg) => registry.report_load(id, avg, load::cpu_count(), 0).await?,
         Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
     }
 
@@ -172,9 +172,11 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
     tasks.push(every(cfg.cluster.load_report_interval, shutdown.clone(), move || {
         let c = c.clone();
         async move {
+            let pins = c.view.pins().total(std::time::Instant::now());
+            crate::metrics::METRICS.pins_recent.set(pins as i64);
             match load::read_loadavg(&c.config.node.loadavg_path) {
                 Ok(avg) => {
-                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count()).await {
+                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count(), pins).await {
                         tracing::debug!(error = %e, "load report failed");
                     }
                 }

@@ -93,7 +93,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Record a check-in: last seen = now (database clock) and the node's
     /// clock skew. `NodeNotFound` if the row was deleted.
     async fn check_in(&self, id: NodeId, clock_skew_ms: i64) -> Result<()>;
-    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32) -> Result<()>;
+    /// Record the node's load averages, CPU count and the anonymous pins it
+    /// issued recently (not announced: nodes re-read the table periodically).
+    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32, pins_recent: u64) -> Result<()>;
     async fn set_offline_mode(&self, id: NodeId, offline: bool) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
     async fn get_node(&self, id: NodeId) -> Result<Option<NodeRecord>>;

@@ -355,6 +355,8 @@ pub struct BalancerConfig {
     pub custom_command: PathBuf,
     /// How long the custom balancer may take before falling back to `sessions`.
     pub custom_timeout: Duration,
+    /// Most custom plug-in processes running at once on this node; past it, `sessions`.
+    pub custom_max_running: usize,
     /// `user-hash` bounded load: no node above this factor of the mean.
     pub user_hash_balance_factor: f64,
 }
@@ -383,6 +385,8 @@ pub struct SessionsConfig {
     pub touch_interval: Duration,
     /// Mark the affinity cookie `Secure`.
     pub cookie_secure: bool,
+    /// Most sessions kept in this node's in-memory view.
+    pub max_sessions_in_memory: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -541,6 +545,7 @@ impl Config {
         let kind = r.choice("balancer", BalancerKind::Sessions, BalancerKind::CHOICES);
         let custom_command = r.path("custom-balancer-command", "/usr/lib/rstudio-server/bin/rserver-balancer");
         let custom_timeout = r.duration("custom-balancer-timeout", Duration::from_secs(2), Duration::from_millis(1));
+        let custom_max_running = r.int("custom-balancer-max-running", 8, 1, 1024) as usize;
         let user_hash_balance_factor = r.float("user-hash-balance-factor", 1.25, 1.0, 100.0);
 
         // --- proxy
@@ -582,6 +587,12 @@ impl Config {
             r.duration("sessions.affinity-cookie-max-age", Duration::from_secs(24 * 3600), Duration::from_secs(1));
         let touch_interval = r.duration("sessions.touch-interval", Duration::from_secs(30), Duration::from_millis(50));
         let cookie_secure = r.bool("sessions.cookie-secure", ssl_enabled);
+        let max_sessions_in_memory = r.int(
+            "sessions.max-sessions-in-memory",
+            crate::cluster::view::DEFAULT_SESSION_CAPACITY as i64,
+            1000,
+            100_000_000,
+        ) as usize;
 
         // --- identity
         let rstudio_user_cookie = r.bool("identity.rstudio-user-cookie", true);
@@ -668,7 +679,13 @@ impl Config {
                 poll_interval,
                 health_check_interval,
             },
-            balancer: BalancerConfig { kind, custom_command, custom_timeout, user_hash_balance_factor },
+            balancer: BalancerConfig {
+                kind,
+                custom_command,
+                custom_timeout,
+                custom_max_running,
+                user_hash_balance_factor,
+            },
             proxy: ProxyConfig {
                 timeout: (!timeout.is_zero()).then_some(timeout),
                 verify_ssl_certs,
@@ -685,6 +702,7 @@ impl Config {
                 affinity_cookie_max_age,
                 touch_interval,
                 cookie_secure,
+                max_sessions_in_memory,
             },
             identity: IdentityConfig { rstudio_user_cookie, user_cookie_name, trusted_header, trusted_cidrs },
             locks: LockSettings { lock_type, refresh_rate, timeout_interval, enable_logging, log_file },
@@ -737,6 +755,7 @@ impl Config {
         line("balancer", q(self.balancer.kind.as_str()));
         line("custom-balancer-command", p(&self.balancer.custom_command));
         line("custom-balancer-timeout", d(self.balancer.custom_timeout));
+        line("custom-balancer-max-running", self.balancer.custom_max_running.to_string());
         line("user-hash-balance-factor", self.balancer.user_hash_balance_factor.to_string());
         line("timeout", d(self.proxy.timeout.unwrap_or_default()));
         line("verify-ssl-certs", self.proxy.verify_ssl_certs.to_string());
@@ -773,6 +792,7 @@ impl Config {
         line("affinity-cookie-max-age", d(s.affinity_cookie_max_age));
         line("touch-interval", d(s.touch_interval));
         line("cookie-secure", s.cookie_secure.to_string());
+        line("max-sessions-in-memory", s.max_sessions_in_memory.to_string());
         out.push_str("\n[identity]\n");
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("rstudio-user-cookie", i.rstudio_user_cookie.to_string());

@@ -4,8 +4,9 @@
 //!   backend is down (peers' probes then treat the node as unreachable).
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /load-balancer/status` (`?format=json` or `Accept: application/json`
-//!   for JSON): every node and its sessions, gathered from all nodes;
-//!   readable only from loopback and cluster node addresses (403 otherwise).
+//!   for JSON): every node, its sessions and, separately, the anonymous pins
+//!   it issued recently, gathered from all nodes; readable only from
+//!   loopback and cluster node addresses (403 otherwise).
 //! - `GET /load-balancer/node-info`: one node's own report, for the status
 //!   page of another node; requires a valid signed node-to-node header.
 
@@ -19,7 +20,6 @@ use pingora::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::forward::{self, BACKEND_DOWN_HEADER, RequestLine};
-use super::routing::{control_timeout, node_addr};
 use super::{RequestCtx, Router, now_ms};
 use crate::cluster::node::VERSION;
 use crate::cluster::{NodeId, NodeStatus, load};
@@ -88,6 +88,7 @@ async fn health(r: &Router, session: &mut Session) -> Result<()> {
         "offline_mode": me.as_ref().is_some_and(|n| n.offline_mode),
         "cluster_nodes": r.view.nodes().nodes.len(),
         "sessions": r.view.session_count(),
+        "pins_recent": r.view.pins().total(std::time::Instant::now()),
         "balancer": r.balancer.read().name(),
     });
     respond(session, if backend_up { 200 } else { 503 }, "application/json", body.to_string().into()).await
@@ -104,6 +105,9 @@ pub struct NodeInfo {
     pub backend_up: bool,
     pub in_flight: i64,
     pub balancer: String,
+    /// Anonymous pins this node issued recently (absent from older versions).
+    #[serde(default)]
+    pub pins_recent: u64,
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -121,6 +125,11 @@ fn counters() -> BTreeMap<String, u64> {
         ("lock_failures".into(), m.lock_failures.get()),
         ("connect_failures".into(), metrics::total(&m.connect_failures)),
         ("no_node_available".into(), m.no_node_available.get()),
+        ("pins_issued".into(), metrics::total(&m.pins_issued)),
+        ("degraded_placements".into(), m.degraded_placements.get()),
+        ("placements_cancelled".into(), m.placements_cancelled.get()),
+        ("custom_balancer_cap_reached".into(), m.custom_balancer_cap_reached.get()),
+        ("view_capacity_reached".into(), m.view_capacity_reached.get()),
     ])
 }
 
@@ -136,6 +145,7 @@ fn self_info(r: &Router) -> NodeInfo {
         backend_up: r.backend.is_none() || r.backend_up.load(Ordering::Relaxed),
         in_flight: METRICS.in_flight.get(),
         balancer: r.balancer.read().name().into(),
+        pins_recent: r.view.pins().total(std::time::Instant::now()),
         counters: counters(),
     }
 }
@@ -172,13 +182,13 @@ async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
     let mut calls = Vec::new();
     // Peers known to be down are not asked, and no peer may hold the page up
     // for long: a frozen node answers nothing.
-    let wait = control_timeout(r).min(GATHER_TIMEOUT);
+    let wait = r.control_timeout().min(GATHER_TIMEOUT);
     for n in nodes
         .nodes
         .iter()
         .filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router && r.view.is_reachable(n.id))
     {
-        let Some(addr) = node_addr(n) else { continue };
+        let Some(addr) = n.socket_addr() else { continue };
         let scheme = if r.config.proxy.ssl_enabled { "https" } else { "http" };
         let host = addr.to_string();
         let line = RequestLine { method: "GET", host: &host, path_and_query: NODE_INFO };
@@ -262,6 +272,7 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
                     "in_flight": info.map(|i| i.in_flight),
                     "counters": info.map(|i| &i.counters),
                     "sessions": node_sessions,
+                    "pins_recent": info.map_or(n.pins_recent, |i| i.pins_recent),
                 })
             })
             .collect();
@@ -292,6 +303,10 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
                 s.record.key,
                 s.record.user_name.as_deref().unwrap_or("(anonymous)")
             ));
+        }
+        let pins = info.map_or(n.pins_recent, |i| i.pins_recent);
+        if pins > 0 {
+            text.push_str(&format!("   ({pins} anonymous pins issued recently)\n"));
         }
         text.push('\n');
     }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::routing::node_addr;
 use crate::cluster::{ClusterView, NodeId, NodeStatus};
 use crate::metrics::METRICS;
 
@@ -65,7 +64,7 @@ impl Prober {
         for n in
             nodes.nodes.iter().filter(|n| n.id != self.view.self_id() && n.status == NodeStatus::Online && !n.router)
         {
-            let Some(addr) = node_addr(n) else { continue };
+            let Some(addr) = n.socket_addr() else { continue };
             let request = self.http.get(format!("{scheme}://{addr}/health")).timeout(self.timeout);
             let id = n.id;
             probes.push(

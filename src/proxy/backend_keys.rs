@@ -1,98 +1,48 @@
-//! The registry calls a request may wait for: looking up a backend key this
-//! node has not heard of, registering a key its backend answered, and placing
-//! a session; and the breakers that keep a database outage from stalling
-//! every request.
+//! Backend keys a request may wait for the registry about: looking up a key
+//! this node has not heard of, and registering a key its local backend
+//! answered with a 2xx status or 101 (redirects to a sign-in page and errors
+//! register nothing).
 //!
-//! Lookups and registrations are optional for routing (an unknown key follows
-//! the affinity key or the user's session), so neither may stall a request
-//! for long:
+//! Both are optional for routing (an unknown key follows the user's session
+//! or the browser's pin), so neither may stall a request for long:
 //! - a request waits at most [`REQUEST_PATH_WAIT`] (or `timeout`, if
 //!   shorter); a registration still running then finishes in the background;
-//! - after such a call failed or was too slow, its [`RegistryBreaker`] opens
-//!   for [`BREAKER_OPEN`]: requests skip those calls instead of each waiting
+//! - after such a call failed or was too slow, the optional-calls breaker
+//!   (`breaker`) opens: requests skip these calls instead of each waiting
 //!   out a database outage;
 //! - a key looked up and not found is remembered for [`MISS_TTL`] so a client
 //!   polling a dead or made-up key costs one lookup per interval, not one per
-//!   request. A key registered meanwhile reaches the view by notification,
-//!   which is consulted first.
-//!
-//! Placements have their own breaker, opened only by a placement that failed
-//! (not by a slow optional call): while it is open, new sessions get 503 at
-//! once and failed-over sessions are routed without recording the move.
-//!
-//! Times are milliseconds of a monotonic clock ([`mono_ms`]): a step of the
-//! wall clock neither holds a breaker open nor keeps a miss fresh.
+//!   request (at most [`MISS_CAPACITY`] remembered). A key registered
+//!   meanwhile reaches the view by notification, which is consulted first;
+//! - at most [`MAX_LOOKUPS_IN_FLIGHT`] lookups wait at once; a request past
+//!   that routes without one, so a flood of made-up keys cannot queue
+//!   unbounded work on the registry.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::Router;
-use super::routing::control_timeout;
+use super::breaker::mono_ms;
 use crate::cluster::view::SessionEntry;
 use crate::cluster::{NewSession, RegistryError, SessionKind};
 use crate::metrics::METRICS;
 
 /// The longest a request waits for an optional registry call.
 pub const REQUEST_PATH_WAIT: Duration = Duration::from_millis(500);
-/// How long calls are skipped after one failed (or, optional ones, was too slow).
-pub const BREAKER_OPEN: Duration = Duration::from_secs(2);
 /// How long a key found absent is not looked up again.
 pub const MISS_TTL: Duration = Duration::from_secs(1);
 /// Remembered misses at most (the table is cleared when full).
-const MISS_CAPACITY: usize = 10_000;
+pub const MISS_CAPACITY: usize = 10_000;
+/// Lookups waiting for the registry at once, at most.
+pub const MAX_LOOKUPS_IN_FLIGHT: usize = 64;
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Milliseconds since this process first asked, on a monotonic clock (≥ 1).
-pub fn mono_ms() -> i64 {
-    EPOCH.elapsed().as_millis() as i64 + 1
-}
-
-/// Open for [`BREAKER_OPEN`] after a failure; callers try again once it has
-/// passed (there is no half-open state: the first answers close it again).
-#[derive(Debug)]
-pub struct RegistryBreaker {
-    /// What the breaker guards, for the log.
-    calls: &'static str,
-    open_until_ms: AtomicI64,
-    last_trip_ms: AtomicI64,
-}
-
-impl RegistryBreaker {
-    pub fn new(calls: &'static str) -> RegistryBreaker {
-        RegistryBreaker { calls, open_until_ms: AtomicI64::new(0), last_trip_ms: AtomicI64::new(0) }
-    }
-
-    pub fn is_open(&self, now_ms: i64) -> bool {
-        now_ms < self.open_until_ms.load(Ordering::Relaxed)
-    }
-
-    /// Record a failure noticed at `now_ms`: skip these calls for [`BREAKER_OPEN`].
-    /// A trip never shortens a later one.
-    pub fn trip(&self, now_ms: i64) {
-        let until = now_ms + BREAKER_OPEN.as_millis() as i64;
-        self.last_trip_ms.fetch_max(now_ms, Ordering::Relaxed);
-        if self.open_until_ms.fetch_max(until, Ordering::Relaxed) <= now_ms {
-            METRICS.registry_breaker_trips.inc();
-            tracing::warn!(
-                calls = self.calls,
-                open_for_ms = BREAKER_OPEN.as_millis() as u64,
-                "registry unavailable: these calls are skipped for a while (known sessions keep routing)"
-            );
-        }
-    }
-
-    /// Record a success of a call started at `started_ms`: it closes the
-    /// breaker unless a failure was noticed after that call began.
-    pub fn succeeded(&self, started_ms: i64) {
-        if self.last_trip_ms.load(Ordering::Relaxed) < started_ms {
-            self.open_until_ms.fetch_min(started_ms, Ordering::Relaxed);
-        }
-    }
+/// Whether a local backend's answer registers the backend key it was for.
+pub fn registers(status: u16) -> bool {
+    status == 101 || (200..300).contains(&status)
 }
 
 /// Backend keys recently looked up and not found.
@@ -124,8 +74,30 @@ impl MissCache {
     }
 }
 
+/// Lookups waiting for the registry now.
+#[derive(Debug, Default)]
+pub struct LookupsInFlight(AtomicUsize);
+
+/// One waiting lookup; leaving frees its place.
+struct LookupSlot<'a>(&'a AtomicUsize);
+
+impl LookupsInFlight {
+    fn enter(&self) -> Option<LookupSlot<'_>> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_LOOKUPS_IN_FLIGHT).then_some(n + 1))
+            .ok()
+            .map(|_| LookupSlot(&self.0))
+    }
+}
+
+impl Drop for LookupSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn wait_limit(r: &Router) -> Duration {
-    control_timeout(r).min(REQUEST_PATH_WAIT)
+    r.control_timeout().min(REQUEST_PATH_WAIT)
 }
 
 /// Look up a key this node's view does not know (yet). `None` when it is not
@@ -135,6 +107,10 @@ pub async fn lookup(r: &Router, key: &str) -> Option<Arc<SessionEntry>> {
     if r.optional_calls.is_open(started) || r.key_misses.recently_missed(key, started) {
         return None;
     }
+    let Some(_slot) = r.lookups.enter() else {
+        tracing::debug!(key, "too many backend-key lookups waiting; routing without one");
+        return None;
+    };
     let registry = r.registry.clone();
     let owned = key.to_string();
     let task = r.control.spawn(async move { registry.get_session(&owned).await });
@@ -142,10 +118,7 @@ pub async fn lookup(r: &Router, key: &str) -> Option<Arc<SessionEntry>> {
         Ok(Ok(Ok(Some(rec)))) => {
             r.optional_calls.succeeded(started);
             // A notification may have brought it meanwhile: keep that entry.
-            r.view.session(&rec.key).or_else(|| {
-                r.view.upsert_session(rec.clone());
-                r.view.session(&rec.key)
-            })
+            Some(r.view.session(&rec.key).unwrap_or_else(|| r.view.upsert_session(rec)))
         }
         Ok(Ok(Ok(None))) => {
             r.optional_calls.succeeded(started);
@@ -153,16 +126,17 @@ pub async fn lookup(r: &Router, key: &str) -> Option<Arc<SessionEntry>> {
             None
         }
         outcome => {
-            tracing::debug!(key, slow = outcome.is_err(), "registry lookup failed or too slow; routing by affinity");
+            tracing::debug!(key, slow = outcome.is_err(), "registry lookup failed or too slow; routing without it");
             r.optional_calls.trip(mono_ms());
             None
         }
     }
 }
 
-/// Register a backend key on this node (its backend answered it below 400).
-/// Skipped while optional calls are failing: a later answer registers it.
-pub async fn register_backend_key(r: &Router, key: &str, user: Option<String>) {
+/// Register a backend key on this node (its backend answered it with a 2xx
+/// status or 101). Skipped while optional calls are failing: a later answer
+/// registers it.
+pub async fn register(r: &Router, key: &str, user: Option<String>) {
     let started = mono_ms();
     if r.optional_calls.is_open(started) {
         tracing::debug!(key, "registry unavailable: backend key not registered yet");
@@ -204,7 +178,7 @@ pub async fn register_backend_key(r: &Router, key: &str, user: Option<String>) {
             r.optional_calls.trip(mono_ms());
             tracing::warn!(
                 key,
-                "could not register a backend key (registry unavailable); it follows affinity meanwhile"
+                "could not register a backend key (registry unavailable); it follows the user or the pin meanwhile"
             )
         }
     }
@@ -214,41 +188,24 @@ pub async fn register_backend_key(r: &Router, key: &str, user: Option<String>) {
 mod tests {
     use super::*;
 
-    const OPEN: i64 = BREAKER_OPEN.as_millis() as i64;
-
     #[test]
-    fn breaker_opens_on_failure_for_its_interval_and_closes_on_success() {
-        let b = RegistryBreaker::new("test");
-        assert!(!b.is_open(1_000));
-        b.trip(1_000);
-        assert!(b.is_open(1_000));
-        assert!(b.is_open(1_000 + OPEN - 1));
-        assert!(!b.is_open(1_000 + OPEN));
-        b.trip(5_000);
-        b.succeeded(5_001);
-        assert!(!b.is_open(5_002));
+    fn only_success_and_upgrades_register() {
+        for status in [101, 200, 204, 299] {
+            assert!(registers(status), "{status}");
+        }
+        for status in [100, 199, 301, 302, 304, 401, 404, 500, 503] {
+            assert!(!registers(status), "{status}");
+        }
     }
 
     #[test]
-    fn a_late_report_never_shortens_or_clears_a_newer_trip() {
-        let b = RegistryBreaker::new("test");
-        b.trip(10_000);
-        // A failure of a call that began earlier, noticed now: no shorter.
-        b.trip(9_000);
-        assert!(b.is_open(10_000 + OPEN - 1));
-        // A success of a call that began before the trip does not close it.
-        b.succeeded(9_500);
-        assert!(b.is_open(10_001));
-        // One that began after it does.
-        b.succeeded(10_500);
-        assert!(!b.is_open(10_501));
-    }
-
-    #[test]
-    fn the_clock_is_monotonic_and_positive() {
-        let a = mono_ms();
-        let b = mono_ms();
-        assert!(a >= 1 && b >= a);
+    fn lookups_in_flight_are_bounded_and_freed() {
+        let l = LookupsInFlight::default();
+        let slots: Vec<_> = (0..MAX_LOOKUPS_IN_FLIGHT).map(|_| l.enter().expect("room")).collect();
+        assert!(l.enter().is_none(), "one past the bound");
+        drop(slots);
+        assert!(l.enter().is_some());
+        assert_eq!(l.0.load(Ordering::Relaxed), 0, "the slot taken just now was freed");
     }
 
     #[test]
