@@ -6,6 +6,7 @@ mod common;
 mod failover;
 mod lock;
 mod passthrough;
+mod pins;
 mod registry;
 mod routing;
 mod sessions;

@@ -61,6 +61,16 @@ impl DegradedPlacements {
         self.pending.lock().len()
     }
 
+    /// Users waiting per node (they count as sessions when the next user is
+    /// placed from memory, as they would once registered).
+    pub fn per_node(&self) -> HashMap<NodeId, usize> {
+        let mut counts = HashMap::new();
+        for node in self.pending.lock().values() {
+            *counts.entry(*node).or_default() += 1;
+        }
+        counts
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

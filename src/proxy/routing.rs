@@ -505,7 +505,14 @@ fn place_from_memory(
     exclude: &[NodeId],
 ) -> Result<NodeId> {
     let key = user_session_key(user);
-    let Some((node, route)) = m.choose_now(&key, Some(user), exclude, Instant::now()) else {
+    // Users placed from memory count as the sessions they will be.
+    let waiting = m.degraded.per_node();
+    let mut candidates = m.candidates(exclude, Instant::now());
+    for c in &mut candidates {
+        c.sessions += waiting.get(&c.id).copied().unwrap_or(0);
+    }
+    let chosen = m.balancer.choose_now(&PlacementRequest { key: &key, user: Some(user), candidates: &candidates });
+    let Some((node, route)) = chosen.and_then(|node| m.route_to(node).ok().map(|route| (node, route))) else {
         METRICS.no_node_available.inc();
         return Err(status_error(503, "no node can take a new session"));
     };
