@@ -134,9 +134,9 @@ async fn sign_in(c: &Cluster, user: &str, entry: usize) -> (Browser, String) {
     assert_eq!(home.body.trim_end(), format!("backend {}: home of {user}", home.backend().unwrap()));
     let served_by = home.backend().unwrap().to_string();
     // The pin now points at the user's node: any entry, same node.
-    for other in 0..3 {
-        let again = b.get(&c.nodes[other].url("/")).await;
-        assert_eq!(again.backend(), Some(served_by.as_str()), "{user} via {}", NAMES[other]);
+    for (other, name) in c.nodes.iter().zip(NAMES) {
+        let again = b.get(&other.url("/")).await;
+        assert_eq!(again.backend(), Some(served_by.as_str()), "{user} via {name}");
     }
     (b, served_by)
 }

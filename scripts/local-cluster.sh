@@ -37,7 +37,7 @@ sleep 2
 target/release/sessionlb --config "$state/node-A.toml" list-nodes
 cat <<TXT
 
-Try:  curl -si http://127.0.0.2:8787/            (note the sessionlb-affinity cookie and x-backend)
+Try:  curl -si http://127.0.0.2:8787/            (note the pin cookie sessionlb-affinity and x-backend: no session is created)
       curl -s  http://127.0.0.3:8787/load-balancer/status
       target/release/sessionlb --config $state/node-B.toml offline
 Logs: $state/*.log — Ctrl-C stops the cluster.

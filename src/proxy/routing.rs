@@ -104,6 +104,9 @@ pub struct RequestFacts {
     pub cookie: Option<Arc<AffinityCookie>>,
     /// A backend key in the path.
     pub path_key: Option<String>,
+    /// The path key's session as a registry lookup found it, for when the
+    /// view could not keep it (see `max-sessions-in-memory`).
+    pub path_session: Option<Arc<SessionEntry>>,
 }
 
 impl RequestFacts {
@@ -132,7 +135,7 @@ pub fn read_request(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now
             })
             .ok()
     });
-    RequestFacts { user, cookie, path_key: path_key(&cfg.path_pattern, req.uri.path()) }
+    RequestFacts { user, cookie, path_key: path_key(&cfg.path_pattern, req.uri.path()), path_session: None }
 }
 
 /// Where `node` is reached from `here` if it can serve sessions now, else why not.
@@ -277,7 +280,9 @@ fn by_session(m: &Memory<'_>, entry: Arc<SessionEntry>, found: Found) -> Decisio
 /// replaces.
 pub fn decide(m: &Memory<'_>, facts: &RequestFacts, now: Instant, now_secs: u64) -> Decision {
     // 1. A registered backend key.
-    if let Some(entry) = facts.path_key.as_deref().and_then(|k| m.view.session(k)) {
+    if let Some(entry) =
+        facts.path_key.as_deref().and_then(|k| m.view.session(k)).or_else(|| facts.path_session.clone())
+    {
         return by_session(m, entry, Found::PathKey);
     }
     let legacy = facts.cookie.as_deref().and_then(AffinityCookie::legacy).and_then(|a| m.view.session(a.session_key()));
@@ -320,17 +325,18 @@ pub fn decide(m: &Memory<'_>, facts: &RequestFacts, now: Instant, now_secs: u64)
 /// node can take the request.
 pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     let now_secs = now_secs();
-    let facts = read_request(r, session.req_header(), ctx.client, now_secs);
+    let mut facts = read_request(r, session.req_header(), ctx.client, now_secs);
     // A backend key this node has not heard of yet (its notification may
     // still be on the way): one bounded registry lookup before deciding.
     if let Some(key) = &facts.path_key
         && r.view.session(key).is_none()
     {
-        backend_keys::lookup(r, key).await;
+        facts.path_session = backend_keys::lookup(r, key).await;
     }
     ctx.user = facts.user.clone();
     ctx.browser_pin = facts.pin().cloned();
-    ctx.path_key_known = facts.path_key.as_deref().is_some_and(|k| r.view.session(k).is_some());
+    ctx.path_key_known =
+        facts.path_session.is_some() || facts.path_key.as_deref().is_some_and(|k| r.view.session(k).is_some());
     ctx.path_key = facts.path_key.clone();
     let balancer = r.balancer.read().clone();
     let memory = r.memory(balancer.as_ref());

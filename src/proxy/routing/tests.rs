@@ -190,11 +190,12 @@ fn an_anonymous_browser_follows_a_pin_to_a_node_that_can_serve() {
 
 #[test]
 fn a_pin_to_a_node_that_cannot_take_it_is_replaced_keeping_its_id() {
-    let cases: [(Box<dyn Fn(&mut NodeRecord)>, MoveReason); 4] = [
-        (Box::new(|n| n.status = NodeStatus::Offline), MoveReason::Stopped),
-        (Box::new(|n| n.status = NodeStatus::Deleting), MoveReason::Deleted),
-        (Box::new(|n| n.router = true), MoveReason::Router),
-        (Box::new(|n| n.id = 5), MoveReason::Deleted),
+    type Change = fn(&mut NodeRecord);
+    let cases: [(Change, MoveReason); 4] = [
+        (|n| n.status = NodeStatus::Offline, MoveReason::Stopped),
+        (|n| n.status = NodeStatus::Deleting, MoveReason::Deleted),
+        (|n| n.router = true, MoveReason::Router),
+        (|n| n.id = 5, MoveReason::Deleted),
     ];
     for (change, reason) in cases {
         let c = Case::new(view_with(change));
@@ -301,4 +302,15 @@ fn backend_keys_come_from_the_path_pattern() {
     assert_eq!(path_key(&p, &format!("/s/{}/", "a".repeat(129))), None);
     let jupyter = pattern("/user/{key}/");
     assert_eq!(path_key(&jupyter, "/user/alice/lab").as_deref(), Some("alice"));
+}
+
+#[test]
+fn a_backend_key_found_by_a_lookup_routes_when_the_view_could_not_keep_it() {
+    let c = Case { view: ClusterView::with_session_capacity(1, 1), ..Case::new(ClusterView::new(1)) };
+    c.view.set_nodes(vec![node(1), node(2), node(3)]);
+    c.view.upsert_session(session("first", 2, None, SessionKind::Backend, 1));
+    let looked_up = c.view.upsert_session(session("k1", 3, None, SessionKind::Backend, 1));
+    assert!(c.view.session("k1").is_none(), "the view is full");
+    let facts = RequestFacts { path_key: Some("k1".into()), path_session: Some(looked_up), ..pin_to(2) };
+    assert!(matches!(c.decide(&facts), Decision::Session { route, found: Found::PathKey, .. } if route == peer(3)));
 }
