@@ -37,6 +37,14 @@ async fn cookieless(url: String) -> Reply {
 
 async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
     let c = Cluster::start(ClusterOptions { sign_in: true, database_url, ..Default::default() }).await;
+    // Keys the backends really minted: an anonymous request for one is
+    // redirected to the sign-in page (302), which must register nothing.
+    let mut minted = Vec::new();
+    for node in &c.nodes {
+        let reply = cookieless(node.url("/new-session")).await;
+        minted
+            .push(serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()["key"].as_str().unwrap().to_string());
+    }
     let urls = |n: usize, offset: usize| -> Vec<String> {
         (0..n)
             .map(|i| {
@@ -44,10 +52,11 @@ async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
                 match (i + offset) % 10 {
                     // Made-up backend keys: the backends answer 404.
                     0..=2 => node.url(&format!("/s/{}/", random_hex(11))),
+                    // Real keys: 302 to the sign-in page on their backend, 404 elsewhere.
+                    3 => node.url(&format!("/s/{}/rpc/poll", minted[i % 3])),
                     // The sign-in flow's first request: 302 to the sign-in page.
-                    3 | 4 => node.url("/"),
+                    4 => node.url("/"),
                     5 => node.url("/auth-sign-in"),
-                    6 => node.url(&format!("/s/{}/rpc/poll", random_hex(11))),
                     _ => node.url(&format!("/favicon-{i}.ico")),
                 }
             })
@@ -57,8 +66,8 @@ async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
         let mut replies = Vec::new();
         for chunk in urls.chunks(8) {
             let batch: Vec<_> = chunk.iter().map(|u| tokio::spawn(cookieless(u.clone()))).collect();
-            for t in batch {
-                replies.push(t.await.unwrap());
+            for (url, t) in chunk.iter().zip(batch) {
+                replies.push((url.clone(), t.await.unwrap()));
             }
         }
         replies
@@ -68,15 +77,17 @@ async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
     let rss_before: Vec<u64> = c.nodes.iter().map(|n| rss_kib(n.proc.pid())).collect();
 
     let requests = urls(1000, 60);
-    let keys = requests.iter().filter(|u| u.contains("/s/")).count();
-    assert_eq!(keys, 400, "400 made-up backend keys (300 of them /s/<key>/)");
+    let random_keys = requests.iter().filter(|u| u.contains("/s/") && !minted.iter().any(|k| u.contains(k))).count();
+    assert_eq!(random_keys, 300);
     let replies = send(requests).await;
-    for (i, reply) in replies.iter().chain(&warm).enumerate() {
-        assert!(matches!(reply.status, 200 | 302 | 404), "request {i} not answered by a backend: {reply:?}");
-        assert!(reply.backend().is_some(), "request {i}: {reply:?}");
+    for (i, (url, reply)) in replies.iter().chain(&warm).enumerate() {
+        assert!(matches!(reply.status, 200 | 302 | 404), "request {i} ({url}) not answered by a backend: {reply:?}");
+        assert!(reply.backend().is_some(), "request {i} ({url}): {reply:?}");
         assert!(reply.sets_pin().is_some_and(|p| p.starts_with("v2.")), "request {i} got no pin: {reply:?}");
     }
-    assert!(replies.iter().any(|r| r.status == 302) && replies.iter().any(|r| r.status == 404));
+    let redirected_keys = replies.iter().filter(|(u, r)| u.contains("/s/") && r.status == 302).count();
+    assert!(redirected_keys > 0, "some real keys were redirected to the sign-in page");
+    assert!(replies.iter().any(|(u, r)| u.ends_with('/') && r.status == 404));
 
     // No registry row, no lock, no placement, no registration — from the database and from /metrics.
     assert_eq!(c.registry.list_sessions().await.unwrap(), Vec::new());
@@ -85,7 +96,7 @@ async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
     assert_eq!(c.metric_all("sessionlb_lock_failures_total").await, 0.0);
     assert_eq!(c.metric_all("sessionlb_backend_keys_registered_total").await, 0.0);
     assert_eq!(c.metric_all("sessionlb_rejected_cookies_total").await, 0.0);
-    assert_eq!(c.metric_all("sessionlb_pins_issued_total").await, 1060.0, "one pin per cookie-less request");
+    assert_eq!(c.metric_all("sessionlb_pins_issued_total").await, 1063.0, "one pin per cookie-less request");
     for node in &c.nodes {
         assert_eq!(node.health().await.unwrap()["sessions"], 0);
     }
@@ -97,7 +108,7 @@ async fn anonymous_traffic_creates_no_state(database_url: Option<String>) {
     // The status page shows no session, and each node's recent pins.
     let status = c.status_json(&c.nodes[0]).await;
     let pins: u64 = status["nodes"].as_array().unwrap().iter().map(|n| n["pins_recent"].as_u64().unwrap()).sum();
-    assert_eq!(pins, 1060, "{status}");
+    assert_eq!(pins, 1063, "{status}");
     assert!(status["nodes"].as_array().unwrap().iter().all(|n| n["sessions"].as_array().unwrap().is_empty()));
 }
 

@@ -13,10 +13,11 @@
 //! byte count and SHA-256), `/status/<code>`, `/bench` (2-byte body).
 //!
 //! With `--secure-cookie-key-file PATH` it signs users in the way Workbench
-//! does: `/` without a valid signed `user-id` cookie redirects (302) to
-//! `/auth-sign-in` (a form); `POST /auth-do-sign-in` with `username=…` sets
-//! the `user-id` cookie (value, expiry and HMAC-SHA256 with the key, as
-//! rserver signs it) and redirects to `/`, which then greets the user.
+//! does: `/` and a minted `/s/<key>/…` without a valid signed `user-id`
+//! cookie redirect (302) to `/auth-sign-in` (a form); `POST
+//! /auth-do-sign-in` with `username=…` sets the `user-id` cookie (value,
+//! expiry and HMAC-SHA256 with the key, as rserver signs it) and redirects
+//! to `/`, which then greets the user.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -127,10 +128,15 @@ async fn new_session(State(s): State<Shared>) -> Response {
 async fn session_page(
     State(s): State<Shared>,
     Path((key, rest)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !s.keys.lock().contains(&key) {
         return tagged(&s, StatusCode::NOT_FOUND, format!("unknown session {key} on backend {}\n", s.name));
+    }
+    // Like Workbench: a session is for signed-in users only.
+    if s.sign_in.is_some() && signed_in_user(&s, &headers).is_none() {
+        return redirect(&s, "/auth-sign-in", None);
     }
     if rest == "ws" {
         return match ws {
@@ -147,9 +153,10 @@ async fn session_page(
 async fn session_root(
     state: State<Shared>,
     Path(key): Path<String>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    session_page(state, Path((key, String::new())), ws).await
+    session_page(state, Path((key, String::new())), headers, ws).await
 }
 
 async fn headers(State(s): State<Shared>, req: Request) -> Response {
