@@ -1,7 +1,8 @@
 //! The node lifecycle: `Starting` → key checks → address resolution →
 //! cluster check → `Online`; then periodic check-ins (with clock skew), load
-//! reports, activity write-back and idle-session expiry; `Offline` (or row
-//! removal with `delete-node-on-exit`) when it stops.
+//! reports (with the anonymous pins issued recently), activity write-back and
+//! idle-session expiry; `Offline` (or row removal with `delete-node-on-exit`)
+//! when it stops.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
