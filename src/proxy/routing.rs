@@ -476,12 +476,12 @@ async fn place_user(
     match placement::run(r.placer(balancer), job, &r.control, r.placement_limit()).await {
         Ok(placed) => {
             r.placements.succeeded(started);
-            let node = placed.entry.record.node_id;
-            match node.ok_or(MoveReason::Deleted).and_then(|n| m.route_to(n)) {
-                Ok(route) => {
+            let node = placed.entry.record.node_id.ok_or(MoveReason::Deleted);
+            match node.and_then(|n| m.route_to(n).map(|route| (n, route))) {
+                Ok((node, route)) => {
                     ctx.route = route;
                     ctx.via = Via::Session(placed.entry);
-                    Ok(node.unwrap_or_default())
+                    Ok(node)
                 }
                 Err(_) => {
                     METRICS.no_node_available.inc();
