@@ -102,14 +102,28 @@ pub fn anonymous_load(c: &Candidate) -> usize {
     c.sessions.saturating_add(c.recent_pins)
 }
 
-/// A fixed, fast hash of `key` and a node id, to break ties between equal
-/// candidates for an anonymous pin: pin ids are random, so equal nodes are
-/// chosen evenly. Not for anything that must agree across builds.
-pub fn spread(key: &str, node: NodeId) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(key.as_bytes());
-    h.write_i64(node);
-    h.finish()
+/// Tie-breaking scores for an anonymous pin: a fixed, fast hash of the pin
+/// id, hashed once, mixed with each node id (SplitMix64's finaliser), so
+/// that equal candidates are chosen evenly (pin ids are random). Not for
+/// anything that must agree across builds.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread(u64);
+
+impl Spread {
+    /// The scores of `key` (a pin id).
+    pub fn of(key: &str) -> Spread {
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(key.as_bytes());
+        Spread(h.finish())
+    }
+
+    /// Node `node`'s score.
+    pub fn score(self, node: NodeId) -> u64 {
+        let mut z = self.0 ^ (node as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 /// The balancer `config` selects (`balancer=`), with its settings: the
 /// custom plug-in's command, timeout and cap, the user-hash balance factor.

@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 
-use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, anonymous_load, spread};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Chooses the candidate with the fewest active sessions; ties go to the
 /// lowest node id. An anonymous pin counts recent pins too, and its ties go
@@ -22,9 +22,10 @@ impl SessionsBalancer {
     }
 
     /// For an anonymous pin `pin_id`: the fewest sessions plus recent pins;
-    /// among equals, the highest [`spread`] of the pin id.
+    /// among equals, the highest [`Spread`] score of the pin id.
     pub fn pick_anonymous<'c>(pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
-        candidates.iter().min_by_key(|c| (anonymous_load(c), std::cmp::Reverse(spread(pin_id, c.id))))
+        let spread = Spread::of(pin_id);
+        candidates.iter().min_by_key(|c| (anonymous_load(c), std::cmp::Reverse(spread.score(c.id))))
     }
 
     /// [`Balancer::choose_now`] of this balancer (also the `custom` balancer's).

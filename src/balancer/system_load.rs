@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 
 use async_trait::async_trait;
 
-use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, anonymous_load, spread};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Chooses the candidate with the lowest `load[1] / max(cpus, 1)`; ties go
 /// to fewer sessions, then the lowest node id (for an anonymous pin: fewer
@@ -34,11 +34,12 @@ impl SystemLoadBalancer {
 
     /// For an anonymous pin `pin_id` (see the type's doc).
     pub fn pick_anonymous<'c>(pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
+        let spread = Spread::of(pin_id);
         candidates.iter().min_by(|a, b| {
             Self::load_per_cpu(a)
                 .total_cmp(&Self::load_per_cpu(b))
                 .then(anonymous_load(a).cmp(&anonymous_load(b)))
-                .then(spread(pin_id, b.id).cmp(&spread(pin_id, a.id)))
+                .then(spread.score(b.id).cmp(&spread.score(a.id)))
         })
     }
 }

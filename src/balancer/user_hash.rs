@@ -21,7 +21,7 @@
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, anonymous_load, spread};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Separates this hash from any other use of SHA-256; changing it moves every user.
 const HASH_DOMAIN: &[u8] = b"sessionlb/user-hash/v1";
@@ -125,15 +125,16 @@ impl UserHashBalancer {
         ranking.iter().find(|c| c.sessions.saturating_add(1) <= bound).or(ranking.first()).copied()
     }
 
-    /// For an anonymous pin `pin_id`: candidates ranked by [`spread`] of the
-    /// pin id, the first within the bound on sessions plus recent pins.
+    /// For an anonymous pin `pin_id`: candidates ranked by the [`Spread`]
+    /// score of the pin id, the first within the bound on sessions plus recent pins.
     pub fn pick_anonymous<'c>(&self, pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
         let total = candidates.iter().fold(0usize, |sum, c| sum.saturating_add(anonymous_load(c)));
         let bound = session_bound(total, candidates.len(), self.balance_factor);
+        let spread = Spread::of(pin_id);
         let mut best: Option<(u64, &Candidate)> = None;
         let mut top: Option<(u64, &Candidate)> = None;
         for c in candidates {
-            let score = spread(pin_id, c.id);
+            let score = spread.score(c.id);
             if top.is_none_or(|(s, _)| score > s) {
                 top = Some((score, c));
             }

@@ -193,8 +193,8 @@ pub fn candidates(
     });
     if !out.is_empty() {
         view.pins().each(now, |id, pins| {
-            if let Some(c) = out.iter_mut().find(|c| c.id == id) {
-                c.recent_pins = pins as usize;
+            if let Ok(i) = out.binary_search_by_key(&id, |c| c.id) {
+                out[i].recent_pins = pins as usize;
             }
         });
     }
