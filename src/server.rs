@@ -98,7 +98,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let url = config.cluster.database.redacted();
     let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
-        .block_on(cluster::connect(&database, config.cluster.poll_interval))
+        .block_on(cluster::connect_with(&database, &cluster::RegistryOptions::from_config(&config)))
         .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 
