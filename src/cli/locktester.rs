@@ -4,7 +4,10 @@
 //! nodes at once).
 //!
 //! Test mode: the first instance takes a lock of each type, says which it
-//! could take (`* Acquired advisory lock`, `* Acquired link-based lock`),
+//! could take in the lines of Workbench's admin guide (`* Acquired advisory
+//! lock`, `* Acquired link-based lock`, `* Unable to acquire advisory lock`,
+//! `* Unable to acquire link-based lock`; any detail follows on its own
+//! indented line, so that scripts written against the guide keep working),
 //! records itself in `DIR/locktester.instance` and holds the locks until
 //! SIGINT/SIGTERM. A later instance sees that record, tries each type, and
 //! concludes: a type it could *not* take while the first instance holds it
@@ -222,7 +225,8 @@ async fn first_instance(
     }
     if held.is_empty() {
         for (t, why) in &failed {
-            println!("* Could not acquire {} lock: {why}", label(*t));
+            println!("{}", unable(*t));
+            println!("  {why}");
         }
         if busy_unknown {
             println!(
@@ -240,10 +244,11 @@ async fn first_instance(
     fs::write(&record, format!("host={host}\npid={}\nheld={}\n", std::process::id(), held_names.join(",")))
         .with_context(|| format!("cannot write {}", record.display()))?;
     for (t, _) in &held {
-        println!("* Acquired {} lock", label(*t));
+        println!("{}", acquired(*t));
     }
     for (t, why) in &failed {
-        println!("* Could not acquire {} lock: {why}", label(*t));
+        println!("{}", unable(*t));
+        println!("  {why}");
     }
     println!(
         "Holding the lock{}. Now run `sessionlb locktester --path {}` on another node, as the same user.",
@@ -329,31 +334,44 @@ enum Outcome {
     Error,
 }
 
-/// What one attempt of a later instance means, and the line it prints.
-fn judge(t: LockType, attempt: &Attempt, other: &OtherInstance) -> (String, Outcome) {
+/// `* Acquired advisory lock`, as in Workbench's admin guide.
+fn acquired(t: LockType) -> String {
+    format!("* Acquired {} lock", label(t))
+}
+
+/// `* Unable to acquire link-based lock`, as in Workbench's admin guide.
+fn unable(t: LockType) -> String {
+    format!("* Unable to acquire {} lock", label(t))
+}
+
+/// What one attempt of a later instance means, and the lines it prints:
+/// the admin guide's line, then any detail indented on the next.
+fn judge(t: LockType, attempt: &Attempt, other: &OtherInstance) -> (Vec<String>, Outcome) {
     let other_holds = other.holds(t);
-    match attempt {
+    let (line, detail, outcome) = match attempt {
         Attempt::Busy if other_holds => {
-            (format!("* Could not acquire {} lock (held by another process)", label(t)), Outcome::Excluded)
+            (unable(t), "held by the other locktester instance, as it should be".to_string(), Outcome::Excluded)
         }
         // Busy, but not by the recorded instance: proves nothing.
-        Attempt::Busy => (format!("* Could not acquire {} lock: {HELD_BY_UNKNOWN}", label(t)), Outcome::HeldByUnknown),
-        Attempt::Failed(e) => (format!("* Could not acquire {} lock: {e}", label(t)), Outcome::Error),
+        Attempt::Busy => (unable(t), HELD_BY_UNKNOWN.to_string(), Outcome::HeldByUnknown),
+        Attempt::Failed(e) => (unable(t), e.to_string(), Outcome::Error),
         Attempt::Acquired(_) if other_holds => {
-            (format!("* Acquired {} lock, although the other instance holds it", label(t)), Outcome::BothAcquired)
+            (acquired(t), "although the other instance holds it".to_string(), Outcome::BothAcquired)
         }
-        Attempt::Acquired(_) => (
-            format!("* Acquired {} lock (the other instance does not hold one: not tested)", label(t)),
-            Outcome::Untested,
-        ),
-    }
+        Attempt::Acquired(_) => {
+            (acquired(t), "the other instance does not hold one: not tested".to_string(), Outcome::Untested)
+        }
+    };
+    (vec![line, format!("  {detail}")], outcome)
 }
 
 async fn later_instance(dir: &Path, attempts: Vec<(LockType, Attempt)>, other: &OtherInstance) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (t, attempt) in attempts {
-        let (line, outcome) = judge(t, &attempt, other);
-        println!("{line}");
+        let (lines, outcome) = judge(t, &attempt, other);
+        for line in lines {
+            println!("{line}");
+        }
         if let Attempt::Acquired(guard) = attempt {
             guard.release().await?;
         }
@@ -514,14 +532,20 @@ mod tests {
     #[test]
     fn only_a_lock_the_other_instance_holds_can_prove_exclusion() {
         let other = OtherInstance::parse("host=n1\npid=42\nheld=advisory\n");
-        let (line, outcome) = judge(LockType::Advisory, &Attempt::Busy, &other);
-        assert_eq!(line, "* Could not acquire advisory lock (held by another process)");
+        let (lines, outcome) = judge(LockType::Advisory, &Attempt::Busy, &other);
+        assert_eq!(
+            lines,
+            ["* Unable to acquire advisory lock", "  held by the other locktester instance, as it should be"]
+        );
         assert_eq!(outcome, Outcome::Excluded);
         // Busy, but the recorded instance does not hold it: an unknown holder.
-        let (line, outcome) = judge(LockType::LinkBased, &Attempt::Busy, &other);
+        let (lines, outcome) = judge(LockType::LinkBased, &Attempt::Busy, &other);
         assert_eq!(
-            line,
-            "* Could not acquire link-based lock: held by an unknown process, not by a locktester instance: not tested"
+            lines,
+            [
+                "* Unable to acquire link-based lock",
+                "  held by an unknown process, not by a locktester instance: not tested"
+            ]
         );
         assert_eq!(outcome, Outcome::HeldByUnknown);
         let (lines, ok) =
