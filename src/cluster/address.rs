@@ -164,13 +164,27 @@ pub fn determine(node: &NodeConfig, resolver: &dyn Resolver) -> Result<NodeAddre
     })
 }
 
-/// The first legacy `[nodes]` entry whose host is an address of this machine.
+/// The legacy `[nodes]` entry that is this node: of the entries whose host
+/// is an address of this machine, the one whose address is the listen
+/// address, else the first whose port is the listen port, else the first
+/// (several nodes on one machine tell themselves apart by where they listen).
 fn legacy_entry(node: &NodeConfig, resolver: &dyn Resolver) -> Option<String> {
-    node.legacy_nodes.iter().find_map(|entry| {
-        let (host, _) = split_host_port(entry, node.www_port);
-        let ips = resolver.lookup(&host).ok()?;
-        ips.into_iter().any(|ip| !ip.is_unspecified() && resolver.is_local(ip)).then(|| entry.clone())
-    })
+    let local: Vec<(&String, Vec<IpAddr>, u16)> = node
+        .legacy_nodes
+        .iter()
+        .filter_map(|entry| {
+            let (host, port) = split_host_port(entry, node.www_port);
+            let ips: Vec<IpAddr> = resolver.lookup(&host).ok()?;
+            ips.iter().any(|ip| !ip.is_unspecified() && resolver.is_local(*ip)).then_some((entry, ips, port))
+        })
+        .collect();
+    let listen_ip = (node.www_address_set && !node.www_address.is_unspecified()).then_some(node.www_address);
+    local
+        .iter()
+        .find(|(_, ips, port)| *port == node.www_port && listen_ip.is_some_and(|l| ips.contains(&l)))
+        .or_else(|| local.iter().find(|(_, _, port)| *port == node.www_port))
+        .or_else(|| local.first())
+        .map(|(entry, _, _)| (*entry).clone())
 }
 
 fn split_host_port(name: &str, default_port: u16) -> (String, u16) {
@@ -280,6 +294,17 @@ mod tests {
         assert_eq!(determine(&with_name, &r).unwrap().source, AddressSource::WwwHostName);
         n.legacy_nodes = vec!["10.9.9.9:8787".into()];
         assert_eq!(determine(&n, &r).unwrap().source, AddressSource::HostName);
+    }
+
+    #[test]
+    fn nodes_on_one_machine_pick_their_legacy_entry_by_listen_address_then_port() {
+        let r = resolver();
+        let mut n = node("www-address = \"10.1.0.1\"\nwww-port = 9002");
+        n.legacy_nodes = vec!["10.2.0.1:9001".into(), "10.1.0.1:9001".into(), "10.1.0.1:9002".into()];
+        assert_eq!(determine(&n, &r).unwrap().host_port(), "10.1.0.1:9002");
+        let mut n = node("www-port = 9001");
+        n.legacy_nodes = vec!["10.2.0.1:9002".into(), "10.1.0.1:9001".into()];
+        assert_eq!(determine(&n, &r).unwrap().host_port(), "10.1.0.1:9001");
     }
 
     #[test]

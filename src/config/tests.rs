@@ -289,14 +289,18 @@ fn a_cluster_on_sqlite_is_refused_as_a_split_brain() {
     );
     assert!(err.contains("split brain"), "{err}");
     assert!(err.contains("in database.conf set provider=postgresql"), "{err}");
-    // load-balancing-enabled=1 too; and =0 turns the file's meaning off.
+    // load-balancing-enabled=1 too. =0 turns Workbench's own balancing off
+    // (as sessionlb's drop-in asks), not the cluster the file describes.
     let (_dir, c) = workbench(&[("rserver.conf", "www-port=8788\nload-balancing-enabled=1\n")]);
     assert!(invalid(c).contains("rserver.conf enables load balancing"));
     let (_dir, c) = workbench(&[
         ("load-balancer", "balancer=sessions\n"),
         ("rserver.conf", "www-port=8788\nload-balancing-enabled=0\n"),
     ]);
-    assert!(!c.unwrap().cluster.database.is_postgres(), "not a cluster: one machine's SQLite is fine");
+    assert!(invalid(c).contains("split brain"));
+    // No load-balancer file: one machine, and its SQLite is fine.
+    let (_dir, c) = workbench(&[("rserver.conf", "www-port=8788\nload-balancing-enabled=0\n")]);
+    assert!(!c.unwrap().cluster.database.is_postgres());
     // A legacy [nodes] list of two with provider=sqlite.
     let (_dir, c) = workbench(&[
         ("load-balancer", "[config]\nbalancer=sessions\n[nodes]\n10.0.0.1:8787\n10.0.0.2:8787\n"),

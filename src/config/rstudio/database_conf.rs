@@ -44,7 +44,7 @@ pub(super) fn read(raw: &mut RawConfig, problems: &mut Vec<ConfigProblem>, path:
     let get = |name: &str| lines.iter().rev().find(|kv| kv.key == name);
     for kv in &lines {
         if !KEYS.contains(&kv.key.as_str()) {
-            raw.warnings.push(unused_key(path, kv.line, &kv.key, KEYS.iter().copied()));
+            raw.warnings.push(unused_key(path, kv.line, &kv.key, KEYS.iter().copied(), true));
         }
     }
     let provider_line = get("provider").map_or(0, |kv| kv.line);

@@ -95,6 +95,18 @@ const RSERVER_KEYS: &[(&str, &str)] = &[
     ("server-shared-storage-path", "server-shared-storage-path"),
 ];
 
+/// Every rserver.conf key sessionlb reads (for "did you mean" hints).
+const RSERVER_READ: &[&str] = &[
+    "www-address",
+    "www-port",
+    "ssl-enabled",
+    "load-balancing-enabled",
+    "ssl-certificate",
+    "ssl-certificate-key",
+    "secure-cookie-key-file",
+    "server-shared-storage-path",
+];
+
 /// Keys of `file-locks` and their native names.
 pub const FILE_LOCKS_KEYS: &[(&str, &str)] = &[
     ("lock-type", "locks.lock-type"),
@@ -153,27 +165,26 @@ pub fn read_dir_with(dir: &Path, native: &RawConfig, var_lib_key: &Path) -> Resu
     if problems.is_empty() { Ok(raw) } else { Err(problems) }
 }
 
-/// Why this directory describes a cluster, if it does: Workbench clusters
-/// when `load-balancing-enabled=1`, or when the load-balancer file exists
-/// (with or without a legacy `[nodes]` list) and rserver.conf does not say
-/// `load-balancing-enabled=0`.
+/// Why this directory describes a cluster, if it does: the load-balancer
+/// file (with or without a legacy `[nodes]` list) or
+/// `load-balancing-enabled=1`. `load-balancing-enabled=0` turns off
+/// Workbench's own load balancing (as docs/workbench.md asks, sessionlb
+/// balancing instead), not the cluster: the load-balancer file still counts.
 fn cluster_evidence(
     load_balancer_file: Option<&Path>,
     load_balancing_enabled: Option<(bool, Origin)>,
     facts: &WorkbenchFacts,
 ) -> Option<(Origin, String)> {
-    match (load_balancing_enabled, load_balancer_file) {
-        (Some((true, origin)), _) => {
-            Some((origin, "rserver.conf enables load balancing (load-balancing-enabled=1)".into()))
-        }
-        (Some((false, _)), _) | (None, None) => None,
-        (None, Some(file)) => {
-            let why = match facts.legacy_nodes.len() {
-                n if n > 1 => format!("{} lists {n} nodes in its legacy [nodes] section", file.display()),
-                _ => format!("{} exists, which makes this node part of a load-balanced cluster", file.display()),
-            };
-            Some((Origin::file(file, 0), why))
-        }
+    if let Some(file) = load_balancer_file {
+        let why = match facts.legacy_nodes.len() {
+            n if n > 1 => format!("{} lists {n} nodes in its legacy [nodes] section", file.display()),
+            _ => format!("{} exists, which makes this node part of a load-balanced cluster", file.display()),
+        };
+        return Some((Origin::file(file, 0), why));
+    }
+    match load_balancing_enabled {
+        Some((true, origin)) => Some((origin, "rserver.conf enables load balancing (load-balancing-enabled=1)".into())),
+        _ => None,
     }
 }
 
@@ -246,7 +257,12 @@ fn rserver_conf(
                     format!("`load-balancing-enabled` must be 1 or 0; found {other:?}"),
                 )),
             },
-            _ => map_key(raw, path, kv, RSERVER_KEYS),
+            _ => match RSERVER_KEYS.iter().find(|(name, _)| *name == kv.key) {
+                Some((_, native)) => raw.set(*native, RawValue::Text(kv.value.clone()), path, kv.line),
+                // rserver.conf is mostly rserver's own settings: say which
+                // were not read, without listing ours every time.
+                None => raw.warnings.push(unused_key(path, kv.line, &kv.key, RSERVER_READ.iter().copied(), false)),
+            },
         }
     }
     backend_from_rserver(raw, problems, path, address, port);
@@ -355,24 +371,28 @@ fn key_lookup(raw: &mut RawConfig, facts: &mut WorkbenchFacts, dir: &Path, nativ
 fn map_key(raw: &mut RawConfig, path: &Path, kv: &KvLine, table: &[(&str, &str)]) {
     match table.iter().find(|(name, _)| *name == kv.key) {
         Some((_, native)) => raw.set(*native, RawValue::Text(kv.value.clone()), path, kv.line),
-        None => raw.warnings.push(unused_key(path, kv.line, &kv.key, table.iter().map(|(name, _)| *name))),
+        None => raw.warnings.push(unused_key(path, kv.line, &kv.key, table.iter().map(|(name, _)| *name), true)),
     }
 }
 
 /// The warning for a Workbench key sessionlb does not use: it names the
-/// file, the line and the key, suggests a near spelling, and lists what is read.
+/// file, the line and the key, suggests a near spelling, and (`list`) says
+/// which keys of that file sessionlb reads.
 pub(super) fn unused_key<'a>(
     path: &Path,
     line: usize,
     key: &str,
     read: impl Iterator<Item = &'a str>,
+    list: bool,
 ) -> ConfigProblem {
     let read: Vec<&str> = read.collect();
     let mut message = format!("`{key}` is not used by sessionlb; ignored");
     if let Some(near) = read.iter().find(|name| edit_distance(key, name) <= 2) {
         message.push_str(&format!(" (did you mean `{near}`?)"));
     }
-    message.push_str(&format!("; sessionlb reads: {}", read.join(", ")));
+    if list {
+        message.push_str(&format!("; sessionlb reads: {}", read.join(", ")));
+    }
     problem(path, line, Some(key), message)
 }
 
