@@ -7,6 +7,8 @@ mod failover;
 mod lock;
 mod passthrough;
 mod registry;
+mod registry_schema;
 mod routing;
 mod sessions;
 mod tls;
+mod workbench;

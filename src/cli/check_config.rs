@@ -92,7 +92,8 @@ fn explain_address(config: &Config, node: &address::NodeAddress) -> String {
             format!("www-host-name from {}, {}", from("www-host-name"), port(named_port(name)))
         }
         AddressSource::LegacyNodes => {
-            format!("the legacy [nodes] entry that is an address of this machine, {}", port(named_port(&node.host)))
+            let entry = config.node.legacy_nodes.iter().find(|e| e.starts_with(&node.host)).map_or("", String::as_str);
+            format!("the legacy [nodes] entry {entry:?}, an address of this machine, {}", port(named_port(entry)))
         }
         AddressSource::WwwAddress => format!("www-address from {}", from("www-address")),
         AddressSource::HostName => "this machine's host name: set www-host-name to choose".into(),

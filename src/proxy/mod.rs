@@ -386,7 +386,8 @@ impl ProxyHttp for Router {
         }
         let (addr, tls, sni) = match ctx.route {
             Route::Local => match self.backend {
-                Some(b) => (b, self.config.node.backend_tls, String::new()),
+                // rustls needs a server name even unverified: the address.
+                Some(b) => (b, self.config.node.backend_tls, b.ip().to_string()),
                 None => return Err(status_error(503, "router node without a backend")),
             },
             // Peers are verified against their registered host (name or IP):
