@@ -12,3 +12,4 @@ mod routing;
 mod sessions;
 mod tls;
 mod workbench;
+mod workbench_doc;

@@ -23,28 +23,28 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/integration/fixture
 /// Where installed fixtures live: one `var` (the shared storage and, for
 /// fixture c, the key: what `/var/lib/rstudio-server` holds on every node)
 /// and one `/etc/rstudio` per node.
-struct Site {
+pub struct Site {
     tmp: tempfile::TempDir,
 }
 
 impl Site {
-    fn new() -> Site {
+    pub fn new() -> Site {
         let site = Site { tmp: tempfile::tempdir().unwrap() };
         fs::create_dir_all(site.var()).unwrap();
         site
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.tmp.path()
     }
 
-    fn var(&self) -> PathBuf {
+    pub fn var(&self) -> PathBuf {
         self.path().join("var-lib-rstudio-server")
     }
 
     /// Copy fixture `name` as node `node`'s `/etc/rstudio`, with its absolute
     /// paths moved into this site; secrets get mode 0600 (git keeps no modes).
-    fn install(&self, name: &str, node: &str) -> PathBuf {
+    pub fn install(&self, name: &str, node: &str) -> PathBuf {
         let etc = self.path().join(node).join("etc-rstudio");
         fs::create_dir_all(&etc).unwrap();
         for entry in fs::read_dir(Path::new(FIXTURES).join(name)).unwrap() {
@@ -64,7 +64,7 @@ impl Site {
 
 /// Set `key=value` lines of a Workbench file: in place where the key is,
 /// appended otherwise (as an admin edits it).
-fn set_keys(file: &Path, pairs: &[(&str, &str)]) {
+pub fn set_keys(file: &Path, pairs: &[(&str, &str)]) {
     let mut lines: Vec<String> = fs::read_to_string(file).unwrap().lines().map(str::to_string).collect();
     for (key, value) in pairs {
         let line = format!("{key}={value}");
@@ -77,15 +77,15 @@ fn set_keys(file: &Path, pairs: &[(&str, &str)]) {
 }
 
 /// The test database's coordinates, for a database.conf.
-struct Pg {
-    host: String,
-    port: u16,
-    user: String,
-    database: String,
+pub struct Pg {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: String,
 }
 
 impl Pg {
-    fn of(db: &TestDb) -> Pg {
+    pub fn of(db: &TestDb) -> Pg {
         let admin = PgConnectOptions::from_str(&admin_url()).unwrap();
         Pg {
             host: admin.get_host().to_string(),
@@ -96,7 +96,7 @@ impl Pg {
     }
 
     /// Where the server's Unix socket is (a socket works from any network namespace).
-    async fn socket_dir(db: &TestDb) -> PathBuf {
+    pub async fn socket_dir(db: &TestDb) -> PathBuf {
         let mut conn = PgConnection::connect(&db.url).await.unwrap();
         let dirs: String = sqlx::query_scalar("SHOW unix_socket_directories").fetch_one(&mut conn).await.unwrap();
         let dir = dirs.split(',').map(str::trim).find(|d| !d.is_empty() && d.starts_with('/'));
