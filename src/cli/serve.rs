@@ -75,9 +75,13 @@ fn apply_quick_start(config: &mut Config, state_dir: &Path, has_file: bool) -> R
     config.cluster.secure_cookie_key_file = dir.join("secure-cookie-key");
     config.cluster.shared_storage_path = dir.join("shared-storage");
     config.server.run_dir = dir.clone();
-    if !has_file {
+    // Without a file: loopback and the demo backend's port, unless a flag
+    // (--listen) or a Workbench directory said otherwise.
+    if !has_file && !config.sources.contains_key("www-address") {
         config.node.www_address = [127, 0, 0, 1].into();
         config.node.www_address_set = true;
+    }
+    if !has_file && !config.sources.contains_key("backend") {
         config.node.backend = Some("127.0.0.1:8788".into());
     }
     key::generate_if_missing(&config.cluster.secure_cookie_key_file).map_err(|e| {
