@@ -339,12 +339,12 @@ async fn list_nodes_orders_online_first_and_flags_versions_and_clock_skew() {
     first.proc.wait_exit(Duration::from_secs(20));
     // Another version on the third node, and a clock 5 s off on the second.
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    sqlx::query("UPDATE sessionlb_nodes SET version = '0.0.9' WHERE port = $1")
+    sqlx::query("UPDATE sessionlb.sessionlb_nodes SET version = '0.0.9' WHERE port = $1")
         .bind(i32::from(third.spec.port))
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE sessionlb_nodes SET clock_skew_ms = 5000 WHERE port = $1")
+    sqlx::query("UPDATE sessionlb.sessionlb_nodes SET clock_skew_ms = 5000 WHERE port = $1")
         .bind(i32::from(second.spec.port))
         .execute(&pool)
         .await

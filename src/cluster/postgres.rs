@@ -298,3 +298,19 @@ impl_registry!(
     now = "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)",
     keys_in_json = "(SELECT json_array_elements_text(CAST($1 AS json)))"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_hosts_lose_their_brackets_and_socket_directories_stay_sockets() {
+        // sqlx would look up "[::1]" as a host name.
+        let options = connect_options("postgres://rs@[::1]:5433/rstudio").unwrap();
+        assert_eq!((options.get_host(), options.get_port()), ("::1", 5433));
+        let options = connect_options("postgres://rs@localhost:5432/rstudio?host=%2Fvar%2Frun%2Fpostgresql").unwrap();
+        assert_eq!(options.get_socket().map(|p| p.display().to_string()), Some("/var/run/postgresql".into()));
+        let options = connect_options("postgres://r%40s@db:5432/work%20bench").unwrap();
+        assert_eq!((options.get_username(), options.get_database()), ("r@s", Some("work bench")));
+    }
+}
