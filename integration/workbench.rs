@@ -335,6 +335,20 @@ async fn current_workbench_directory_two_nodes_share_a_session_with_the_registry
         line(&shown, "# listen address:"),
         format!("# listen address: {listen2} (www-address: command line --listen; www-port: command line --listen)")
     );
+    // Workbench's password variable wins over database.conf, and says so.
+    let out = Command::new(SESSIONLB)
+        .args(["--config", toml2.to_str().unwrap(), "--rstudio-config", etc2, "--listen", &listen2, "check-config"])
+        .env("WORKBENCH_POSTGRES_PASSWORD", "from-the-environment")
+        .output()
+        .unwrap();
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(!shown.contains("from-the-environment"), "{shown}");
+    assert_eq!(
+        line(&shown, "# database password:"),
+        "# database password: set (from environment WORKBENCH_POSTGRES_PASSWORD)"
+    );
+    assert!(line(&shown, "database-password = \"***\" ").ends_with("# environment WORKBENCH_POSTGRES_PASSWORD"));
 
     // Two nodes, each in front of its demo backend on the internal port.
     let _backend_a = demo_backend(&site, "A", &format!("127.0.0.2:{b1}"), None);
