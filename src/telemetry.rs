@@ -70,7 +70,7 @@ pub fn create_diagnostics_file(dir: &Path) -> io::Result<(PathBuf, File)> {
     let mut last = None;
     for _ in 0..8 {
         let path = dir.join(format!("sessionlb-diagnostics-{}-{:016x}.log", std::process::id(), rand::random::<u64>()));
-        match OpenOptions::new().write(true).append(true).create_new(true).mode(0o600).open(&path) {
+        match OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path) {
             Ok(file) => return Ok((path, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
             Err(e) => return Err(e),
