@@ -127,6 +127,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// The node serves TLS (`ssl-enabled` in `extra`): its URLs are https.
     pub tls: bool,
+    /// Extra environment of the process (e.g. `LD_PRELOAD` of libfaketime).
+    pub env: Vec<(String, String)>,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -158,6 +160,7 @@ impl ClusterFixture {
             key_file: self.key_file.clone(),
             extra: String::new(),
             tls: false,
+            env: Vec::new(),
         }
     }
 
@@ -193,6 +196,7 @@ impl ClusterFixture {
         let config = self.write_config(spec);
         let mut cmd = Command::new(SESSIONLB);
         cmd.arg("--config").arg(&config).arg("serve").env("NO_COLOR", "1");
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));
         let proc = Proc::spawn(&format!("node {}:{}", spec.ip, spec.port), cmd, log);
         Node { proc, spec: spec.clone(), config }
