@@ -953,3 +953,71 @@ fn contended_lock_rounds_by_8_processes() {
     contended_lock_rounds("linkbased", 8, rounds_each);
     contended_lock_rounds("advisory", 8, rounds_each);
 }
+
+/// Node C runs in a network namespace of its own (its backend too), joined
+/// to the host by a veth pair; A, B and PostgreSQL listen on the host side
+/// of that link. Taking the link down cuts C off from everything (the
+/// client, its peers, the database) at once; then it is healed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "recorded fault run: scripts/faults.sh"]
+async fn one_node_cut_off_by_its_network_link_then_healed() {
+    use crate::common::node::{Backend, ClusterFixture, DEMO_BACKEND, Proc};
+    let ns = crate::common::netns::Netns::create();
+    let mut pg = ThrowawayPostgres::start();
+    pg.listen_also(&ns.host_ip, &format!("{}/24", ns.host_ip));
+    let url = format!("postgres://postgres@{}:{}/postgres", ns.host_ip, pg.port);
+    let fx = ClusterFixture::new(&url);
+    let mut backends = vec![Backend::start(fx.path(), "A").await, Backend::start(fx.path(), "B").await];
+    // C's backend inside the namespace, on its loopback.
+    let c_backend_port = 20_000 + rand::random::<u16>() % 20_000;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, DEMO_BACKEND]).args([
+        "--listen",
+        &format!("127.0.0.1:{c_backend_port}"),
+        "--name",
+        "C",
+    ]);
+    let c_proc = Proc::spawn("backend C (namespace)", cmd, fx.path().join("backend-C.log"));
+    crate::common::eventually_sync(Duration::from_secs(20), "backend C in the namespace", || {
+        (ns.curl(&format!("http://127.0.0.1:{c_backend_port}/")).0 == 200).then_some(())
+    });
+    backends.push(Backend {
+        proc: c_proc,
+        addr: format!("127.0.0.1:{c_backend_port}").parse().unwrap(),
+        name: "C".into(),
+    });
+    let mut specs = vec![fx.spec(&ns.host_ip, Some(backends[0].addr)), fx.spec(&ns.host_ip, Some(backends[1].addr))];
+    let mut c = fx.spec("127.0.0.1", Some(backends[2].addr));
+    c.ip = ns.ns_ip.clone();
+    c.port = 20_000 + rand::random::<u16>() % 20_000;
+    c.netns = Some(ns.name.clone());
+    specs.push(c);
+    let mut nodes: Vec<_> = specs.iter().map(|s| fx.spawn(s)).collect();
+    for node in &mut nodes {
+        node.wait_healthy().await;
+    }
+    let registry =
+        sessionlb::cluster::connect(&sessionlb::config::DatabaseUrl::parse(&url).unwrap(), Duration::from_millis(50))
+            .await
+            .unwrap();
+    // The cluster's database is the throwaway server's; `db` is unused.
+    let cluster = Cluster { nodes, router: None, backends, registry, fx, db: crate::common::db::TestDb::sqlite() };
+    cluster.wait_converged().await;
+    let mut load = Load::prepare(&cluster).await;
+    load.start();
+    tokio::time::sleep(span(3, 10)).await;
+    let at = Instant::now();
+    ns.set_link(false);
+    tokio::time::sleep(span(10, 20)).await;
+    ns.set_link(true);
+    let healed = Instant::now();
+    tokio::time::sleep(span(10, 20)).await;
+    let samples = load.stop().await;
+    let fault = Fault::node(2, at, Some(healed));
+    let case =
+        format!("node C cut off (its side of the veth link down) for {} s, then healed", (healed - at).as_secs());
+    report(&case, &cluster, &load, &samples, &fault, None).await;
+    drop(cluster);
+    drop(pg);
+    drop(ns);
+}
