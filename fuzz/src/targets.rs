@@ -272,10 +272,10 @@ pub fn forward_header(data: &[u8]) {
     }
     let mut input = Input::new(data);
     let sender: NodeId = 1 + NodeId::from(input.byte() % 4); // 4 is no node
-    let target: NodeId = if input.byte() % 4 == 0 { 3 } else { ME };
+    let target: NodeId = if input.byte().is_multiple_of(4) { 3 } else { ME };
     let skew = i64::from(input.u32() % 120_001) - 60_000;
     let key = input.text(160);
-    let user = Some(input.text(64)).filter(|_| input.byte() % 2 == 0);
+    let user = Some(input.text(64)).filter(|_| input.byte().is_multiple_of(2));
     let signed = forward::sign(&KEY, sender, target, NOW_MS + skew, &key, user.as_deref(), &REQUEST);
     let expected = if target != ME {
         Err(ForwardRejection::WrongTarget)
