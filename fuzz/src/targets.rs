@@ -138,28 +138,21 @@ pub fn toml_config(data: &[u8]) {
 /// Files of a Workbench directory, in the order the input gives them.
 const WORKBENCH_FILES: [&str; 4] = ["load-balancer", "rserver.conf", "file-locks", "database.conf"];
 
-/// A directory per process for the Workbench files.
-static WORKBENCH_DIR: LazyLock<tempfile::TempDir> =
-    LazyLock::new(|| tempfile::Builder::new().prefix("sessionlb-fuzz-rstudio").tempdir().unwrap());
-
 /// The Workbench directory reader (`--rstudio-config`): the input is split
 /// at NUL bytes into `load-balancer`, `rserver.conf`, `file-locks` and
 /// `database.conf` (fewer parts: the later files are absent), written to a
 /// directory and read with `Config::load`, as `serve` does.
 pub fn workbench_files(data: &[u8]) {
-    let dir = WORKBENCH_DIR.path();
+    // A fresh directory per input, removed afterwards (nothing left behind).
+    let temp = tempfile::Builder::new().prefix("sessionlb-fuzz-rstudio").tempdir().unwrap();
+    let dir = temp.path();
     let mut parts = data.splitn(WORKBENCH_FILES.len(), |b| *b == 0);
     let mut contents: Vec<(std::path::PathBuf, &[u8])> = Vec::new();
     for name in WORKBENCH_FILES {
         let path = dir.join(name);
-        match parts.next() {
-            Some(part) => {
-                std::fs::write(&path, part).unwrap();
-                contents.push((path, part));
-            }
-            None => {
-                let _ = std::fs::remove_file(&path);
-            }
+        if let Some(part) = parts.next() {
+            std::fs::write(&path, part).unwrap();
+            contents.push((path, part));
         }
     }
     let files: Vec<&Path> = contents.iter().map(|(p, _)| p.as_path()).collect();
