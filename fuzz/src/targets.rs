@@ -143,8 +143,11 @@ const WORKBENCH_FILES: [&str; 4] = ["load-balancer", "rserver.conf", "file-locks
 /// `database.conf` (fewer parts: the later files are absent), written to a
 /// directory and read with `Config::load`, as `serve` does.
 pub fn workbench_files(data: &[u8]) {
-    // A fresh directory per input, removed afterwards (nothing left behind).
-    let temp = tempfile::Builder::new().prefix("sessionlb-fuzz-rstudio").tempdir().unwrap();
+    // A fresh directory per input, removed afterwards (nothing left behind);
+    // in memory where there is /dev/shm (a disk costs most of the time here).
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let temp = tempfile::Builder::new().prefix("sessionlb-fuzz-rstudio").tempdir_in(base).unwrap();
     let dir = temp.path();
     let mut parts = data.splitn(WORKBENCH_FILES.len(), |b| *b == 0);
     let mut contents: Vec<(std::path::PathBuf, &[u8])> = Vec::new();
