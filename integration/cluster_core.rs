@@ -392,7 +392,18 @@ async fn diagnostics_go_to_stderr_or_a_temp_file() {
                 .await
             }
             _ => {
-                let file = std::env::temp_dir().join(format!("sessionlb-diagnostics-{pid}.log"));
+                // `sessionlb-diagnostics-<pid>-<random>.log` in the temp folder.
+                let prefix = format!("sessionlb-diagnostics-{pid}-");
+                let file = eventually(Duration::from_secs(5), "the diagnostics file", || async {
+                    std::fs::read_dir(std::env::temp_dir())
+                        .ok()?
+                        .flatten()
+                        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .map(|e| e.path())
+                })
+                .await;
+                let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+                assert_eq!(mode & 0o777, 0o600, "the diagnostics file is private: {}", file.display());
                 let text = eventually(Duration::from_secs(5), "a routing event in the diagnostics file", || async {
                     std::fs::read_to_string(&file).ok().filter(|t| t.contains("routed"))
                 })

@@ -4,6 +4,8 @@
 mod cluster_core;
 mod common;
 mod failover;
+mod faults;
+mod fuzz_corpus;
 mod lock;
 mod passthrough;
 mod registry;
