@@ -144,8 +144,9 @@ impl Reader {
     /// (`"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`). `min` is inclusive.
     pub fn duration(&mut self, key: &str, default: Duration, min: Duration) -> Duration {
         let expected = format!(
-            "a duration of at least {} (seconds as a number, or a string like \"500ms\", \"30s\", \"5m\", \"2h\")",
-            humanize(min)
+            "a duration of at least {} and at most {} (seconds as a number, or a string like \"500ms\", \"30s\", \"5m\", \"2h\")",
+            humanize(min),
+            humanize(MAX_DURATION)
         );
         self.get(key, default, |v| parse_duration(v).filter(|d| *d >= min).ok_or(expected))
     }
@@ -153,7 +154,10 @@ impl Reader {
     /// A duration that is a whole number of seconds (for settings that
     /// Pingora counts in seconds: a fraction would be silently dropped).
     pub fn whole_seconds(&mut self, key: &str, default: Duration) -> Duration {
-        let expected = "a whole number of seconds (a number, or a string like \"5s\", \"2m\")".to_string();
+        let expected = format!(
+            "a whole number of seconds, at most {} (a number, or a string like \"5s\", \"2m\")",
+            humanize(MAX_DURATION)
+        );
         self.get(key, default, |v| parse_duration(v).filter(|d| d.subsec_nanos() == 0).ok_or(expected))
     }
 
@@ -235,9 +239,16 @@ pub fn text(v: &RawValue) -> Option<&str> {
     }
 }
 
-/// Parse a duration value (see [`Reader::duration`]).
+/// The longest duration any setting accepts (ten years): longer ones are
+/// mistakes, and deadlines computed from them (`Instant + d`) would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Parse a duration value (see [`Reader::duration`]); `None` for anything
+/// that is not a duration from 0 to [`MAX_DURATION`].
 pub fn parse_duration(v: &RawValue) -> Option<Duration> {
-    let secs = |x: f64| (x.is_finite() && x >= 0.0).then(|| Duration::from_secs_f64(x));
+    // `try_from_secs_f64` refuses NaN, negative and overflowing values
+    // (`from_secs_f64` panics on `1e20`): a huge value is a configuration error.
+    let secs = |x: f64| Duration::try_from_secs_f64(x).ok().filter(|d| *d <= MAX_DURATION);
     match v {
         RawValue::Int(n) => secs(*n as f64),
         RawValue::Float(x) => secs(*x),

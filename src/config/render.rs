@@ -10,8 +10,10 @@ use std::time::Duration;
 use super::Config;
 use super::reader::humanize;
 
+/// A TOML basic string (the toml crate's own escaping: Rust's `{:?}`
+/// escapes such as `\u{1}` are not TOML).
 fn q(s: &str) -> String {
-    format!("{s:?}")
+    toml::Value::String(s.to_string()).to_string()
 }
 
 fn p(p: &Path) -> String {

@@ -566,3 +566,22 @@ fn shutdown_durations_are_whole_seconds() {
     let c = parse("grace-period = \"2m\"\nshutdown-timeout = 0\n").unwrap();
     assert_eq!((c.server.grace_period, c.server.shutdown_timeout), (Duration::from_secs(120), Duration::ZERO));
 }
+
+#[test]
+fn huge_durations_are_configuration_errors_not_panics() {
+    // `Duration::from_secs_f64` panics on these (issue 11, hole 6).
+    for (line, value) in [(2, "1e20"), (2, "\"100000000000000000000s\""), (2, "1.8e19")] {
+        let p = problems(&format!("# huge\ntimeout = {value}\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        let text = p[0].to_string();
+        assert!(text.starts_with(&format!("/etc/sessionlb/sessionlb.toml:{line}: `timeout`")), "{text}");
+    }
+}
+
+#[test]
+fn rendered_strings_with_control_characters_parse_back_as_toml() {
+    let c = parse("server-shared-storage-path = \"/srv/shared\\u0001\\u0000\"\n").unwrap();
+    let rendered = c.render();
+    let parsed: toml::Table = toml::from_str(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
+    assert_eq!(parsed["server-shared-storage-path"].as_str(), Some("/srv/shared\u{1}\u{0}"));
+}
