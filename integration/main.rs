@@ -4,10 +4,15 @@
 mod cluster_core;
 mod common;
 mod failover;
+mod faults;
+mod fuzz_corpus;
 mod lock;
 mod passthrough;
 mod pins;
 mod registry;
+mod registry_schema;
 mod routing;
 mod sessions;
 mod tls;
+mod workbench;
+mod workbench_doc;

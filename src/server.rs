@@ -75,7 +75,7 @@ pub fn serve(config: Config, reload: Option<Reload>) -> Result<(), ServeError> {
 /// [`serve`] with an injected resolver.
 pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Reload>) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let listen = format!("{}:{}", config.node.www_address, config.node.www_port);
+    let listen = config.listen_address().to_string();
     // Fail early and clearly if the port is taken (Pingora would exit later).
     TcpListener::bind(&listen).map_err(|source| ServeError::Listen { address: listen.clone(), source })?;
     let backend = resolve_backend(config.node.backend.as_deref())?;
@@ -98,7 +98,7 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let url = config.cluster.database.redacted();
     let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
-        .block_on(cluster::connect(&database, config.cluster.poll_interval))
+        .block_on(cluster::connect_with(&database, &cluster::RegistryOptions::from_config(&config)))
         .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 

@@ -136,8 +136,10 @@ pub struct NodeSpec {
     pub extra: String,
     /// The node serves TLS (`ssl-enabled` in `extra`): its URLs are https.
     pub tls: bool,
-    /// Environment variables of the process.
+    /// Extra environment of the process (e.g. `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
+    /// Run the node inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -170,6 +172,7 @@ impl ClusterFixture {
             extra: String::new(),
             tls: false,
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -203,7 +206,15 @@ impl ClusterFixture {
     /// Start `sessionlb serve` for `spec` (without waiting for it).
     pub fn spawn(&self, spec: &NodeSpec) -> Node {
         let config = self.write_config(spec);
-        let mut cmd = Command::new(SESSIONLB);
+        let mut cmd = match &spec.netns {
+            // `ip netns exec` execs the command: the child's pid is the node's.
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, SESSIONLB]);
+                cmd
+            }
+            None => Command::new(SESSIONLB),
+        };
         cmd.arg("--config").arg(&config).arg("serve").env("NO_COLOR", "1");
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));

@@ -6,6 +6,9 @@
 //! `/s/<key>/` URL, and `/s/<key>/...` answers 200 only for keys this
 //! backend minted (404 otherwise), as a real IDE server would.
 //!
+//! With `--tls-cert FILE --tls-key FILE` it serves https (as rserver with
+//! `ssl-enabled=1` does).
+//!
 //! Routes: `/` and `/s/<key>/...` (text), `/new-session`, `/headers` (the
 //! request headers as JSON), `/ws` and `/s/<key>/ws` (WebSocket echo, first
 //! message `hello from <name>`), `/sse?events=N&interval_ms=M`,
@@ -278,20 +281,54 @@ async fn fallback(State(s): State<Shared>, req: Request) -> Response {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: sessionlb-demo-backend --listen ADDR:PORT --name NAME [--secure-cookie-key-file PATH]");
+    eprintln!(
+        "usage: sessionlb-demo-backend --listen ADDR:PORT --name NAME [--secure-cookie-key-file PATH] [--tls-cert FILE --tls-key FILE]"
+    );
     std::process::exit(64)
+}
+
+/// Serve `app` over TLS with the certificate chain and key in these PEM files.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, cert: &str, key: &str) {
+    use pingora::tls::{ServerConfig, TlsAcceptor, load_certs_and_key_files};
+    let (chain, private) = match load_certs_and_key_files(cert, key) {
+        Ok(Some(pair)) => pair,
+        other => {
+            eprintln!("cannot read --tls-cert {cert} / --tls-key {key}: {other:?}");
+            std::process::exit(1)
+        }
+    };
+    pingora::tls::install_default_crypto_provider();
+    let config = ServerConfig::builder().with_no_client_auth().with_single_cert(chain, private).unwrap_or_else(|e| {
+        eprintln!("--tls-key does not go with --tls-cert: {e}");
+        std::process::exit(1)
+    });
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 fn main() {
     let mut listen: Option<SocketAddr> = None;
     let mut name = String::from("backend");
     let mut key_file: Option<String> = None;
+    let (mut tls_cert, mut tls_key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().and_then(|v| v.parse().ok()).or_else(|| usage()),
             "--name" => name = args.next().unwrap_or_else(|| usage()),
             "--secure-cookie-key-file" => key_file = Some(args.next().unwrap_or_else(|| usage())),
+            "--tls-cert" => tls_cert = Some(args.next().unwrap_or_else(|| usage())),
+            "--tls-key" => tls_key = Some(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -329,7 +366,16 @@ fn main() {
             eprintln!("cannot listen on {listen}: {e}");
             std::process::exit(1)
         });
-        eprintln!("demo backend listening on {listen}");
-        axum::serve(listener, app).await.expect("server");
+        match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => {
+                eprintln!("demo backend listening on {listen} (https)");
+                serve_tls(listener, app, &cert, &key).await;
+            }
+            (None, None) => {
+                eprintln!("demo backend listening on {listen}");
+                axum::serve(listener, app).await.expect("server");
+            }
+            _ => usage(),
+        }
     });
 }

@@ -31,7 +31,7 @@ pub struct ModeArgs {
 
 async fn registry(config: &Config) -> anyhow::Result<Arc<dyn Registry>> {
     let database = config.registry_url().map_err(anyhow::Error::msg)?;
-    cluster::connect(&database, config.cluster.poll_interval)
+    cluster::connect_with(&database, &cluster::RegistryOptions::from_config(config))
         .await
         .with_context(|| format!("connecting to the registry at {}", config.cluster.database.redacted()))
 }

@@ -16,5 +16,5 @@ pub mod sync;
 pub mod view;
 
 pub use model::*;
-pub use registry::{NewSession, Registry, RegistryError, connect};
+pub use registry::{NewSession, Registry, RegistryError, RegistryOptions, connect, connect_with};
 pub use view::ClusterView;

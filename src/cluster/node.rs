@@ -77,7 +77,7 @@ pub async fn start(
         .await?;
     tracing::info!(node_id = id, node = %format!("{host}:{port}"), "node registered (Starting)");
 
-    let key = match SecureKey::load(&config.cluster.secure_cookie_key_file) {
+    let key = match config.secure_key() {
         Ok(key) => key,
         Err(source) => {
             let status = match source {

@@ -7,6 +7,8 @@
 //!   for JSON): every node, its sessions and, separately, the anonymous pins
 //!   it issued recently, gathered from all nodes; readable only from
 //!   loopback and cluster node addresses (403 otherwise).
+//!   Load is shown as a fraction of the node's total CPU (load average ÷
+//!   CPUs); the JSON form has the raw load averages and CPU count too.
 //! - `GET /load-balancer/node-info`: one node's own report, for the status
 //!   page of another node; requires a valid signed node-to-node header.
 
@@ -268,6 +270,7 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
                     "version": n.version,
                     "load": info.map_or(n.load, |i| i.load),
                     "cpus": info.map_or(n.cpus, |i| i.cpus),
+                    "load_per_cpu": load::per_cpu(info.map_or(n.load, |i| i.load), info.map_or(n.cpus, |i| i.cpus)),
                     "backend_up": info.map(|i| i.backend_up),
                     "in_flight": info.map(|i| i.in_flight),
                     "counters": info.map(|i| &i.counters),
@@ -295,8 +298,10 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         } else if n.offline_mode {
             marker = " (offline)";
         }
-        let l = info.map_or(n.load, |i| i.load);
-        text.push_str(&format!("{}{marker}  Load: {}, {}, {}\n", n.address(), l[0], l[1], l[2]));
+        // As the admin guide shows it: a fraction of the node's total CPU.
+        let l = load::per_cpu(info.map_or(n.load, |i| i.load), info.map_or(n.cpus, |i| i.cpus));
+        let [a, b, c] = l.map(load::format_fraction);
+        text.push_str(&format!("{}{marker}  Load: {a}, {b}, {c}\n", n.address()));
         for s in sessions.iter().filter(|s| s.record.node_id == Some(n.id)) {
             text.push_str(&format!(
                 "   {} - {}\n",

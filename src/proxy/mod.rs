@@ -477,7 +477,8 @@ impl ProxyHttp for Router {
         }
         let (addr, tls, sni) = match ctx.route {
             Route::Local => match self.backend {
-                Some(b) => (b, false, String::new()),
+                // rustls needs a server name even unverified: the address.
+                Some(b) => (b, self.config.node.backend_tls, b.ip().to_string()),
                 None => return Err(status_error(503, "router node without a backend")),
             },
             // Peers are verified against their registered host (name or IP):
@@ -498,8 +499,11 @@ impl ProxyHttp for Router {
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.tcp_keepalive = Some(tcp_keepalive());
         if tls {
-            peer.options.verify_cert = self.config.proxy.verify_ssl_certs;
-            peer.options.verify_hostname = self.config.proxy.verify_ssl_certs;
+            // The local backend (rserver serving https) runs on this node:
+            // its certificate, made for the public name, is not checked.
+            let verify = matches!(ctx.route, Route::Peer { .. }) && self.config.proxy.verify_ssl_certs;
+            peer.options.verify_cert = verify;
+            peer.options.verify_hostname = verify;
         }
         Ok(Box::new(peer))
     }
