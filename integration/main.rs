@@ -8,5 +8,6 @@ mod lock;
 mod passthrough;
 mod registry;
 mod routing;
+mod scale_smoke;
 mod sessions;
 mod tls;
