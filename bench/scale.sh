@@ -2,7 +2,7 @@
 # Cluster scale (issue 12): NODES real `sessionlb serve` processes on
 # 127.0.0.x, each in front of a demo backend of its own (or one shared),
 # sharing a PostgreSQL of this script's own (initdb into a temporary
-# directory, raised max_connections, pg_stat_statements, commit timestamps), measured by
+# directory, raised max_connections, pg_stat_statements), measured by
 # examples/scale_driver:
 #
 #   1. start-up of every node on an empty registry;
@@ -15,10 +15,12 @@
 #      through random nodes (answers must come from their node's backend);
 #      placement latency p50/p99 and placements/s, notification lag p50/p99
 #      on OBSERVERS nodes that get no traffic, CPU/RSS/connections under it;
-#   4. bulk load up to SESSIONS sessions (each row announced like a
+#   4. the broadcast cost: NOTIFY changes written straight into the registry
+#      at RATE/s, CPU per notification per node and in PostgreSQL;
+#   5. bulk load up to SESSIONS sessions (each row announced like a
 #      placement), time until every node holds them, memory per session;
-#   5. at rest again, with SESSIONS sessions;
-#   6. one more node joins the cluster that holds SESSIONS sessions: time
+#   6. at rest again, with SESSIONS sessions;
+#   7. one more node joins the cluster that holds SESSIONS sessions: time
 #      from process start until it answers, holds them all, and routes.
 #
 # Usage (from anywhere; paths are relative to the repository root):
@@ -28,14 +30,18 @@
 #
 # Settings (environment):
 #   NODES=50             sessionlb nodes, at 127.0.0.FIRST_HOST+1 …
-#   SESSIONS=100000      sessions in the registry for phases 4-6
-#   RATE=200             storm: new users per second (open loop)
+#   SESSIONS=100000      sessions in the registry for phases 5-7
+#   RATE=200             storm: new users per second (open loop); notify: changes per second
 #   STORM=30             storm: seconds
 #   BUSY=500             storm: sessions kept busy
 #   BUSY_INTERVAL_MS=1000  storm: one request per busy session per this
 #   OBSERVERS=2          storm: nodes watched for notification lag (no traffic)
 #   POLL_MS=5            storm: observers' /health poll period
 #   REST=20              seconds of each at-rest measurement
+#   NOTIFY=2000          notify: sessions written one per transaction at RATE/s straight
+#                        into the registry (after the same time idle): CPU per change notification
+#   PHASES="rest storm notify bulk rest-full join"   which phases run, in this order (a
+#                        subset for experiments, e.g. PHASES=rest with EXTRA_CONFIG)
 #   BACKENDS=per-node    per-node (stickiness checked by x-backend) | shared
 #   NODE_THREADS=1       Pingora threads per node (`threads`)
 #   EXTRA_CONFIG=""      extra top-level lines for every node's sessionlb.toml
@@ -45,7 +51,7 @@
 #   PG_MAX_CONNECTIONS=1000  PG_OPTS=""  (more `-c name=value` for the postmaster)
 #   QUIET_TIMEOUT=0      seconds to wait for a quiet machine first (0 = just report the load)
 #   SKIP_BUILD=0 BINARIES=DIR KEEP_BINARIES=DIR   as in e2e.sh (see prepare_binaries in lib.sh)
-#   OUT=bench/results/scale-<date>   summary.md, results.json, per-phase JSON, node logs
+#   OUT=bench/results/scale-<date>   summary.md, results.json, per-phase JSON, node and PostgreSQL logs
 #
 # Every process is started here and stopped by PID on exit (also on
 # Ctrl-C); the PostgreSQL server is stopped with pg_ctl and its directory
@@ -70,6 +76,8 @@ PORT=${PORT:-19787}
 BACKEND_PORT=${BACKEND_PORT:-19788}
 PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-1000}
 PG_OPTS=${PG_OPTS:-}
+PHASES=${PHASES:-"rest storm notify bulk rest-full join"}
+NOTIFY=${NOTIFY:-2000}
 QUIET_TIMEOUT=${QUIET_TIMEOUT:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -117,8 +125,7 @@ AT_EXIT+=("${PG_RUN[*]} $PG_BIN/pg_ctl -D $PGDIR/data -m fast -w stop >/dev/null
 # shellcheck disable=SC2086 # PG_OPTS is a list of options
 "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w -o "-p $PG_PORT -k $PGDIR \
 	-c listen_addresses=127.0.0.1 -c max_connections=$PG_MAX_CONNECTIONS \
-	-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000 -c track_commit_timestamp=on \
-	$PG_OPTS" start >/dev/null ||
+	-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000 $PG_OPTS" start >/dev/null ||
 	die "PostgreSQL did not start: $(tail -20 "$PGDIR/server.log")"
 PG_PID=$(head -1 "$PGDIR/data/postmaster.pid")
 PG_ADMIN=postgres://postgres@127.0.0.1:$PG_PORT/postgres
@@ -252,20 +259,36 @@ driver() {
 } >"$MD"
 cp "$WORK/startup.txt" "$OUT/startup.txt"
 
-driver rest-empty rest --label "empty registry" --seconds "$REST"
-driver storm storm --rate "$RATE" --duration "$STORM" --busy "$BUSY" --busy-interval-ms "$BUSY_INTERVAL_MS" \
-	--observers "$OBSERVERS" --poll-ms "$POLL_MS" --run "u$(date +%s)" "${PER_NODE_FLAG[@]}"
-driver bulk bulk --total "$SESSIONS"
-driver rest-full rest --label "$SESSIONS sessions" --seconds "$REST"
-
-# A node joins the cluster that holds SESSIONS sessions (its backend is
+# join: a node joins the cluster that holds the sessions (its backend is
 # started first, so that only the node's own start-up is timed).
-JOIN=$((NODES + 1))
-start_backend_of "$JOIN"
-[[ $BACKENDS == shared ]] || wait_health "backend-$(name_of $JOIN)" "http://$(backend_of $JOIN)/bench" 10
-start_node "$JOIN"
-started_us=${NODE_T0[$JOIN]/./}
-driver join join --join-node "$(name_of $JOIN)" --started-ns "${started_us}000" --sessions "$SESSIONS"
+join_phase() {
+	local want started_us
+	JOIN=$((NODES + 1))
+	start_backend_of "$JOIN"
+	[[ $BACKENDS == shared ]] || wait_health "backend-$(name_of $JOIN)" "http://$(backend_of $JOIN)/bench" 10
+	want=$(psql -X -Atq -d "$PG_REGISTRY" -c 'SELECT count(*) FROM sessionlb_sessions')
+	start_node "$JOIN"
+	started_us=${NODE_T0[$JOIN]/./}
+	driver join join --join-node "$(name_of $JOIN)" --started-ns "${started_us}000" --sessions "$want"
+}
+
+JOIN=$NODES
+DONE=()
+for phase in $PHASES; do
+	case $phase in
+	rest) driver rest-empty rest --label "empty registry" --seconds "$REST" ;;
+	storm)
+		driver storm storm --rate "$RATE" --duration "$STORM" --busy "$BUSY" --busy-interval-ms "$BUSY_INTERVAL_MS" \
+			--observers "$OBSERVERS" --poll-ms "$POLL_MS" --run "u$(date +%s)" "${PER_NODE_FLAG[@]}"
+		;;
+	notify) driver notify notify --rate "$RATE" --count "$NOTIFY" ;;
+	bulk) driver bulk bulk --total "$SESSIONS" ;;
+	rest-full) driver rest-full rest --label "$SESSIONS sessions" --seconds "$REST" ;;
+	join) join_phase ;;
+	*) die "unknown phase $phase (rest storm notify bulk rest-full join)" ;;
+	esac
+	DONE+=("$phase")
+done
 
 # ---------------------------------------------------------------- results
 
@@ -273,7 +296,9 @@ driver join join --join-node "$(name_of $JOIN)" --started-ns "${started_us}000" 
 	echo
 	echo "Machine load (1/5/15 min) at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >>"$MD"
-jq -s 'reduce .[] as $p ({}; . + $p)' <(for f in rest-empty storm bulk rest-full join; do
+jq -s 'reduce .[] as $p ({}; . + $p)' <(for phase in "${DONE[@]}"; do
+	f=$phase
+	[[ $phase == rest ]] && f=rest-empty
 	jq --arg k "$f" '{($k): .}' "$OUT/$f.json"
 done) >"$OUT/results.json"
 # Warnings and errors the nodes logged (their logs go with WORK).
@@ -285,4 +310,5 @@ for ((i = 1; i <= JOIN; i++)); do
 	fi
 done >"$OUT/node-logs.txt"
 [[ -s $OUT/node-logs.txt ]] || rm -f "$OUT/node-logs.txt"
+cp "$PGDIR/server.log" "$OUT/postgres.log"
 log "summary: $MD; figures: $OUT/results.json"

@@ -2,7 +2,8 @@
 //! 5 nodes: it must run end to end on this checkout's debug binaries, and
 //! what it reports must be consistent — every new user placed exactly once,
 //! every busy request answered by its session's node, every placement seen
-//! by the observer nodes, every node connected to PostgreSQL, the bulk load
+//! by the observer nodes, every node connected to PostgreSQL, changes written
+//! straight into the registry reaching every node, the bulk load
 //! absorbed by every node, and the joining node routing a bulk user with no
 //! placement. Figures (latencies, memory) are benchmarks, not asserted here.
 
@@ -38,6 +39,7 @@ fn scale_harness_runs_at_five_nodes_and_reports_consistent_figures() {
         .env("BUSY_INTERVAL_MS", "250")
         .env("OBSERVERS", "1")
         .env("REST", "2")
+        .env("NOTIFY", "40")
         .env("QUIET_TIMEOUT", "0")
         // Free ports, so that runs of other checkouts do not collide.
         .env("PORT", free_port("127.0.0.1").to_string())
@@ -73,13 +75,16 @@ fn scale_harness_runs_at_five_nodes_and_reports_consistent_figures() {
     // The observer learned of every placement.
     assert_eq!(n("storm.notification_unseen"), 0.0, "{summary}");
     assert_eq!(n("storm.notification_lag.n"), users);
+    // Changes written straight into the registry reached every node.
+    assert_eq!(n("notify.count"), 40.0);
+    assert_eq!(n("notify.nodes_behind"), 0.0, "{summary}");
     // Every node absorbed the bulk load; the joining node holds it and routes by it.
     assert_eq!(n("bulk.sessions_after"), sessions as f64);
     assert_eq!(n("rest-full.view_sessions.min"), sessions as f64, "{summary}");
     assert!(n("join.sessions") >= sessions as f64);
     assert_eq!(get("join.routed_ok"), &serde_json::json!(true), "{summary}");
     assert_eq!(n("join.placements_on_join_node"), 0.0);
-    for section in ["Placement storm", "At rest: empty registry", "Bulk load", "joins a cluster"] {
+    for section in ["Placement storm", "At rest: empty registry", "Broadcast cost", "Bulk load", "joins a cluster"] {
         assert!(summary.contains(section), "summary.md lacks {section:?}:\n{summary}");
     }
 }

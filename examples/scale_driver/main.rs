@@ -9,6 +9,7 @@
 //! ```text
 //! scale_driver [COMMON] rest  --label TEXT --seconds S
 //! scale_driver [COMMON] storm --rate R --duration S --busy M --busy-interval-ms I --observers K --poll-ms P
+//! scale_driver [COMMON] notify --rate 200 --count 2000
 //! scale_driver [COMMON] bulk  --total N [--chunk C]
 //! scale_driver [COMMON] join  --join-node NAME --started-ns T --user bulk-7
 //! ```
@@ -104,6 +105,13 @@ enum Phase {
         #[arg(long)]
         per_node_backends: bool,
     },
+    /// Changes written one at a time straight into the registry: CPU per notification.
+    Notify {
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+    },
     /// Fill the registry up to `total` sessions and time their absorption.
     Bulk {
         #[arg(long)]
@@ -165,6 +173,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .run(&mut registry)
             .await?
+        }
+        Phase::Notify { rate, count } => {
+            anyhow::ensure!(rate > 0.0 && count > 0, "--rate and --count must be positive");
+            phases::notify(&procs(nodes), &mut registry, rate, count).await?
         }
         Phase::Bulk { total, chunk } => phases::bulk(&procs(nodes), &mut registry, &mut monitor, total, chunk).await?,
         Phase::Join { join_node, started_ns, sessions, user } => {

@@ -27,26 +27,75 @@ impl Connections {
     }
 }
 
+/// Calls of one statement and the time PostgreSQL spent executing them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stat {
+    pub calls: u64,
+    pub ms: f64,
+}
+
+/// What one statement did between two moments.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    pub query: String,
+    pub calls: u64,
+    pub ms: f64,
+}
+
 /// Counters of the registry database at one moment.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
-    /// Statement calls by normalised query text.
-    pub statements: BTreeMap<String, u64>,
+    /// By normalised query text.
+    pub statements: BTreeMap<String, Stat>,
     pub xacts: u64,
 }
 
 impl Counters {
-    /// Statement calls since `before`, most frequent first.
-    pub fn calls_since(&self, before: &Counters) -> Vec<(String, u64)> {
-        let mut d: Vec<(String, u64)> = self
+    /// Statements run since `before`, most frequent first.
+    pub fn since(&self, before: &Counters) -> Vec<Delta> {
+        let mut d: Vec<Delta> = self
             .statements
             .iter()
-            .map(|(q, n)| (q.clone(), n.saturating_sub(before.statements.get(q).copied().unwrap_or(0))))
-            .filter(|(_, n)| *n > 0)
+            .map(|(q, s)| {
+                let b = before.statements.get(q).copied().unwrap_or_default();
+                Delta { query: q.clone(), calls: s.calls.saturating_sub(b.calls), ms: (s.ms - b.ms).max(0.0) }
+            })
+            .filter(|d| d.calls > 0)
             .collect();
-        d.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        d.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.query.cmp(&b.query)));
         d
     }
+}
+
+/// `"query" N/s` for the `n` most frequent, then the `n` that took most time.
+pub fn describe(deltas: &[Delta], secs: f64, n: usize) -> String {
+    let by_calls =
+        deltas.iter().take(n).map(|d| format!("`{}` {:.1}/s", d.query, d.calls as f64 / secs)).collect::<Vec<_>>();
+    let mut by_time: Vec<&Delta> = deltas.iter().collect();
+    by_time.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let by_time = by_time
+        .iter()
+        .take(n.min(3))
+        .map(|d| format!("`{}` {:.1} ms/s ({:.2} ms each)", d.query, d.ms / secs, d.ms / d.calls as f64))
+        .collect::<Vec<_>>();
+    format!("most frequent: {}; most execution time: {}", by_calls.join("; "), by_time.join("; "))
+}
+
+/// The first `n` deltas as JSON.
+pub fn deltas_json(deltas: &[Delta], secs: f64, n: usize) -> serde_json::Value {
+    serde_json::Value::Array(
+        deltas
+            .iter()
+            .take(n)
+            .map(|d| {
+                serde_json::json!({
+                    "query": d.query,
+                    "per_s": crate::stats::finite(d.calls as f64 / secs),
+                    "exec_ms_per_s": crate::stats::finite(d.ms / secs),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// A monitoring connection to the admin database.
@@ -83,7 +132,7 @@ impl Monitor {
 
     pub async fn counters(&mut self) -> anyhow::Result<Counters> {
         let rows = sqlx::query(
-            "SELECT s.query, s.calls FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+            "SELECT s.query, s.calls, s.total_exec_time FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
              WHERE d.datname = $1",
         )
         .bind(&self.database)
@@ -93,7 +142,10 @@ impl Monitor {
         for r in rows {
             let q: String = r.try_get("query")?;
             let calls: i64 = r.try_get("calls")?;
-            *statements.entry(one_line(&q)).or_default() += calls as u64;
+            let ms: f64 = r.try_get("total_exec_time")?;
+            let e: &mut Stat = statements.entry(one_line(&q)).or_default();
+            e.calls += calls as u64;
+            e.ms += ms;
         }
         let xacts: i64 = sqlx::query_scalar(
             "SELECT CAST(xact_commit + xact_rollback AS BIGINT) FROM pg_stat_database WHERE datname = $1",
@@ -171,28 +223,33 @@ impl Registry {
         Ok(())
     }
 
-    /// When the sessions of users named `prefix…` were written (ms since the
-    /// epoch, ascending): their commit times where PostgreSQL tracks them
-    /// (`track_commit_timestamp`), else their `created` column (the insert,
-    /// just before the commit). Returns which one it is.
-    pub async fn written_times(&mut self, prefix: &str) -> anyhow::Result<(Vec<f64>, &'static str)> {
-        let committed = sqlx::query_scalar(
-            "SELECT CAST(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000 AS DOUBLE PRECISION) AS t \
-             FROM sessionlb_sessions WHERE starts_with(user_name, $1) ORDER BY t",
-        )
-        .bind(prefix)
-        .fetch_all(&mut self.conn)
-        .await;
-        if let Ok(times) = committed {
-            return Ok((times, "commit"));
-        }
+    /// When the sessions of users named `prefix…` were written: their
+    /// `created` column (ms, the database's clock), taken at the insert just
+    /// before the commit, ascending. (Commit timestamps would be closer, but
+    /// a row's `xmin` moves to the last transaction that touched it, and
+    /// every node writes its sessions' activity back every `touch-interval`.)
+    pub async fn created_times(&mut self, prefix: &str) -> anyhow::Result<Vec<f64>> {
         let created: Vec<i64> = sqlx::query_scalar(
             "SELECT created FROM sessionlb_sessions WHERE starts_with(user_name, $1) ORDER BY created",
         )
         .bind(prefix)
         .fetch_all(&mut self.conn)
         .await?;
-        Ok((created.into_iter().map(|t| t as f64).collect(), "insert"))
+        Ok(created.into_iter().map(|t| t as f64).collect())
+    }
+
+    /// Insert one session (`aff:<name>`, user `<name>`) on `node` in a transaction of its own.
+    pub async fn insert_one(&mut self, name: &str, node: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sessionlb_sessions (key, node_id, user_name, kind, created, last_active) \
+             VALUES ('aff:' || $1, $2, $1, 'affinity', CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT), \
+                     CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(name)
+        .bind(node)
+        .execute(&mut self.conn)
+        .await?;
+        Ok(())
     }
 
     /// The `host:port` of the node holding `user`'s session.

@@ -11,7 +11,6 @@ use crate::cluster::{self, Jar, Node, UserCookies, backend_of, metric_sum};
 use crate::costs::Processes;
 use crate::pg::{Monitor, Registry};
 use crate::stats::{finite, spread};
-use crate::storm::top;
 
 /// The cluster left alone for `seconds`: CPU, memory, connections, registry traffic.
 pub async fn rest(
@@ -38,8 +37,8 @@ pub async fn rest(
     }
     let costs = procs.finish(&window);
     let counters_after = monitor.counters().await?;
-    let statements = counters_after.calls_since(&counters_before);
-    let calls: u64 = statements.iter().map(|s| s.1).sum();
+    let statements = counters_after.since(&counters_before);
+    let calls: u64 = statements.iter().map(|d| d.calls).sum();
     let xacts = counters_after.xacts.saturating_sub(counters_before.xacts);
     let secs = costs.seconds;
     let per_node: Vec<f64> = procs.nodes.iter().map(|n| peak.per_app.get(&n.name).map_or(0, |c| c.0) as f64).collect();
@@ -57,10 +56,10 @@ pub async fn rest(
     );
     md += &format!(
         "- **registry at rest: {:.1} statements/s** (pg_stat_statements), {:.1} transactions/s (pg_stat_database, \
-         whose counts arrive up to 10 s late); top: {}\n",
+         whose counts arrive up to 10 s late); {}\n",
         calls as f64 / secs,
         xacts as f64 / secs,
-        top(&statements, secs, 5)
+        crate::pg::describe(&statements, secs, 5)
     );
     md += &costs.markdown("at rest");
     let json = json!({
@@ -70,7 +69,7 @@ pub async fn rest(
         "pg_connections": { "total": peak.total() - others, "per_node_min": cmin, "per_node_median": cmed, "per_node_max": cmax },
         "statements_per_s": finite(calls as f64 / secs),
         "xacts_per_s": finite(xacts as f64 / secs),
-        "top_statements": statements.iter().take(8).map(|(q, n)| json!({"query": q, "per_s": finite(*n as f64 / secs)})).collect::<Vec<_>>(),
+        "top_statements": crate::pg::deltas_json(&statements, secs, 8),
         "costs": costs.json(),
     });
     Ok((md, json))
@@ -189,7 +188,9 @@ pub async fn join(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let home = registry.node_of_user(user).await?.with_context(|| format!("{user} has no session in the registry"))?;
+    let home = registry.node_of_user(user).await?.with_context(|| {
+        format!("{user} has no session in the registry (join routes a user of the bulk phase: run bulk first)")
+    })?;
     let expected = others.iter().find(|n| n.address() == home).map(|n| n.name.clone());
     let before = metric_sum(&cluster::metrics(&http, node).await?, "sessionlb_placements_total");
     let jar = Jar::with(&cookies.cookie(user));
@@ -218,6 +219,80 @@ pub async fn join(
         "sessions": sessions, "answered_s": finite(answered), "loaded_s": finite(loaded), "routed_s": finite(routed),
         "routed_ok": routed_ok, "status": status.as_u16(), "backend": backend, "expected_backend": expected,
         "placements_on_join_node": after - before, "rss_mb": finite(rss),
+    });
+    Ok((md, json))
+}
+
+/// The cost of one change broadcast: `count` sessions written one per
+/// transaction at `rate`/s straight into the registry (no proxy, no
+/// placement: only the change notification reaches the nodes), against the
+/// same cluster idle for the same time just before. CPU per notification per
+/// node = (CPU while notified − CPU idle) / notifications.
+pub async fn notify(
+    procs: &Processes,
+    registry: &mut Registry,
+    rate: f64,
+    count: u64,
+) -> anyhow::Result<(String, Value)> {
+    let http = cluster::client();
+    let nodes: Vec<i64> = registry.online_nodes().await?.into_keys().collect();
+    let secs = count as f64 / rate;
+    let idle_window = procs.start();
+    tokio::time::sleep(Duration::from_secs_f64(secs + 2.0)).await;
+    let idle = procs.finish(&idle_window);
+    let window = procs.start();
+    let t0 = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
+        registry.insert_one(&format!("notify-{i}"), nodes[i as usize % nodes.len()]).await?;
+    }
+    let sent_in = t0.elapsed().as_secs_f64();
+    // The same time again after the last one, so the window matches the idle one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = procs.finish(&window);
+    let want = registry.session_count().await?;
+    let mut behind = Vec::new();
+    for n in &procs.nodes {
+        let c = cluster::view_sessions(&http, n).await?;
+        if c < want {
+            behind.push(format!("{} holds {c}", n.name));
+        }
+    }
+    let per_node_us: Vec<f64> = busy
+        .node_cpu
+        .iter()
+        .zip(&idle.node_cpu)
+        .map(|(b, i)| ((b / 100.0 * busy.seconds) - (i / 100.0 * idle.seconds)) / count as f64 * 1e6)
+        .collect();
+    let (umin, umed, umax) = spread(&per_node_us);
+    let pg_us = ((busy.pg_cpu / 100.0 * busy.seconds) - (idle.pg_cpu / 100.0 * idle.seconds)) / count as f64 * 1e6;
+    let nodes_total_us = per_node_us.iter().sum::<f64>();
+
+    let mut md = format!(
+        "### Broadcast cost: {count} sessions written one per transaction at {rate}/s straight into the registry\n\n"
+    );
+    md += &format!(
+        "- sent in {sent_in:.1} s; afterwards {} ({} nodes behind)\n",
+        if behind.is_empty() { "every node held them all".to_string() } else { behind.join(", ") },
+        behind.len()
+    );
+    md += &format!(
+        "- **CPU per change notification, per node**: min {umin:.0} / median {umed:.0} / max {umax:.0} µs \
+         (CPU while notified minus CPU idle over the same time); all {} nodes together {nodes_total_us:.0} µs; \
+         PostgreSQL {pg_us:.0} µs per change (fan-out to every listener)\n",
+        procs.nodes.len()
+    );
+    md += &format!(
+        "- at {rate} changes/s that is {:.1} % of a core per node and {:.0} % of a core for the cluster\n",
+        umed * rate / 1e4,
+        (nodes_total_us + pg_us) * rate / 1e4
+    );
+    let json = json!({
+        "count": count, "rate": rate, "sent_s": finite(sent_in), "nodes_behind": behind.len(),
+        "node_us_per_notification": { "min": finite(umin), "median": finite(umed), "max": finite(umax) },
+        "nodes_total_us_per_notification": finite(nodes_total_us),
+        "postgres_us_per_notification": finite(pg_us),
+        "idle": idle.json(), "notified": busy.json(),
     });
     Ok((md, json))
 }

@@ -12,13 +12,12 @@
 //! `/health` reports how many sessions its in-memory view holds — the view
 //! that routes requests without a database round trip. Notifications arrive
 //! in commit order, so the k-th session an observer learns of is matched
-//! with the k-th session committed (PostgreSQL's commit timestamp, on this
-//! same machine's clock; `bench/scale.sh` turns `track_commit_timestamp` on;
-//! without it, the row's `created`, taken at the insert just before the
-//! commit); lag = (wall time of the first poll answer showing ≥ baseline + k
-//! sessions) − (k-th commit). The poll answer bounds the moment from above
-//! by at most one poll period plus the poll's round trip (reported). The
-//! same matching against the k-th placement
+//! with the k-th session written (its `created` time: the database's clock,
+//! on this same machine, at the insert just before the commit); lag = (wall
+//! time of the first poll answer showing ≥ baseline + k sessions) − (k-th
+//! `created`). It includes the commit itself, and the poll answer bounds the
+//! moment from above by at most one poll period plus the poll's round trip
+//! (reported). The same matching against the k-th placement
 //! answer the driver received is reported too (it can be negative: a
 //! loaded entry node may answer after the observer already knows).
 
@@ -357,7 +356,7 @@ impl Storm {
         let mut unseen = 0u64;
         let mut done: Vec<Instant> = placements.lock().iter().map(|p| p.done).collect();
         done.sort();
-        let (written, written_at) = admin_registry.written_times(&format!("{}-storm-", self.run)).await?;
+        let written = admin_registry.created_times(&format!("{}-storm-", self.run)).await?;
         for (task, base) in observer_tasks.into_iter().zip(&baseline) {
             let (seen, rtt) = task.await?;
             poll_rtt.extend(&rtt);
@@ -396,8 +395,8 @@ impl Storm {
                 }
             }
         }
-        let statements = counters_after.calls_since(&counters_before);
-        let calls: u64 = statements.iter().map(|s| s.1).sum();
+        let statements = counters_after.since(&counters_before);
+        let calls: u64 = statements.iter().map(|d| d.calls).sum();
         let xacts = counters_after.xacts.saturating_sub(counters_before.xacts);
 
         let mut latency = Samples::default();
@@ -441,12 +440,12 @@ impl Storm {
         );
         md += &format!("- **placement latency** (client, first request of a new user): {}\n", latency.summary());
         md += &format!(
-            "- placement latency (nodes' `sessionlb_placement_seconds`, bucket bounds): p50 ≤ {} ms, p99 ≤ {} ms\n",
-            bucket_quantile(&buckets, 0.5),
-            bucket_quantile(&buckets, 0.99)
+            "- placement latency (nodes' `sessionlb_placement_seconds`, bucket bounds): p50 {}, p99 {}\n",
+            bucket_bound(bucket_quantile(&buckets, 0.5)),
+            bucket_bound(bucket_quantile(&buckets, 0.99))
         );
         md += &format!(
-            "- **notification lag** (session's {written_at} → observer's view holds it): {}; {unseen} not seen within 30 s; \
+            "- **notification lag** (session inserted → observer's view holds it): {}; {unseen} not seen within 30 s; \
              poll round trip {}\n",
             lag.summary(),
             poll_rtt.summary()
@@ -470,10 +469,10 @@ impl Storm {
             peaks.queue_usage * 100.0
         );
         md += &format!(
-            "- registry during the storm: {:.0} statements/s, {:.0} transactions/s; top: {}\n",
+            "- registry during the storm: {:.0} statements/s, {:.0} transactions/s; {}\n",
             calls as f64 / secs,
             xacts as f64 / secs,
-            top(&statements, secs, 4)
+            crate::pg::describe(&statements, secs, 4)
         );
         md += &costs.markdown("under the storm");
         md += &format!(
@@ -493,7 +492,7 @@ impl Storm {
             "placement_server_p50_ms_le": finite(bucket_quantile(&buckets, 0.5)),
             "placement_server_p99_ms_le": finite(bucket_quantile(&buckets, 0.99)),
             "arrival_late": late.json(),
-            "notification_lag": lag.json(), "notification_lag_from": written_at, "notification_lag_from_answer": lag_from_answer.json(), "notification_unseen": unseen, "poll_rtt": poll_rtt.json(),
+            "notification_lag": lag.json(), "notification_lag_from_answer": lag_from_answer.json(), "notification_unseen": unseen, "poll_rtt": poll_rtt.json(),
             "busy_requests": busy_requests.load(Ordering::Relaxed), "busy_errors": busy_errors.len(),
             "busy_misrouted": misrouted.load(Ordering::Relaxed), "busy_checked": self.per_node_backends,
             "busy_latency": busy_latency.json(),
@@ -501,7 +500,7 @@ impl Storm {
                                      "per_node_min": cmin, "per_node_median": cmed, "per_node_max": cmax },
             "notification_queue_peak": peaks.queue_usage,
             "statements_per_s": finite(calls as f64 / secs), "xacts_per_s": finite(xacts as f64 / secs),
-            "top_statements": statements.iter().take(8).map(|(q, n)| json!({"query": q, "per_s": finite(*n as f64 / secs)})).collect::<Vec<_>>(),
+            "top_statements": crate::pg::deltas_json(&statements, secs, 8),
             "costs": costs.json(),
             "entry_node_cpu_median_pct": finite(crate::stats::spread(&entry_cpu).1),
             "observer_node_cpu_median_pct": finite(crate::stats::spread(&obs_cpu).1),
@@ -509,6 +508,11 @@ impl Storm {
         });
         Ok((md, json))
     }
+}
+
+/// A histogram quantile's bucket bound: `≤ 5 ms`, or `> 5000 ms` past the last bucket.
+fn bucket_bound(ms: f64) -> String {
+    if ms.is_infinite() { "> 5000 ms (past the last bucket)".into() } else { format!("≤ {ms} ms") }
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -519,9 +523,4 @@ fn unix_ms() -> f64 {
 /// `a - b` in ms, negative when `a` is earlier.
 fn signed_ms(a: Instant, b: Instant) -> f64 {
     if a >= b { (a - b).as_secs_f64() * 1000.0 } else { -((b - a).as_secs_f64() * 1000.0) }
-}
-
-/// The `n` most frequent statements as `"query" N/s`.
-pub fn top(statements: &[(String, u64)], secs: f64, n: usize) -> String {
-    statements.iter().take(n).map(|(q, c)| format!("`{q}` {:.1}/s", *c as f64 / secs)).collect::<Vec<_>>().join("; ")
 }
