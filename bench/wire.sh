@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The wire, against the peers, in one run (issue 12): what an IDE's traffic
 # feels through sessionlb, nginx and HAProxy (both configured as sticky
-# reverse proxies, bench/wire-*.tmpl) and directly:
+# reverse proxies, bench/wire-*.tmpl), the bare Pingora forwarder
+# (examples/bare_forwarder.rs: the floor of our stack, so that what is
+# sessionlb's own shows apart from what is Pingora's) and directly:
 #
 #   - WebSocket echo round trips with 1, 100 and 1,000 sockets open through
 #     the proxy: RATE messages/s in all, spread evenly over the sockets (each
@@ -28,14 +30,15 @@
 #   RATE=1000            messages/s over all sockets; DURATION=10 s recorded after WARMUP=2 s
 #   SIZE=100             bytes per message
 #   BULK_BYTES=1073741824  bytes per upload and per download (0 = no bulk tests)
-#   TARGETS="direct nginx haproxy sessionlb"
+#   TARGETS="direct nginx haproxy bare sessionlb"
 #   PROXY_CPU=0 LOAD_CPU=1 PROXY_THREADS=1 (Pingora threads of sessionlb)
-#   BASE_PORT=18800      ports BASE_PORT..BASE_PORT+3 on 127.0.0.1
+#   BASE_PORT=18800      ports BASE_PORT..BASE_PORT+4 on 127.0.0.1
 #   QUIET_TIMEOUT=900 QUIET_CPU=15   wait for a quiet machine before each run (see e2e.sh);
 #                        a run is flagged noisy when others used > 10 % of a core during it
 #   PROFILE=0            1: afterwards, perf profiles (cpu-clock, DWARF call graphs) of
-#                        sessionlb and nginx during the largest WebSocket test and both bulk
-#                        transfers, summarised in OUT/profile-*.txt
+#                        sessionlb, bare and nginx during the largest WebSocket test and both bulk
+#                        transfers, summarised in OUT/profile-*.txt; PERF_DATA=DIR keeps the
+#                        perf.data files there (for `perf report -i`; not committed)
 #   SKIP_BUILD=0 BINARIES=DIR KEEP_BINARIES=DIR   as in e2e.sh
 #   OUT=bench/results/wire-<date>   raw.tsv, summary.md, profiles
 #
@@ -52,7 +55,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 SIZE=${SIZE:-100}
 BULK_BYTES=${BULK_BYTES:-1073741824}
-TARGETS=${TARGETS:-"direct nginx haproxy sessionlb"}
+TARGETS=${TARGETS:-"direct nginx haproxy bare sessionlb"}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROXY_THREADS=${PROXY_THREADS:-1}
@@ -65,7 +68,7 @@ OUT=${OUT:-bench/results/wire-$(date +%Y%m%d-%H%M%S)}
 
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-BINS=(sessionlb examples/wire_driver)
+BINS=(sessionlb examples/wire_driver examples/bare_forwarder)
 
 read -r -a TARGET_LIST <<<"$TARGETS"
 read -r -a SOCKET_LIST <<<"$SOCKETS"
@@ -76,6 +79,7 @@ port_of() {
 	nginx) echo $((BASE_PORT + 1)) ;;
 	haproxy) echo $((BASE_PORT + 2)) ;;
 	sessionlb) echo $((BASE_PORT + 3)) ;;
+	bare) echo $((BASE_PORT + 4)) ;;
 	*) die "unknown target $1" ;;
 	esac
 }
@@ -102,7 +106,7 @@ RAW=$OUT/raw.tsv
 	echo "# proxies on core $PROXY_CPU (one worker; sessionlb threads=$PROXY_THREADS), client + backend on core $LOAD_CPU"
 	echo "# ws: sockets=${SOCKET_LIST[*]} rate=$RATE/s size=$SIZE B duration=${DURATION}s warmup=${WARMUP}s; bulk: $BULK_BYTES bytes; rounds=$ROUNDS"
 	echo "# $(nginx -v 2>&1); $(haproxy -v | head -1)"
-	printf 'round\ttest\ttarget\tp50_us\tp90_us\tp99_us\tp999_us\tmax_us\tmessages\tmsgs_per_s\tlate\tmib_per_s\tseconds\tproxy_cpu_pct\tproxy_cpu_per_unit\tload1\tother_cpu_pct\tsteal_pct\tnoisy\n'
+	printf 'round\ttest\ttarget\tp50_us\tp90_us\tp99_us\tp999_us\tmax_us\tmessages\tmsgs_per_s\tlate\tmib_per_s\tseconds\tproxy_cpu_pct\tproxy_cpu_per_unit\tproxy_rss_mb\tload1\tother_cpu_pct\tsteal_pct\tnoisy\n'
 } >"$RAW"
 
 # ---------------------------------------------------------------- targets
@@ -112,6 +116,7 @@ wait_http backend "$P_DIRECT"
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 ! has_target nginx || start_nginx "$PROXY_CPU" "$(port_of nginx)" "$P_DIRECT" bench/wire-nginx.conf.tmpl
 ! has_target haproxy || start_haproxy "$PROXY_CPU" "$(port_of haproxy)" "$P_DIRECT" bench/wire-haproxy.cfg.tmpl
+! has_target bare || start_bare "$PROXY_CPU" "$(port_of bare)" "$P_DIRECT" "$PROXY_THREADS"
 COOKIE=""
 if has_target sessionlb; then
 	start_sessionlb "$PROXY_CPU" "$(port_of sessionlb)" "$P_DIRECT" "$PROXY_THREADS"
@@ -146,6 +151,18 @@ run_test() {
 	esac
 }
 
+# rss_mb PID...: resident memory of these processes and their children, in MB.
+rss_mb() {
+	local p all=()
+	for p in "$@"; do
+		all+=("$p")
+		mapfile -t -O "${#all[@]}" all < <(pgrep -P "$p" || true)
+	done
+	for p in "${all[@]}"; do
+		awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || true
+	done | awk '{ s += $1 } END { printf "%.1f", s / 1024 }'
+}
+
 # measure ROUND TEST TARGET: run it and append a line to RAW.
 measure() {
 	local round=$1 test=$2 target=$3 noisy=no load out b0 b1 s0 s1 o0 o1 x0 x1 t0 t1 pids=()
@@ -157,9 +174,17 @@ measure() {
 	x0=$(pid_ticks "${pids[@]}")
 	t0=$EPOCHREALTIME
 	TIMEFORMAT='%3U %3S'
-	if ! out=$({ time run_test "$test" "$target"; } 2>"$WORK/client-time"); then
-		die "$test through $target failed: $out $(cat "$WORK/client-time")"
+	{ time run_test "$test" "$target"; } >"$WORK/client-out" 2>"$WORK/client-time" &
+	local client=$! rss=-
+	# The proxy's memory halfway through the recorded part (WebSocket tests: all sockets open).
+	if [[ $test == ws-* && $target != direct ]]; then
+		sleep "$(awk -v w="$WARMUP" -v d="$DURATION" 'BEGIN { print w + d / 2 }')"
+		rss=$(rss_mb "${pids[@]}")
 	fi
+	if ! wait "$client"; then
+		die "$test through $target failed: $(cat "$WORK/client-out" "$WORK/client-time")"
+	fi
+	out=$(cat "$WORK/client-out")
 	t1=$EPOCHREALTIME
 	read -r b1 s1 < <(sys_ticks)
 	o1=$(pid_ticks "${PIDS[@]}")
@@ -188,8 +213,8 @@ measure() {
 			printf "-\t-\t-\t-\t-\t-\t-\t-\t%s\t%s\t%s\t%.3f", $3, $2, proxy, proxy / 100 * s / ($1 / 1073741824) }' <<<"$out")
 		;;
 	esac
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$test" "$target" "$line" "$load" "$other" "$steal" "$noisy" >>"$RAW"
-	log "round $round $test $target: $(tr '\t' ' ' <<<"$out"); proxy CPU $proxy%, others $other%${noisy/no/}"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$test" "$target" "$line" "$rss" "$load" "$other" "$steal" "$noisy" >>"$RAW"
+	log "round $round $test $target: $(tr '\t' ' ' <<<"$out"); proxy CPU $proxy%, RSS $rss MB, others $other%${noisy/no/}"
 }
 
 TESTS=()
@@ -219,13 +244,14 @@ fi
 # ---------------------------------------------------------------- profiles
 
 if ((PROFILE == 1)); then
-	for target in sessionlb nginx; do
+	for target in sessionlb bare nginx; do
 		has_target "$target" || continue
 		pid=${TPID[$target]}
 		[[ $target == nginx ]] && pid=$(pgrep -P "$pid" | head -1) # the worker
 		for test in "ws-${SOCKET_LIST[-1]}" up down; do
 			[[ $test == ws-* ]] || ((BULK_BYTES > 0)) || continue
-			data=$WORK/perf-$target-$test.data
+			data=${PERF_DATA:-$WORK}/perf-$target-$test.data
+			mkdir -p "$(dirname "$data")"
 			taskset -c "$LOAD_CPU" perf record -q -e cpu-clock -F 999 --call-graph dwarf,16384 -p "$pid" -o "$data" &
 			perf_pid=$!
 			sleep 0.5

@@ -14,7 +14,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "nginx", "haproxy", "sessionlb"]
+ORDER = ["direct", "nginx", "haproxy", "bare", "sessionlb"]
 
 
 def rows(paths):
@@ -52,8 +52,8 @@ def main(paths):
     ws = [t for t in tests if t.startswith("ws-")]
     if ws:
         print("#### WebSocket echo round trip (µs; medians over rounds; added = target − direct in the same round)\n")
-        print("| sockets | target | p50 | p99 | added p50 | added p99 | vs nginx p50 | late turns | proxy CPU per message |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| sockets | target | p50 | p99 | added p50 | added p99 | vs nginx p50 | late turns | proxy CPU per message | proxy RSS |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for test in ws:
             added = {}
             for target in targets:
@@ -71,6 +71,7 @@ def main(paths):
                 p99 = med(float(r["p99_us"]) for r in rs)
                 late = sum(int(r["late"]) for r in rs)
                 cpu = med(float(r["proxy_cpu_per_unit"]) for r in rs) if target != "direct" else None
+                rss = med(float(r["proxy_rss_mb"]) for r in rs if r.get("proxy_rss_mb", "-") not in ("-", None))
                 a50, a99 = added[target]
                 vs = None
                 if target not in ("direct", "nginx") and a50 is not None and added.get("nginx", (None,))[0] is not None:
@@ -78,7 +79,7 @@ def main(paths):
                 print(
                     f"| {test[3:]} | {target} | {fmt(p50)} | {fmt(p99)} | "
                     f"{fmt(a50) if target != 'direct' else '–'} | {fmt(a99) if target != 'direct' else '–'} | "
-                    f"{'–' if vs is None else f'{vs:+.0f}'} | {late} | {fmt(cpu, 1, ' µs')} |"
+                    f"{'–' if vs is None else f'{vs:+.0f}'} | {late} | {fmt(cpu, 1, ' µs')} | {fmt(rss, 1, ' MB')} |"
                 )
         print()
 

@@ -227,7 +227,7 @@ pub async fn join(
 /// transaction at `rate`/s straight into the registry (no proxy, no
 /// placement: only the change notification reaches the nodes), against the
 /// same cluster idle for the same time just before. CPU per notification per
-/// node = (CPU while notified − CPU idle) / notifications.
+/// node = (CPU share while notified − CPU share idle) × time / notifications.
 pub async fn notify(
     procs: &Processes,
     registry: &mut Registry,
@@ -262,10 +262,10 @@ pub async fn notify(
         .node_cpu
         .iter()
         .zip(&idle.node_cpu)
-        .map(|(b, i)| ((b / 100.0 * busy.seconds) - (i / 100.0 * idle.seconds)) / count as f64 * 1e6)
+        .map(|(b, i)| (b - i) / 100.0 * busy.seconds / count as f64 * 1e6)
         .collect();
     let (umin, umed, umax) = spread(&per_node_us);
-    let pg_us = ((busy.pg_cpu / 100.0 * busy.seconds) - (idle.pg_cpu / 100.0 * idle.seconds)) / count as f64 * 1e6;
+    let pg_us = (busy.pg_cpu - idle.pg_cpu) / 100.0 * busy.seconds / count as f64 * 1e6;
     let nodes_total_us = per_node_us.iter().sum::<f64>();
 
     let mut md = format!(
