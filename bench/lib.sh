@@ -3,7 +3,8 @@
 #
 # Sourcing creates a temporary WORK directory and installs traps that stop
 # every process started with `start` (by PID: SIGTERM, then SIGKILL after
-# 5 s) and remove WORK on exit, Ctrl-C or SIGTERM.
+# 5 s), then run the commands in AT_EXIT (e.g. stopping a daemonised
+# server), and remove WORK on exit, Ctrl-C or SIGTERM.
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -18,11 +19,12 @@ die() {
 
 WORK=$(mktemp -d /tmp/sessionlb-bench.XXXXXX)
 PIDS=()
+AT_EXIT=() # commands (strings) run after our processes are stopped
 declare -A TPID # name -> PID
 
 # Stop everything we started, by PID: SIGTERM, then SIGKILL after 5 s.
 cleanup() {
-	local status=$? pid i
+	local status=$? pid i hook
 	trap - EXIT INT TERM
 	for pid in "${PIDS[@]}"; do
 		kill -TERM "$pid" 2>/dev/null || true
@@ -37,6 +39,9 @@ cleanup() {
 			kill -KILL "$pid" 2>/dev/null || true
 		fi
 		wait "$pid" 2>/dev/null || true
+	done
+	for hook in "${AT_EXIT[@]}"; do
+		eval "$hook" || true
 	done
 	rm -rf "$WORK"
 	exit "$status"
@@ -208,18 +213,18 @@ start_backend() {
 	wait_http backend "$2"
 }
 
-# start_nginx CPU PORT BACKEND_PORT
+# start_nginx CPU PORT BACKEND_PORT [TEMPLATE]
 start_nginx() {
 	mkdir -p "$WORK/nginx-tmp"
-	fill bench/nginx.conf.tmpl "$WORK/nginx.conf" WORK="$WORK" LISTEN="127.0.0.1:$2" BACKEND="127.0.0.1:$3"
+	fill "${4:-bench/nginx.conf.tmpl}" "$WORK/nginx.conf" WORK="$WORK" LISTEN="127.0.0.1:$2" BACKEND="127.0.0.1:$3"
 	nginx -t -q -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" || die "nginx rejects its configuration"
 	start nginx "$1" nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log"
 	wait_http nginx "$2"
 }
 
-# start_haproxy CPU PORT BACKEND_PORT
+# start_haproxy CPU PORT BACKEND_PORT [TEMPLATE]
 start_haproxy() {
-	fill bench/haproxy.cfg.tmpl "$WORK/haproxy.cfg" LISTEN="127.0.0.1:$2" BACKEND="127.0.0.1:$3"
+	fill "${4:-bench/haproxy.cfg.tmpl}" "$WORK/haproxy.cfg" LISTEN="127.0.0.1:$2" BACKEND="127.0.0.1:$3"
 	haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejects its configuration"
 	start haproxy "$1" haproxy -db -f "$WORK/haproxy.cfg"
 	wait_http haproxy "$2"

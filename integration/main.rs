@@ -12,6 +12,7 @@ mod pins;
 mod registry;
 mod registry_schema;
 mod routing;
+mod scale_smoke;
 mod sessions;
 mod tls;
 mod workbench;
