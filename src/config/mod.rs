@@ -89,6 +89,15 @@ pub enum Diagnostics {
     Stderr,
 }
 
+/// How the local backend is health-checked (`health-check-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendHealthCheck {
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>`; a 2xx or 3xx answer is up.
+    Http { path: String },
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -320,6 +329,11 @@ pub struct ClusterConfig {
     pub poll_interval: Duration,
     /// How often peers are probed for liveness (default 2 s).
     pub health_check_interval: Duration,
+    /// Consecutive successful checks before a peer or the backend counts as up again (default 1).
+    pub health_check_rise: usize,
+    /// Consecutive failed checks before a peer or the backend counts as down (default 2).
+    pub health_check_fall: usize,
+    pub backend_health_check: BackendHealthCheck,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -334,6 +348,9 @@ impl fmt::Debug for ClusterConfig {
             load_report_interval,
             poll_interval,
             health_check_interval,
+            health_check_rise,
+            health_check_fall,
+            backend_health_check,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("database", database)
@@ -344,6 +361,9 @@ impl fmt::Debug for ClusterConfig {
             .field("load_report_interval", load_report_interval)
             .field("poll_interval", poll_interval)
             .field("health_check_interval", health_check_interval)
+            .field("health_check_rise", health_check_rise)
+            .field("health_check_fall", health_check_fall)
+            .field("backend_health_check", backend_health_check)
             .finish()
     }
 }
@@ -408,6 +428,11 @@ pub struct ServerSettings {
     pub log_format: LogFormat,
     /// Where Pingora's pid file and upgrade socket live (one per node).
     pub run_dir: PathBuf,
+    /// Where `/metrics` is served on its own listener; `None` = not at all.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// After SIGTERM, how long the node drains (offline mode, `/health` 503,
+    /// waiting for open tunnels and requests) before it stops; zero = no drain.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -536,6 +561,20 @@ impl Config {
         let poll_interval = r.duration("poll-interval", Duration::from_millis(500), Duration::from_millis(10));
         let health_check_interval =
             r.duration("health-check-interval", Duration::from_secs(2), Duration::from_millis(50));
+        let health_check_rise = r.int("health-check-rise", 1, 1, 100) as usize;
+        let health_check_fall = r.int("health-check-fall", 2, 1, 100) as usize;
+        let backend_check_http = r.choice("health-check-backend", false, &[("tcp", false), ("http", true)]);
+        let backend_check_path = r.string("health-check-backend-path", "/");
+        if !backend_check_path.starts_with('/') || http::uri::PathAndQuery::try_from(backend_check_path.as_str()).is_err() {
+            r.problem_at("health-check-backend-path", format!(
+                "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
+            ));
+        }
+        let backend_health_check = if backend_check_http {
+            BackendHealthCheck::Http { path: backend_check_path }
+        } else {
+            BackendHealthCheck::Tcp
+        };
 
         // --- balancer
         let kind = r.choice("balancer", BalancerKind::Sessions, BalancerKind::CHOICES);
@@ -642,6 +681,12 @@ impl Config {
         let log_format =
             r.choice("log-format", LogFormat::Plain, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)]);
         let run_dir = r.path("run-dir", "/run/sessionlb");
+        let metrics_address = r.get("metrics-address", Some(([127, 0, 0, 1], 9787).into()), |v| match schema::text(v) {
+            Some("") => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| "an address:port such as \"127.0.0.1:9787\" or \"0.0.0.0:9787\", or \"\" for none".into()),
+            None => Err("a string: address:port, or \"\" for none".into()),
+        });
+        let drain_timeout = r.duration("drain-timeout", Duration::from_secs(300), Duration::ZERO);
 
         let (_, problems) = r.finish();
         if !problems.is_empty() {
@@ -667,6 +712,9 @@ impl Config {
                 load_report_interval,
                 poll_interval,
                 health_check_interval,
+                health_check_rise,
+                health_check_fall,
+                backend_health_check,
             },
             balancer: BalancerConfig { kind, custom_command, custom_timeout, user_hash_balance_factor },
             proxy: ProxyConfig {
@@ -696,6 +744,8 @@ impl Config {
                 log_level,
                 log_format,
                 run_dir,
+                metrics_address,
+                drain_timeout,
             },
         })
     }
@@ -734,6 +784,14 @@ impl Config {
         line("load-report-interval", d(c.load_report_interval));
         line("poll-interval", d(c.poll_interval));
         line("health-check-interval", d(c.health_check_interval));
+        line("health-check-rise", c.health_check_rise.to_string());
+        line("health-check-fall", c.health_check_fall.to_string());
+        let (check, path) = match &c.backend_health_check {
+            BackendHealthCheck::Tcp => ("tcp", "/"),
+            BackendHealthCheck::Http { path } => ("http", path.as_str()),
+        };
+        line("health-check-backend", q(check));
+        line("health-check-backend-path", q(path));
         line("balancer", q(self.balancer.kind.as_str()));
         line("custom-balancer-command", p(&self.balancer.custom_command));
         line("custom-balancer-timeout", d(self.balancer.custom_timeout));
@@ -765,6 +823,8 @@ impl Config {
             }),
         );
         line("run-dir", p(&self.server.run_dir));
+        line("metrics-address", q(&self.server.metrics_address.map_or(String::new(), |a| a.to_string())));
+        line("drain-timeout", d(self.server.drain_timeout));
         out.push_str("\n[sessions]\n");
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("session-path-pattern", q(&s.path_pattern.to_string()));
