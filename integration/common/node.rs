@@ -127,6 +127,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// The node serves TLS (`ssl-enabled` in `extra`): its URLs are https.
     pub tls: bool,
+    /// The port of its own `metrics-address` (on `ip`), unless `extra` sets one.
+    pub metrics_port: u16,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -158,6 +160,7 @@ impl ClusterFixture {
             key_file: self.key_file.clone(),
             extra: String::new(),
             tls: false,
+            metrics_port: free_port(ip),
         }
     }
 
@@ -167,8 +170,13 @@ impl ClusterFixture {
             Some(i) => (&spec.extra[..i], &spec.extra[i..]),
             None => (spec.extra.as_str(), ""),
         };
+        let metrics = if spec.extra.contains("metrics-address") {
+            String::new()
+        } else {
+            format!("metrics-address = \"{}:{}\"\n", spec.ip, spec.metrics_port)
+        };
         format!(
-            "www-address = \"{ip}\"\nwww-port = {port}\n{backend}database = \"{db}\"\nsecure-cookie-key-file = \"{key}\"\n\
+            "www-address = \"{ip}\"\nwww-port = {port}\n{metrics}{backend}database = \"{db}\"\nsecure-cookie-key-file = \"{key}\"\n\
              server-shared-storage-path = \"{shared}\"\nrun-dir = \"{run}\"\ngrace-period = 0\nshutdown-timeout = 1\nthreads = 2\n\
              poll-interval = \"50ms\"\nlog-level = \"info,sessionlb=debug\"\n{top}\n{sections}\n",
             ip = spec.ip,
@@ -221,6 +229,11 @@ pub struct Node {
 impl Node {
     pub fn address(&self) -> String {
         format!("{}:{}", self.spec.ip, self.spec.port)
+    }
+
+    /// `/metrics` on the node's own metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}:{}/metrics", self.spec.ip, self.spec.metrics_port)
     }
 
     pub fn url(&self, path: &str) -> String {
