@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 use sessionlb::proxy::{cookie, forward};
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, session_on};
 use crate::common::db::ThrowawayPostgres;
 use crate::common::eventually;
 use crate::common::netns::Netns;
@@ -17,17 +17,6 @@ use crate::routing::sessionlb_now;
 
 /// A browser whose session lives on node `want` (0 = A), made by placing
 /// fresh sessions until one lands there.
-async fn session_on(c: &Cluster, want: usize) -> Browser {
-    for _ in 0..60 {
-        let mut b = Browser::new();
-        let reply = b.get(&c.nodes[0].url("/")).await;
-        if reply.backend() == Some(NAMES[want]) {
-            return b;
-        }
-    }
-    panic!("no session landed on {}", NAMES[want]);
-}
-
 fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
 }

@@ -4,7 +4,9 @@
 mod cluster_core;
 mod common;
 mod failover;
+mod lifecycle;
 mod lock;
+mod metrics;
 mod passthrough;
 mod registry;
 mod routing;

@@ -203,8 +203,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             g
         },
         draining: {
-            let g = IntGauge::new("sessionlb_draining", "1 while this node drains before stopping")
-                .expect("valid metric");
+            let g =
+                IntGauge::new("sessionlb_draining", "1 while this node drains before stopping").expect("valid metric");
             r.register(Box::new(g.clone())).expect("unique metric");
             g
         },

@@ -225,11 +225,13 @@ pub fn serve_with(
         tracing::info!(address = %address, "serving /metrics");
     }
     tasks.push(control.spawn(notify_when_ready(server.watch_execution_phase(), listen.clone())));
+    tasks.push(control.spawn(upgrade::start_successor_on_sigusr2(shutdown_rx.clone())));
 
     let handed_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = StopWatch {
         config: config.clone(),
         registry: registry.clone(),
+        view: view.clone(),
         node_id: started.id,
         control: control.handle().clone(),
         self_deleted: self_deleted_rx,

@@ -167,6 +167,18 @@ impl Cluster {
     }
 }
 
+/// A browser whose (new) session landed on node `want` (0 = A), placed through A.
+pub async fn session_on(c: &Cluster, want: usize) -> Browser {
+    for _ in 0..60 {
+        let mut b = Browser::new();
+        let reply = b.get(&c.nodes[0].url("/")).await;
+        if reply.backend() == Some(NAMES[want]) {
+            return b;
+        }
+    }
+    panic!("no session landed on {}", NAMES[want]);
+}
+
 /// A response, read whole.
 #[derive(Debug)]
 pub struct Reply {

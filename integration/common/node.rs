@@ -129,6 +129,8 @@ pub struct NodeSpec {
     pub tls: bool,
     /// The port of its own `metrics-address` (on `ip`), unless `extra` sets one.
     pub metrics_port: u16,
+    /// Extra environment of the process.
+    pub env: Vec<(String, String)>,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -161,6 +163,7 @@ impl ClusterFixture {
             extra: String::new(),
             tls: false,
             metrics_port: free_port(ip),
+            env: Vec::new(),
         }
     }
 
@@ -170,15 +173,23 @@ impl ClusterFixture {
             Some(i) => (&spec.extra[..i], &spec.extra[i..]),
             None => (spec.extra.as_str(), ""),
         };
-        let metrics = if spec.extra.contains("metrics-address") {
-            String::new()
-        } else {
-            format!("metrics-address = \"{}:{}\"\n", spec.ip, spec.metrics_port)
-        };
+        // Test defaults, unless `extra` sets the key itself.
+        let metrics = format!("\"{}:{}\"", spec.ip, spec.metrics_port);
+        let defaults: String = [
+            ("metrics-address", metrics.as_str()),
+            ("grace-period", "0"),
+            ("shutdown-timeout", "1"),
+            ("threads", "2"),
+            ("poll-interval", "\"50ms\""),
+            ("log-level", "\"info,sessionlb=debug\""),
+        ]
+        .iter()
+        .filter(|(key, _)| !top.lines().any(|l| l.trim_start().starts_with(&format!("{key} ="))))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
         format!(
-            "www-address = \"{ip}\"\nwww-port = {port}\n{metrics}{backend}database = \"{db}\"\nsecure-cookie-key-file = \"{key}\"\n\
-             server-shared-storage-path = \"{shared}\"\nrun-dir = \"{run}\"\ngrace-period = 0\nshutdown-timeout = 1\nthreads = 2\n\
-             poll-interval = \"50ms\"\nlog-level = \"info,sessionlb=debug\"\n{top}\n{sections}\n",
+            "www-address = \"{ip}\"\nwww-port = {port}\n{backend}database = \"{db}\"\nsecure-cookie-key-file = \"{key}\"\n\
+             server-shared-storage-path = \"{shared}\"\nrun-dir = \"{run}\"\n{defaults}{top}\n{sections}\n",
             ip = spec.ip,
             port = spec.port,
             backend = spec.backend.map_or(String::new(), |b| format!("backend = \"{b}\"\n")),
@@ -198,9 +209,15 @@ impl ClusterFixture {
 
     /// Start `sessionlb serve` for `spec` (without waiting for it).
     pub fn spawn(&self, spec: &NodeSpec) -> Node {
+        self.spawn_serve(spec, &[])
+    }
+
+    /// Start `sessionlb serve <serve_args>` for `spec` (without waiting for it).
+    pub fn spawn_serve(&self, spec: &NodeSpec, serve_args: &[&str]) -> Node {
         let config = self.write_config(spec);
         let mut cmd = Command::new(SESSIONLB);
-        cmd.arg("--config").arg(&config).arg("serve").env("NO_COLOR", "1");
+        cmd.arg("--config").arg(&config).arg("serve").args(serve_args).env("NO_COLOR", "1");
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));
         let proc = Proc::spawn(&format!("node {}:{}", spec.ip, spec.port), cmd, log);
         Node { proc, spec: spec.clone(), config }

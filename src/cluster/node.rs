@@ -159,8 +159,12 @@ async fn take_over(config: &Config, registry: &dyn Registry, address: NodeAddres
             return Err(StartError::Rejected { reason, live_nodes: vec![node] });
         }
     }
-    let registration =
-        NodeRegistration { host: address.host.clone(), port: address.port, router: config.is_router(), version: VERSION.into() };
+    let registration = NodeRegistration {
+        host: address.host.clone(),
+        port: address.port,
+        router: config.is_router(),
+        version: VERSION.into(),
+    };
     let Some(id) = registry.take_over_node(&registration).await? else {
         return Err(StartError::NotRunning { node });
     };

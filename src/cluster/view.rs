@@ -212,6 +212,17 @@ impl ClusterView {
         changes
     }
 
+    /// Apply a change of offline mode made by this process at once (its
+    /// notification confirms it later): a draining node stops placing new
+    /// sessions on itself without waiting for the database.
+    pub fn set_offline_mode_locally(&self, id: NodeId, offline: bool) {
+        let old = self.nodes.load_full();
+        let Ok(i) = old.nodes.binary_search_by_key(&id, |n| n.id) else { return };
+        let mut nodes = old.nodes.clone();
+        nodes[i].offline_mode = offline;
+        self.nodes.store(Arc::new(NodeSnapshot { nodes }));
+    }
+
     // --- cluster record
 
     pub fn set_cluster(&self, record: Option<ClusterRecord>) {
@@ -288,8 +299,15 @@ impl ClusterView {
         if moves.len() == RECENT_MOVES {
             moves.pop_front();
         }
-        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        moves.push_back(SessionMove { key: new.key.clone(), user: new.user_name.clone(), from: old.node_id, to, at_ms });
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        moves.push_back(SessionMove {
+            key: new.key.clone(),
+            user: new.user_name.clone(),
+            from: old.node_id,
+            to,
+            at_ms,
+        });
     }
 
     /// The most recent session moves, newest first.

@@ -565,7 +565,9 @@ impl Config {
         let health_check_fall = r.int("health-check-fall", 2, 1, 100) as usize;
         let backend_check_http = r.choice("health-check-backend", false, &[("tcp", false), ("http", true)]);
         let backend_check_path = r.string("health-check-backend-path", "/");
-        if !backend_check_path.starts_with('/') || http::uri::PathAndQuery::try_from(backend_check_path.as_str()).is_err() {
+        if !backend_check_path.starts_with('/')
+            || http::uri::PathAndQuery::try_from(backend_check_path.as_str()).is_err()
+        {
             r.problem_at("health-check-backend-path", format!(
                 "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
             ));
@@ -681,11 +683,14 @@ impl Config {
         let log_format =
             r.choice("log-format", LogFormat::Plain, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)]);
         let run_dir = r.path("run-dir", "/run/sessionlb");
-        let metrics_address = r.get("metrics-address", Some(([127, 0, 0, 1], 9787).into()), |v| match schema::text(v) {
-            Some("") => Ok(None),
-            Some(s) => s.parse().map(Some).map_err(|_| "an address:port such as \"127.0.0.1:9787\" or \"0.0.0.0:9787\", or \"\" for none".into()),
-            None => Err("a string: address:port, or \"\" for none".into()),
-        });
+        let metrics_address =
+            r.get("metrics-address", Some(([127, 0, 0, 1], 9787).into()), |v| match schema::text(v) {
+                Some("") => Ok(None),
+                Some(s) => s.parse().map(Some).map_err(|_| {
+                    "an address:port such as \"127.0.0.1:9787\" or \"0.0.0.0:9787\", or \"\" for none".into()
+                }),
+                None => Err("a string: address:port, or \"\" for none".into()),
+            });
         let drain_timeout = r.duration("drain-timeout", Duration::from_secs(300), Duration::ZERO);
 
         let (_, problems) = r.finish();

@@ -25,13 +25,20 @@ pub struct ClusterMetrics {
 
 impl ClusterMetrics {
     pub fn new(view: Arc<ClusterView>) -> ClusterMetrics {
-        let gauge_vec = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["node"]).expect("valid metric");
+        let gauge_vec =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["node"]).expect("valid metric");
         ClusterMetrics {
             view,
             node_up: gauge_vec("sessionlb_node_up", "1 when this node sees the node Online and reachable"),
-            node_sessions: gauge_vec("sessionlb_node_sessions", "Sessions placed on each node, as this node's view holds them"),
-            offline_mode: IntGauge::new("sessionlb_offline_mode", "1 while this node is in offline mode (takes no new sessions)")
-                .expect("valid metric"),
+            node_sessions: gauge_vec(
+                "sessionlb_node_sessions",
+                "Sessions placed on each node, as this node's view holds them",
+            ),
+            offline_mode: IntGauge::new(
+                "sessionlb_offline_mode",
+                "1 while this node is in offline mode (takes no new sessions)",
+            )
+            .expect("valid metric"),
         }
     }
 

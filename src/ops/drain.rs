@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{NodeId, Registry, RegistryError};
+use crate::cluster::{ClusterView, NodeId, Registry, RegistryError};
 use crate::metrics::METRICS;
 
 static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -30,6 +30,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// One node's drain.
 pub struct Drain {
     pub registry: std::sync::Arc<dyn Registry>,
+    pub view: std::sync::Arc<ClusterView>,
     pub node_id: NodeId,
     pub timeout: Duration,
     /// The marker file (see the module doc).
@@ -68,7 +69,10 @@ impl Drain {
             tracing::warn!(error = %e, file = %self.marker.display(), "cannot write the drain marker");
         }
         match self.registry.set_offline_mode(self.node_id, true).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.view.set_offline_mode_locally(self.node_id, true);
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot enter offline mode; peers may still place new sessions here");
                 let _ = std::fs::remove_file(&self.marker);
@@ -104,7 +108,9 @@ impl Drain {
                 Ok(()) | Err(RegistryError::NodeNotFound(_)) => {
                     let _ = std::fs::remove_file(&self.marker);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot clear the offline mode set for the drain; it is cleared when the node starts again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot clear the offline mode set for the drain; it is cleared when the node starts again")
+                }
             }
         }
     }

@@ -71,8 +71,7 @@ impl Default for ProcessMetrics {
             virtual_bytes: IntGauge::new("process_virtual_memory_bytes", "Virtual memory size in bytes")
                 .expect("valid metric"),
             open_fds: IntGauge::new("process_open_fds", "Number of open file descriptors").expect("valid metric"),
-            max_fds: IntGauge::new("process_max_fds", "Maximum number of open file descriptors")
-                .expect("valid metric"),
+            max_fds: IntGauge::new("process_max_fds", "Maximum number of open file descriptors").expect("valid metric"),
             start_time: Gauge::new(
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds",

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::drain::{Drain, DrainEnd};
 use super::{systemd, upgrade};
-use crate::cluster::{NodeId, Registry, node};
+use crate::cluster::{ClusterView, NodeId, Registry, node};
 use crate::config::Config;
 use crate::metrics::METRICS;
 
@@ -27,6 +27,7 @@ use crate::metrics::METRICS;
 pub struct StopWatch {
     pub config: Arc<Config>,
     pub registry: Arc<dyn Registry>,
+    pub view: Arc<ClusterView>,
     pub node_id: NodeId,
     /// The control runtime (every registry call runs there).
     pub control: tokio::runtime::Handle,
@@ -120,6 +121,7 @@ impl StopWatch {
         let (cut_tx, cut_rx) = watch::channel(false);
         let drain = Drain {
             registry: self.registry.clone(),
+            view: self.view.clone(),
             node_id: self.node_id,
             timeout,
             marker: upgrade::drain_marker(&self.config),
@@ -127,17 +129,27 @@ impl StopWatch {
         let task = self.control.spawn(async move {
             let set_offline_mode = drain.begin().await;
             let mut cut = cut_rx;
-            let end = drain.wait(async move { let _ = cut.wait_for(|c| *c).await; }).await;
+            let end = drain
+                .wait(async move {
+                    let _ = cut.wait_for(|c| *c).await;
+                })
+                .await;
             match end {
                 DrainEnd::Idle => tracing::info!("drained: nothing left in progress"),
                 DrainEnd::TimedOut(left) => {
-                    tracing::warn!(in_progress = left, "drain-timeout passed; stopping with requests and tunnels still open")
+                    tracing::warn!(
+                        in_progress = left,
+                        "drain-timeout passed; stopping with requests and tunnels still open"
+                    )
                 }
                 DrainEnd::Interrupted => tracing::info!("drain cut short"),
             }
             tracing::info!("stopping: marking this node Offline");
-            match tokio::time::timeout(Duration::from_secs(5), node::stop(drain.registry.as_ref(), drain.node_id, false))
-                .await
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                node::stop(drain.registry.as_ref(), drain.node_id, false),
+            )
+            .await
             {
                 Ok(Ok(())) => {}
                 _ => tracing::warn!("could not mark this node Offline before stopping"),

@@ -62,7 +62,10 @@ mod tests {
         notify_to(path.to_str().unwrap(), &ready_message()).unwrap();
         let mut buf = [0u8; 256];
         let n = listener.recv(&mut buf).unwrap();
-        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("READY=1\nMAINPID={}\nSTATUS=online", std::process::id()));
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            format!("READY=1\nMAINPID={}\nSTATUS=online", std::process::id())
+        );
 
         use std::os::linux::net::SocketAddrExt;
         let name = format!("sessionlb-test-{}", std::process::id());

@@ -75,10 +75,8 @@ impl RequestTiming {
         if status != 101 || self.tunnel.is_some() {
             return;
         }
-        let websocket = req
-            .headers
-            .get(http::header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let websocket =
+            req.headers.get(http::header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let kind = if websocket { 0 } else { 1 };
         METRICS.open_tunnels.with_label_values(&[TUNNEL_KINDS[kind]]).inc();
         self.tunnel = Some(kind);

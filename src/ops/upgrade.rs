@@ -71,8 +71,11 @@ pub fn running_process(config: &Config) -> Result<Pid, UpgradeError> {
     let path = pid_file(config);
     let listen = format!("{}:{}", config.node.www_address, config.node.www_port);
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(&path)
-        .map_err(|source| UpgradeError::NoPidFile { listen: listen.clone(), path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| UpgradeError::NoPidFile {
+        listen: listen.clone(),
+        path: shown.clone(),
+        source,
+    })?;
     let pid = text.trim().parse::<i32>().ok().and_then(Pid::from_raw);
     match pid {
         Some(pid) if test_kill_process(pid).is_ok() => Ok(pid),
@@ -95,7 +98,10 @@ pub fn request_handover(config: &Config, old: Pid) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        tracing::info!(old_pid = old.as_raw_nonzero().get(), "asking the running process to hand over its sockets (SIGQUIT)");
+        tracing::info!(
+            old_pid = old.as_raw_nonzero().get(),
+            "asking the running process to hand over its sockets (SIGQUIT)"
+        );
         if let Err(e) = kill_process(old, Signal::QUIT) {
             tracing::error!(error = %e, "cannot signal the running process");
         }
@@ -106,4 +112,45 @@ pub fn request_handover(config: &Config, old: Pid) {
 pub fn successor_waiting(config: &Config) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(upgrade_socket(config)).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// On SIGUSR2: start the program this process was started as (the same
+/// path: a binary replaced on disk is the new version) with the same
+/// arguments plus `--upgrade`. The new process is this one's child, so it
+/// runs in the same systemd unit, which follows it as the main process once
+/// it is ready (`MAINPID=`): `systemctl kill -s USR2 --kill-whom=main sessionlb`
+/// upgrades a node under systemd without a restart.
+pub async fn start_successor_on_sigusr2(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Ok(mut usr2) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) else { return };
+    loop {
+        tokio::select! {
+            _ = usr2.recv() => start_successor(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn start_successor() {
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else { return };
+    let mut args: Vec<std::ffi::OsString> = args.collect();
+    if !args.iter().any(|a| a == "--upgrade") {
+        args.push("--upgrade".into());
+    }
+    match std::process::Command::new(&program).args(&args).stdin(std::process::Stdio::null()).spawn() {
+        Ok(mut child) => {
+            tracing::info!(program = %program.to_string_lossy(), pid = child.id(), "SIGUSR2: started the upgraded process; it takes the sockets over");
+            // Reap it if it fails before this process exits (it reports why itself).
+            std::thread::spawn(move || {
+                if let Ok(status) = child.wait()
+                    && !status.success()
+                {
+                    tracing::error!(%status, "the upgraded process failed; this process keeps serving");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(error = %e, program = %program.to_string_lossy(), "SIGUSR2: cannot start the upgraded process")
+        }
+    }
 }

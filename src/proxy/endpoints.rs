@@ -51,8 +51,12 @@ pub async fn serve(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
             respond(session, 200, "text/plain; version=0.0.4", metrics::render().into()).await
         }
         METRICS_PATH => {
-            respond_text(session, 403, "forbidden: /metrics is served to loopback and cluster nodes here; use metrics-address\n")
-                .await
+            respond_text(
+                session,
+                403,
+                "forbidden: /metrics is served to loopback and cluster nodes here; use metrics-address\n",
+            )
+            .await
         }
         STATUS => status(r, session, ctx).await,
         _ => node_info(r, session, ctx).await,

@@ -318,7 +318,8 @@ mod tests {
             node(4, 1004, NodeStatus::Online, true),
         ]);
         let discovery = PeerDiscovery { view: view.clone() };
-        let ids = |set: &BTreeSet<Backend>| -> Vec<NodeId> { set.iter().map(|b| *b.ext.get::<NodeId>().unwrap()).collect() };
+        let ids =
+            |set: &BTreeSet<Backend>| -> Vec<NodeId> { set.iter().map(|b| *b.ext.get::<NodeId>().unwrap()).collect() };
         let (found, _) = discovery.discover().await.unwrap();
         assert_eq!(ids(&found), vec![2], "self, stopped nodes and routers are not checked");
         view.set_nodes(vec![node(1, 1001, NodeStatus::Online, false), node(5, 1005, NodeStatus::Online, false)]);

@@ -116,11 +116,8 @@ pub fn render(page: &Page<'_>) -> String {
         ns = if page.nodes.len() == 1 { "" } else { "s" },
         ss = if total == 1 { "" } else { "s" },
         when = time(page.now_ms),
-        refresh = if page.refresh_secs > 0 {
-            format!(" · refreshes every {}s", page.refresh_secs)
-        } else {
-            String::new()
-        },
+        refresh =
+            if page.refresh_secs > 0 { format!(" · refreshes every {}s", page.refresh_secs) } else { String::new() },
     );
     nodes_table(&mut h, page);
     sessions_per_node(&mut h, page);
@@ -182,7 +179,11 @@ fn nodes_table(h: &mut String, page: &Page<'_>) {
         let version = if n.node.version == page.viewer_version {
             escape(&n.node.version)
         } else {
-            format!("<span class=\"badge warn\" title=\"differs from this node's {}\">{}</span>", escape(page.viewer_version), escape(&n.node.version))
+            format!(
+                "<span class=\"badge warn\" title=\"differs from this node's {}\">{}</span>",
+                escape(page.viewer_version),
+                escape(&n.node.version)
+            )
         };
         let skew = match n.node.clock_skew_ms {
             None => "-".to_string(),
@@ -231,7 +232,10 @@ fn sessions_per_node(h: &mut String, page: &Page<'_>) {
                 "<tr data-session=\"{key}\" data-on=\"{addr}\"><td><code>{key}</code></td><td>{user}</td><td>{kind}</td><td>{created}</td><td>{active}</td></tr>",
                 key = escape(&s.key),
                 addr = escape(&n.node.address()),
-                user = s.user_name.as_deref().map_or_else(|| "<span class=\"empty\">(anonymous)</span>".to_string(), escape),
+                user = s
+                    .user_name
+                    .as_deref()
+                    .map_or_else(|| "<span class=\"empty\">(anonymous)</span>".to_string(), escape),
                 kind = s.kind.as_str(),
                 created = time(s.created),
                 active = ago(page.now_ms, s.last_active),
@@ -258,8 +262,7 @@ fn sessions_per_user(h: &mut String, page: &Page<'_>) {
     h.push_str("<table><thead><tr><th>User</th><th>Sessions</th><th>On</th></tr></thead><tbody>");
     for (user, nodes) in &users {
         let name = if user.is_empty() { "<span class=\"empty\">(anonymous)</span>".to_string() } else { escape(user) };
-        let on: Vec<String> =
-            nodes.iter().map(|(addr, n)| format!("<code>{}</code> ({n})", escape(addr))).collect();
+        let on: Vec<String> = nodes.iter().map(|(addr, n)| format!("<code>{}</code> ({n})", escape(addr))).collect();
         let _ = write!(
             h,
             "<tr data-user=\"{u}\"><td>{name}</td><td class=\"num\">{count}</td><td>{on}</td></tr>",
@@ -287,7 +290,9 @@ fn moves(h: &mut String, page: &Page<'_>) {
         h.push_str("<p class=\"empty\">none since this node started</p></section>");
         return;
     }
-    h.push_str("<table><thead><tr><th>When</th><th>Session key</th><th>User</th><th>From</th><th>To</th></tr></thead><tbody>");
+    h.push_str(
+        "<table><thead><tr><th>When</th><th>Session key</th><th>User</th><th>From</th><th>To</th></tr></thead><tbody>",
+    );
     for m in page.moves {
         let _ = write!(
             h,
