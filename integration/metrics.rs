@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
@@ -177,4 +177,73 @@ async fn the_public_port_answers_metrics_only_to_loopback_and_cluster_nodes() {
     assert!(!node.proc.wait_exit(Duration::from_secs(30)).success());
     let log = node.proc.log_text();
     assert!(log.contains(&format!("cannot listen on {taken_addr}")), "{log}");
+}
+
+/// The metric names (sessionlb's and the process metrics) in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("sessionlb_") || t.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_metric_the_dashboard_and_alert_rules_name_exists_on_a_running_node() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("conf/grafana-dashboard.json")).unwrap()).unwrap();
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push((format!("dashboard panel {:?}", panel["title"]), target["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    assert!(exprs.len() > 20);
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("conf/prometheus-alerts.yml")).unwrap()).unwrap();
+    let mut alerts = Vec::new();
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        let name = rule["alert"].as_str().expect("an alert name").to_string();
+        assert!(rule["labels"]["severity"].is_string() && rule["annotations"]["summary"].is_string(), "{name}");
+        exprs.push((format!("alert {name}"), rule["expr"].as_str().unwrap().to_string()));
+        alerts.push(name);
+    }
+    // The list, at least.
+    for wanted in [
+        "SessionlbNodeDown",
+        "SessionlbMissedCheckIn",
+        "SessionlbRegistryBreakerOpen",
+        "SessionlbPlacementSlow",
+        "SessionlbLockFailures",
+    ] {
+        assert!(alerts.iter().any(|a| a == wanted), "no alert {wanted}");
+    }
+
+    // A cluster that has done what every metric counts: placements, a
+    // WebSocket, a forged cookie, a forged node-to-node header, a session
+    // whose node's backend died (a move).
+    let mut c = Cluster::start(ClusterOptions::default()).await;
+    let mut b = crate::common::cluster::session_on(&c, 2).await;
+    let mut ws = b.websocket(&c.nodes[0]).await;
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+    ws.close(None).await.unwrap();
+    let client = reqwest::Client::new();
+    let forged = client.get(c.nodes[0].url("/")).header("cookie", "sessionlb-affinity=v1.forged").send().await.unwrap();
+    assert_eq!(forged.status().as_u16(), 200);
+    let refused = client.get(c.nodes[0].url("/")).header("x-sessionlb-forward", "garbage").send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    c.backends[2].proc.kill();
+    assert_eq!(b.get(&c.nodes[0].url("/after-the-backend-died")).await.status, 200);
+
+    let mut series = std::collections::BTreeSet::new();
+    for node in &c.nodes[..2] {
+        for line in scrape(&node.metrics_url()).await.lines().filter(|l| !l.starts_with('#')) {
+            series.insert(line.split(['{', ' ']).next().unwrap().to_string());
+        }
+    }
+    for (origin, expr) in &exprs {
+        for name in metric_names(expr) {
+            assert!(series.contains(&name), "{origin} names {name}, which no node exports:\n{expr}");
+        }
+    }
 }

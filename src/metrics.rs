@@ -319,3 +319,16 @@ pub fn observe_notification_lag(at_db_ms: i64) {
     let lag_ms = (now_ms - skew_ms - at_db_ms).max(0);
     METRICS.notification_lag.observe(lag_ms as f64 / 1000.0);
 }
+
+/// Create the series of known label values at zero, so that they are
+/// scraped (and alerts on `increase()` see their first change) before
+/// anything happened.
+pub fn init_series() {
+    LazyLock::force(&REQUEST_COUNTERS);
+    LazyLock::force(&REQUEST_DURATIONS);
+    LazyLock::force(&UPSTREAM_CONNECT);
+    LazyLock::force(&UPSTREAM_TTFB);
+    for kind in ["websocket", "other"] {
+        METRICS.open_tunnels.with_label_values(&[kind]);
+    }
+}

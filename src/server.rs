@@ -136,7 +136,7 @@ pub fn serve_with(
     }
 
     let view = Arc::new(ClusterView::new(started.id));
-    ops::cluster_metrics::register(view.clone());
+    crate::metrics::init_series();
     ops::process_metrics::register();
     let (self_deleted_tx, self_deleted_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -184,6 +184,8 @@ pub fn serve_with(
         control.handle().clone(),
         http,
     );
+    let backend_up = backend.map(|_| router.backend_up.clone());
+    ops::cluster_metrics::register(view.clone(), config.cluster.checkin_interval, backend_up);
     let checks = HealthChecks::new(&config, view.clone(), router.http.clone(), backend, router.backend_up.clone());
     let mut tasks = tasks;
     tasks.push(control.spawn(checks.run(shutdown_rx.clone())));

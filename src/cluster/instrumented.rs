@@ -16,8 +16,39 @@ use crate::metrics::METRICS;
 /// Times the calls of the registry it wraps.
 pub struct Instrumented(pub Arc<dyn Registry>);
 
+/// The operations timed (each has its error counter from the start).
+const OPS: &[&str] = &[
+    "now_ms",
+    "register_node",
+    "take_over_node",
+    "set_node_status",
+    "set_node_ipv4",
+    "join_cluster",
+    "check_in",
+    "report_load",
+    "set_offline_mode",
+    "list_nodes",
+    "get_node",
+    "find_node",
+    "delete_node",
+    "cluster",
+    "reset_cluster",
+    "place_session",
+    "move_session",
+    "touch_sessions",
+    "set_session_user",
+    "expire_idle_sessions",
+    "delete_session",
+    "get_session",
+    "list_sessions",
+    "count_sessions",
+];
+
 /// Wrap `registry` so that its calls are measured.
 pub fn instrumented(registry: Arc<dyn Registry>) -> Arc<dyn Registry> {
+    for op in OPS {
+        METRICS.registry_errors.with_label_values(&[op]);
+    }
     Arc::new(Instrumented(registry))
 }
 
@@ -119,5 +150,18 @@ impl Registry for Instrumented {
     }
     async fn close(&self) {
         self.0.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_timed_operation_is_listed() {
+        let source = include_str!("instrumented.rs");
+        let timed: Vec<&str> = source.split("timed(\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+        assert!(timed.len() > 20);
+        for op in timed {
+            assert!(super::OPS.contains(&op), "{op} is timed but not in OPS");
+        }
     }
 }
