@@ -294,6 +294,14 @@ async fn upgrades_hand_the_sockets_over_without_a_failed_request_or_leaving_onli
     let stream = RequestStream::start(browser.clone(), move || a_page.clone());
     let rows = RowWatch::start(c.registry.clone(), a_id).await;
     let started_before = metric(&a_metrics, "process_start_time_seconds").await.unwrap();
+    // A SIGQUIT with no new process waiting is ignored (Pingora alone would stop the node).
+    c.nodes[0].proc.signal(Signal::QUIT);
+    eventually(Duration::from_secs(5), "the stray SIGQUIT to be logged", || async {
+        c.nodes[0].proc.log_text().contains("no new process waits for the listening sockets").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(c.nodes[0].proc.is_running() && c.nodes[0].health().await.is_some(), "a stray SIGQUIT stopped the node");
 
     // 1. `serve --upgrade`: the new process takes the sockets, the old one finishes.
     let upgrade_started = Instant::now();

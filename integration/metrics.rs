@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};

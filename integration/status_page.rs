@@ -71,9 +71,9 @@ async fn chromium_renders_every_node_and_session_of_a_three_node_cluster() {
     }
     let sessions = c.registry.list_sessions().await.unwrap();
     assert_eq!(sessions.len(), 9);
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate() {
         let id = c.node_id(i).await;
-        assert!(sessions.iter().any(|s| s.node_id == Some(id)), "no session on {}", NAMES[i]);
+        assert!(sessions.iter().any(|s| s.node_id == Some(id)), "no session on {name}");
     }
     // One session moves (as after a failover): the page lists it.
     let moved = &sessions[0];
