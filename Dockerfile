@@ -9,7 +9,7 @@ WORKDIR /src
 # Cargo.lock invalidate: every target Cargo.toml names gets a stub.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin benches integration && touch src/lib.rs \
-    && for f in src/main.rs src/bin/demo_backend.rs integration/main.rs benches/locks.rs benches/routing.rs benches/cluster.rs; do echo 'fn main() {}' > "$f"; done \
+    && for f in src/main.rs src/bin/demo_backend.rs integration/main.rs benches/locks.rs benches/routing.rs benches/cluster.rs benches/ops.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo build --release --locked --bins \
     && rm -rf src benches integration target/release/.fingerprint/sessionlb-* target/release/deps/*sessionlb*
 COPY . .

@@ -330,15 +330,7 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
             refresh_secs,
             now_ms: now_ms(),
         };
-        let body = Bytes::from(super::status_page::render(&page));
-        let mut resp = ResponseHeader::build(200, Some(5))?;
-        resp.insert_header("content-type", "text/html; charset=utf-8")?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header("cache-control", "no-store")?;
-        resp.insert_header("content-security-policy", super::status_page::CSP)?;
-        resp.insert_header("x-content-type-options", "nosniff")?;
-        session.write_response_header(Box::new(resp), false).await?;
-        return session.write_response_body(Some(body), true).await;
+        return super::status_page::respond(session, &page).await;
     }
 
     let mut text = String::new();

@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use bytes::Bytes;
 use chrono::{Local, TimeZone};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
 
 use super::endpoints::NodeInfo;
 use crate::cluster::view::SessionMove;
@@ -92,6 +95,19 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace}
 .bar span.hot{background:#e0a100}.bar span.over{background:#d33}
 .empty{color:#5b6475;font-style:italic}
 ";
+
+/// Answer with the page (no caching, no script, no sniffing).
+pub async fn respond(session: &mut Session, page: &Page<'_>) -> Result<()> {
+    let body = Bytes::from(render(page));
+    let mut resp = ResponseHeader::build(200, Some(5))?;
+    resp.insert_header("content-type", "text/html; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    resp.insert_header("content-security-policy", CSP)?;
+    resp.insert_header("x-content-type-options", "nosniff")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
 
 /// Render the page.
 pub fn render(page: &Page<'_>) -> String {
