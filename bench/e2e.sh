@@ -15,7 +15,11 @@
 #   WARMUP=3s          wrk -d of one uncounted warm-up run per target
 #   CONNECTIONS=64     wrk -c
 #   THREADS=1          wrk -t
-#   TARGETS="direct nginx haproxy bare sessionlb"   which targets, in round-1 order
+#   TARGETS="direct nginx haproxy bare sessionlb"   which targets, in round-1 order;
+#                      also `sessionlb-anon`: the same sessionlb node, requests
+#                      without any cookie (each an anonymous browser's first
+#                      request: a pin chosen and signed), e.g.
+#                      TARGETS="sessionlb sessionlb-anon" for cookie-less vs pinned
 #   PROXY_CPU=0        core every proxy is pinned to (taskset -c)
 #   LOAD_CPU=1         core wrk and the backend are pinned to
 #   PROXY_THREADS=1    Pingora worker threads of the bare forwarder and of sessionlb
@@ -39,8 +43,9 @@
 # otherwise; afterwards it checks sessionlb's metrics (one placement, no
 # rejected cookies, every request routed locally with 2xx).
 #
-# All targets get the same request, including the sessionlb affinity cookie:
-# `GET /bench` (2-byte body) with `Cookie: sessionlb-affinity=...`.
+# All targets get the same request, including the sessionlb pin cookie:
+# `GET /bench` (2-byte body) with `Cookie: sessionlb-affinity=...` — except
+# `sessionlb-anon`, which sends no cookie.
 
 set -euo pipefail
 
@@ -81,7 +86,7 @@ port_of() {
 	nginx) echo "$P_NGINX" ;;
 	haproxy) echo "$P_HAPROXY" ;;
 	bare) echo "$P_BARE" ;;
-	sessionlb) echo "$P_SLB" ;;
+	sessionlb | sessionlb-anon) echo "$P_SLB" ;;
 	*) die "unknown target $1" ;;
 	esac
 }
@@ -128,7 +133,7 @@ start_backend "$LOAD_CPU" "$P_DIRECT"
 ! has_target bare || start_bare "$PROXY_CPU" "$P_BARE" "$P_DIRECT" "$PROXY_THREADS" $BARE_ARGS
 
 COOKIE=""
-if has_target sessionlb; then
+if has_target sessionlb || has_target sessionlb-anon; then
 	start_sessionlb "$PROXY_CPU" "$P_SLB" "$P_DIRECT" "$PROXY_THREADS"
 	known_session "$P_SLB" # sets COOKIE
 	metrics_before=$(curl -fsS "http://127.0.0.1:$P_SLB/metrics")
@@ -137,10 +142,20 @@ fi
 WRK_HEADERS=()
 [[ -z $COOKIE ]] || WRK_HEADERS=(-H "Cookie: $COOKIE")
 
+# headers_of TARGET: the request headers wrk sends to TARGET.
+headers_of() {
+	HEADERS=("${WRK_HEADERS[@]}")
+	[[ $1 != sessionlb-anon ]] || HEADERS=()
+}
+
 # Sanity: every proxy reaches the backend.
 for t in "${TARGET_LIST[@]}"; do
-	headers=$(curl -fsS -D - -o /dev/null "${WRK_HEADERS[@]}" "http://127.0.0.1:$(port_of "$t")/bench" | tr -d '\r')
+	headers_of "$t"
+	headers=$(curl -fsS -D - -o /dev/null "${HEADERS[@]}" "http://127.0.0.1:$(port_of "$t")/bench" | tr -d '\r')
 	grep -qi '^x-backend: bench$' <<<"$headers" || die "$t does not reach the backend: $headers"
+	if [[ $t == sessionlb-anon ]] && ! grep -qi '^set-cookie: sessionlb-affinity=v' <<<"$headers"; then
+		die "a cookie-less request through sessionlb got no cookie: $headers"
+	fi
 done
 
 # ---------------------------------------------------------------- measure
@@ -157,7 +172,8 @@ to_ms() {
 
 # run_wrk TARGET DURATION OUTFILE
 run_wrk() {
-	taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency "${WRK_HEADERS[@]}" \
+	headers_of "$1"
+	taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency "${HEADERS[@]}" \
 		"http://127.0.0.1:$(port_of "$1")/bench" >"$3" 2>&1
 }
 
@@ -166,8 +182,8 @@ run_wrk() {
 # worker processes), LOAD_CPU_PCT (backend + wrk, i.e. the load core),
 # OTHER_CPU (processes other than ours and wrk) and STEAL (the hypervisor).
 measure() {
-	local t0 t1 b0 b1 s0 s1 o0 o1 x0 x1 k0 k1 wu ws proxy=()
-	[[ $1 == direct ]] || proxy=("${TPID[$1]}")
+	local t0 t1 b0 b1 s0 s1 o0 o1 x0 x1 k0 k1 wu ws proxy=() name=${1%-anon}
+	[[ $1 == direct ]] || proxy=("${TPID[$name]}")
 	read -r b0 s0 < <(sys_ticks)
 	o0=$(pid_ticks "${PIDS[@]}")
 	x0=$(pid_ticks "${proxy[@]}")
@@ -238,19 +254,23 @@ done
 
 # ---------------------------------------------------------------- check sessionlb
 
-if has_target sessionlb; then
+if has_target sessionlb || has_target sessionlb-anon; then
 	metrics_after=$(curl -fsS "http://127.0.0.1:$P_SLB/metrics")
 	metric() { awk -v m="$1" 'index($1, m) == 1 { s += $2 } END { printf "%.0f", s }' <<<"$2"; }
 	placed=$(($(metric sessionlb_placements_total "$metrics_after") - $(metric sessionlb_placements_total "$metrics_before")))
 	rejected=$(metric sessionlb_rejected_cookies_total "$metrics_after")
 	local_ok=$(($(metric 'sessionlb_requests_total{class="2xx",route="local"}' "$metrics_after") -
 		$(metric 'sessionlb_requests_total{class="2xx",route="local"}' "$metrics_before")))
-	wrk_total=$(cat "$OUT"/*-sessionlb.txt | awk '/requests in/ { s += $1 } END { printf "%.0f", s }')
+	pins=$(($(metric sessionlb_pins_issued_total "$metrics_after") - $(metric sessionlb_pins_issued_total "$metrics_before")))
+	wrk_total=$({ cat "$OUT"/*-sessionlb.txt "$OUT"/*-sessionlb-anon.txt 2>/dev/null || true; } |
+		awk '/requests in/ { s += $1 } END { printf "%.0f", s }')
 	{
-		echo "# sessionlb during the runs: $placed placements, $rejected rejected cookies,"
+		echo "# sessionlb during the runs: $placed placements, $pins pins issued, $rejected rejected cookies,"
 		echo "# $local_ok requests routed locally with 2xx; wrk counted $wrk_total completed requests"
 	} | tee -a "$RAW" >&2
-	((placed == 0)) || die "sessionlb placed $placed new sessions during the runs: the known session was not used"
+	if ! has_target sessionlb-anon; then
+		((placed == 0)) || die "sessionlb placed $placed new sessions during the runs: the known session was not used"
+	fi
 	((rejected == 0)) || die "sessionlb rejected $rejected cookies"
 	((local_ok >= wrk_total)) || die "sessionlb routed fewer requests ($local_ok) than wrk completed ($wrk_total)"
 fi

@@ -248,14 +248,15 @@ start_sessionlb() {
 	wait_http sessionlb "$2"
 }
 
-# known_session PORT: place a session through sessionlb, set COOKIE to its
-# affinity cookie (`name=value`), and check that requests carrying it are
-# routed, not placed: 200 from the bench backend, "ok", no new Set-Cookie.
+# known_session PORT: make a browser known to sessionlb, set COOKIE to the
+# cookie it gets (`name=value`: a pin; with sessionlb before issue 8, an
+# affinity cookie and its session), and check that requests carrying it are
+# routed as they are: 200 from the bench backend, "ok", no new Set-Cookie.
 known_session() {
 	local port=$1 headers i
 	headers=$(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/bench" | tr -d '\r')
 	COOKIE=$(awk -F': ' 'tolower($1) == "set-cookie" { split($2, c, ";"); print c[1] }' <<<"$headers")
-	[[ $COOKIE == sessionlb-affinity=v1.* ]] || die "sessionlb set no affinity cookie; headers:
+	[[ $COOKIE == sessionlb-affinity=v[12].* ]] || die "sessionlb set no affinity cookie; headers:
 $headers"
 	log "known session: $COOKIE"
 	for i in 1 2 3; do

@@ -23,7 +23,7 @@ for f in "$@"; do
 done >"$ROWS"
 
 TARGETS=()
-for t in direct nginx haproxy bare sessionlb; do
+for t in direct nginx haproxy bare sessionlb sessionlb-anon; do
 	if awk -F'\t' -v t="$t" '$2 == t { found = 1 } END { exit !found }' "$ROWS"; then
 		TARGETS+=("$t")
 	fi
@@ -75,7 +75,7 @@ echo
 echo "Ratios of the median req/s:"
 echo
 for pair in sessionlb/bare sessionlb/nginx sessionlb/haproxy bare/nginx bare/haproxy haproxy/nginx \
-	nginx/direct haproxy/direct bare/direct sessionlb/direct; do
+	nginx/direct haproxy/direct bare/direct sessionlb/direct sessionlb-anon/sessionlb; do
 	a=${pair%/*} b=${pair#*/}
 	if [[ -n ${MED[$a]:-} && -n ${MED[$b]:-} ]]; then
 		echo "- $pair: $(ratio "${MED[$a]}" "${MED[$b]}")"
@@ -85,6 +85,13 @@ if has sessionlb && has bare; then
 	per_round=$(awk -F'\t' '$2 == "sessionlb" { s[$1] = $3 } $2 == "bare" { b[$1] = $3 }
 		END { for (r in s) if (b[r] > 0) printf "%.2f\n", s[r] / b[r] }' "$ROWS" | sort -g)
 	echo "- sessionlb/bare per round: median $(awk '{ v[NR] = $1 } END {
+		printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }' <<<"$per_round")" \
+		"(sorted: $(paste -sd' ' <<<"$per_round"))"
+fi
+if has sessionlb && has sessionlb-anon; then
+	per_round=$(awk -F'\t' '$2 == "sessionlb-anon" { a[$1] = $3 } $2 == "sessionlb" { s[$1] = $3 }
+		END { for (r in a) if (s[r] > 0) printf "%.2f\n", a[r] / s[r] }' "$ROWS" | sort -g)
+	echo "- sessionlb-anon/sessionlb per round: median $(awk '{ v[NR] = $1 } END {
 		printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }' <<<"$per_round")" \
 		"(sorted: $(paste -sd' ' <<<"$per_round"))"
 fi

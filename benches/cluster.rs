@@ -1,7 +1,8 @@
 //! Cluster-scale figures with real processes on the local PostgreSQL:
 //!
-//! 1. placement latency: cookieless requests through one node, each placing
-//!    a new session (lock on shared storage, registry re-check, balancer,
+//! 1. placement latency: requests of new signed-in users (the trusted
+//!    header, from loopback) through one node, each placing the user's
+//!    session (lock on shared storage, registry re-check, balancer,
 //!    insert-if-absent), sequentially and 8 at a time; client-side p50/p99
 //!    and the node's own `sessionlb_placement_seconds` histogram;
 //! 2. memory: a node whose registry holds 20 nodes and 10,000 sessions,
@@ -19,6 +20,8 @@ use sessionlb::cluster::{NewSession, NodeRegistration, NodeStatus, SessionKind};
 use sqlx::Connection;
 
 const SESSIONLB: &str = env!("CARGO_BIN_EXE_sessionlb");
+/// The test client is trusted to name its user (`X-Forwarded-User`).
+const TRUST_LOOPBACK: &str = "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]";
 const BACKEND: &str = env!("CARGO_BIN_EXE_sessionlb-demo-backend");
 
 struct Killed(Child);
@@ -71,10 +74,11 @@ async fn start_node(dir: &std::path::Path, db: &str, ip: &str, extra: &str) -> (
         format!(
             "www-address = \"{ip}\"\nwww-port = {port}\nbackend = \"127.0.0.1:{backend_port}\"\ndatabase = \"{db}\"\n\
              secure-cookie-key-file = \"{}\"\nserver-shared-storage-path = \"{}\"\nrun-dir = \"{}\"\n\
-             grace-period = 0\nthreads = 1\nlog-level = \"warn\"\n{extra}\n",
+             grace-period = 0\nthreads = 1\nlog-level = \"warn\"\nmetrics-address = \"{ip}:{}\"\n{extra}\n",
             key.display(),
             dir.join("shared").display(),
-            dir.display()
+            dir.display(),
+            free_port(ip)
         ),
     )
     .unwrap();
@@ -118,22 +122,24 @@ async fn histogram(base: &str) -> String {
 async fn placement(admin: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_database(admin).await;
-    let (_backend, _node, base) = start_node(dir.path(), &db, "127.0.0.2", "").await;
+    let (_backend, _node, base) = start_node(dir.path(), &db, "127.0.0.2", TRUST_LOOPBACK).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let place = |client: reqwest::Client, url: String| async move {
+    let users = std::sync::atomic::AtomicUsize::new(0);
+    let place = |client: reqwest::Client, url: String, user: usize| async move {
         let started = Instant::now();
-        let resp = client.get(url).send().await.unwrap();
-        assert!(resp.headers().contains_key("set-cookie"), "each request places a new session");
+        let resp = client.get(url).header("x-forwarded-user", format!("user{user:05}")).send().await.unwrap();
+        assert!(resp.headers().contains_key("set-cookie"), "each request places a new user");
         assert_eq!(resp.status().as_u16(), 200);
         started.elapsed()
     };
+    let next = || users.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Warm up.
     for _ in 0..50 {
-        place(client.clone(), format!("{base}/")).await;
+        place(client.clone(), format!("{base}/"), next()).await;
     }
     let mut sequential = Vec::new();
     for _ in 0..1000 {
-        sequential.push(place(client.clone(), format!("{base}/")).await);
+        sequential.push(place(client.clone(), format!("{base}/"), next()).await);
     }
     sequential.sort();
     println!(
@@ -144,7 +150,7 @@ async fn placement(admin: &str) {
     );
     let mut concurrent = Vec::new();
     for _ in 0..125 {
-        let batch: Vec<_> = (0..8).map(|_| tokio::spawn(place(client.clone(), format!("{base}/")))).collect();
+        let batch: Vec<_> = (0..8).map(|_| tokio::spawn(place(client.clone(), format!("{base}/"), next()))).collect();
         for t in batch {
             concurrent.push(t.await.unwrap());
         }
@@ -157,6 +163,12 @@ async fn placement(admin: &str) {
         ms(*concurrent.last().unwrap())
     );
     println!("{}", histogram(&base).await);
+    let registry =
+        sessionlb::cluster::connect(&sessionlb::config::DatabaseUrl::parse(&db).unwrap(), Duration::from_secs(1))
+            .await
+            .unwrap();
+    assert_eq!(registry.list_sessions().await.unwrap().len(), 2050, "one session per user");
+    registry.close().await;
     drop_database(admin, &db).await;
 }
 
@@ -202,7 +214,7 @@ async fn memory(admin: &str) {
             .unwrap();
     }
     println!("(10,000 sessions written in {:.1} s)", started.elapsed().as_secs_f64());
-    let (_backend, node, base) = start_node(dir.path(), &db, "127.0.0.3", "").await;
+    let (_backend, node, base) = start_node(dir.path(), &db, "127.0.0.3", TRUST_LOOPBACK).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -213,9 +225,9 @@ async fn memory(admin: &str) {
         assert!(Instant::now() < deadline, "node did not load the registry: {h}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Serve a little traffic (new sessions on this node, status page of everything).
-    for _ in 0..200 {
-        client.get(format!("{base}/")).send().await.unwrap();
+    // Serve a little traffic (200 new users' sessions, status page of everything).
+    for i in 0..200 {
+        client.get(format!("{base}/")).header("x-forwarded-user", format!("new{i}")).send().await.unwrap();
     }
     let status = client.get(format!("{base}/load-balancer/status")).send().await.unwrap().text().await.unwrap();
     assert!(status.lines().count() > 10_000);

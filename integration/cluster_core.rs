@@ -339,12 +339,12 @@ async fn list_nodes_orders_online_first_and_flags_versions_and_clock_skew() {
     first.proc.wait_exit(Duration::from_secs(20));
     // Another version on the third node, and a clock 5 s off on the second.
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    sqlx::query("UPDATE sessionlb_nodes SET version = '0.0.9' WHERE port = $1")
+    sqlx::query("UPDATE sessionlb.sessionlb_nodes SET version = '0.0.9' WHERE port = $1")
         .bind(i32::from(third.spec.port))
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE sessionlb_nodes SET clock_skew_ms = 5000 WHERE port = $1")
+    sqlx::query("UPDATE sessionlb.sessionlb_nodes SET clock_skew_ms = 5000 WHERE port = $1")
         .bind(i32::from(second.spec.port))
         .execute(&pool)
         .await
@@ -392,7 +392,18 @@ async fn diagnostics_go_to_stderr_or_a_temp_file() {
                 .await
             }
             _ => {
-                let file = std::env::temp_dir().join(format!("sessionlb-diagnostics-{pid}.log"));
+                // `sessionlb-diagnostics-<pid>-<random>.log` in the temp folder.
+                let prefix = format!("sessionlb-diagnostics-{pid}-");
+                let file = eventually(Duration::from_secs(5), "the diagnostics file", || async {
+                    std::fs::read_dir(std::env::temp_dir())
+                        .ok()?
+                        .flatten()
+                        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .map(|e| e.path())
+                })
+                .await;
+                let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+                assert_eq!(mode & 0o777, 0o600, "the diagnostics file is private: {}", file.display());
                 let text = eventually(Duration::from_secs(5), "a routing event in the diagnostics file", || async {
                     std::fs::read_to_string(&file).ok().filter(|t| t.contains("routed"))
                 })
@@ -402,7 +413,7 @@ async fn diagnostics_go_to_stderr_or_a_temp_file() {
                 text
             }
         };
-        assert!(diag.contains("key=aff:"), "{diag}");
+        assert!(diag.contains("via=pin="), "an anonymous request is routed by its pin: {diag}");
         node.proc.signal(Signal::TERM);
         node.proc.wait_exit(Duration::from_secs(20));
     }

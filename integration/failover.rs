@@ -6,27 +6,44 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
+use sessionlb::cluster::{NewSession, SessionKind};
 use sessionlb::proxy::{cookie, forward};
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, session_on};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK, session_on};
 use crate::common::db::ThrowawayPostgres;
 use crate::common::eventually;
 use crate::common::netns::Netns;
 use crate::common::node::{ClusterFixture, free_port};
 use crate::routing::sessionlb_now;
 
-/// A browser whose session lives on node `want` (0 = A), made by placing
-/// fresh sessions until one lands there.
+/// Cluster options trusting the test client's user header.
+fn users() -> ClusterOptions {
+    ClusterOptions { extra: TRUST_LOOPBACK.into(), ..Default::default() }
+}
+
 fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forged_and_expired_cookies_are_ignored_replaced_and_counted() {
+async fn forged_and_expired_legacy_cookies_are_ignored_replaced_and_counted() {
     let c = Cluster::start(ClusterOptions::default()).await;
-    let victim = session_on(&c, 1).await;
-    let genuine = victim.affinity().unwrap().to_string();
-    // B takes no new sessions now, so only a (wrongly) trusted cookie could reach it.
+    // A session made by an older version: a v1 affinity cookie and its row on B.
+    let (legacy, genuine) = cookie::issue_v1(&c.key(), sessionlb_now());
+    c.registry
+        .place_session(&NewSession {
+            key: legacy.session_key(),
+            node_id: c.node_id(1).await,
+            user_name: None,
+            kind: SessionKind::Affinity,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "A to know the session", || async {
+        c.nodes[0].health().await.filter(|h| h["sessions"] == 1).map(|_| ())
+    })
+    .await;
+    // B takes no new sessions or pins now, so only a (wrongly) trusted cookie could reach it.
     assert!(c.fx.admin(&c.nodes[1].config, &["offline"]).status.success());
     c.wait_sees_offline_mode(&c.nodes[0], &c.nodes[1], Duration::from_secs(5), "A to see B draining").await;
     let before = counter(&c.status_json(&c.nodes[0]).await, "rejected_cookies");
@@ -37,8 +54,8 @@ async fn forged_and_expired_cookies_are_ignored_replaced_and_counted() {
     parts[3] = format!("{}{}", if mac.starts_with('A') { "B" } else { "A" }, &mac[1..]);
     let forged = parts.join(".");
     // Expired: a valid MAC, issued beyond the maximum age (1 day by default).
-    let id = &genuine.split('.').nth(1).unwrap();
-    let expired = cookie::sign(&c.key(), id, sessionlb_now() - 2 * 86_400);
+    let id = &legacy.id;
+    let expired = cookie::sign_v1(&c.key(), id, sessionlb_now() - 2 * 86_400);
 
     for (what, value) in [("forged", forged), ("expired", expired)] {
         for _ in 0..3 {
@@ -47,16 +64,21 @@ async fn forged_and_expired_cookies_are_ignored_replaced_and_counted() {
             let reply = attacker.get(&c.nodes[0].url("/")).await;
             assert_eq!(reply.status, 200);
             assert_ne!(reply.backend(), Some("B"), "a {what} cookie reached B's backend");
-            let fresh = attacker.affinity().unwrap();
-            assert_ne!(fresh, value, "a fresh cookie replaces the {what} one");
-            assert_ne!(fresh.split('.').nth(1), Some(*id));
+            let fresh = attacker.pin().unwrap();
+            assert_ne!(fresh, value, "a fresh pin replaces the {what} cookie");
+            assert!(fresh.starts_with("v2."), "{fresh}");
+            assert!(!fresh.contains(id.as_str()));
         }
     }
     let after = counter(&c.status_json(&c.nodes[0]).await, "rejected_cookies");
     assert!(after >= before + 6, "rejections counted: {before} -> {after}");
-    // The genuine cookie still reaches B (offline mode keeps existing sessions).
-    let mut victim = victim;
-    assert_eq!(victim.get(&c.nodes[0].url("/")).await.backend(), Some("B"));
+    // The genuine legacy cookie still reaches B (offline mode keeps existing
+    // sessions), and is left as it is.
+    let mut victim = Browser::new();
+    victim.cookies.insert("sessionlb-affinity".into(), genuine.clone());
+    let reply = victim.get(&c.nodes[0].url("/")).await;
+    assert_eq!(reply.backend(), Some("B"));
+    assert_eq!(reply.sets_pin(), None, "a working legacy cookie is not replaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -134,9 +156,11 @@ fn sessionlb_now_ms() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_node_fails_over_and_the_session_moves() {
-    let mut c =
-        Cluster::start(ClusterOptions { extra: "health-check-interval = \"500ms\"".into(), ..Default::default() })
-            .await;
+    let mut c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"500ms\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
     let mut browser = session_on(&c, 2).await;
     let c_id = c.node_id(2).await;
     let key = c
@@ -171,7 +195,7 @@ async fn killed_node_fails_over_and_the_session_moves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_node_drains_new_sessions_but_keeps_its_own() {
-    let c = Cluster::start(ClusterOptions::default()).await;
+    let c = Cluster::start(users()).await;
     let mut on_b = session_on(&c, 1).await;
     let pid = c.nodes[1].proc.pid();
     let out = c.fx.admin(&c.nodes[1].config, &["offline"]);
@@ -182,9 +206,11 @@ async fn offline_node_drains_new_sessions_but_keeps_its_own() {
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     for i in 0..30 {
-        let reply = Browser::new().get(&c.nodes[i % 3].url("/")).await;
+        let reply = Browser::new_user().get(&c.nodes[i % 3].url("/")).await;
         assert_eq!(reply.status, 200);
         assert!(matches!(reply.backend(), Some("A") | Some("C")), "new session {i} landed on {:?}", reply.backend());
+        let reply = Browser::new().get(&c.nodes[i % 3].url("/")).await;
+        assert!(matches!(reply.backend(), Some("A") | Some("C")), "new pin {i} to {:?}", reply.backend());
     }
     assert_eq!(on_b.get(&c.nodes[0].url("/mine")).await.backend(), Some("B"), "B still serves its session");
     assert_eq!(c.nodes[1].proc.pid(), pid, "same process");
@@ -194,7 +220,7 @@ async fn offline_node_drains_new_sessions_but_keeps_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_a_stopped_node_re_places_its_sessions() {
-    let mut c = Cluster::start(ClusterOptions::default()).await;
+    let mut c = Cluster::start(users()).await;
     let mut browser = session_on(&c, 2).await;
     let c_id = c.node_id(2).await;
     c.nodes[2].proc.signal(Signal::TERM);
@@ -222,10 +248,10 @@ async fn deleting_a_stopped_node_re_places_its_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_outage_does_not_stop_known_sessions() {
     let pg = ThrowawayPostgres::start();
-    let c = Cluster::start(ClusterOptions { database_url: Some(pg.url()), ..Default::default() }).await;
+    let c = Cluster::start(ClusterOptions { database_url: Some(pg.url()), ..users() }).await;
     let mut browsers = Vec::new();
     for _ in 0..6 {
-        let mut b = Browser::new();
+        let mut b = Browser::new_user();
         let backend = b.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
         browsers.push((b, backend));
     }
@@ -302,25 +328,34 @@ async fn database_outage_does_not_stop_known_sessions() {
     })
     .await;
     c.wait_sees_offline_mode(&c.nodes[0], &c.nodes[2], Duration::from_secs(15), "A to learn it too").await;
-    // And new sessions are placed again.
-    assert_eq!(Browser::new().get(&c.nodes[0].url("/")).await.status, 200);
+    // And new users are placed in the registry again.
+    let mut newcomer = Browser::new_user();
+    assert_eq!(newcomer.get(&c.nodes[0].url("/")).await.status, 200);
+    let key = newcomer.user_key();
+    eventually(Duration::from_secs(10), "the newcomer's session in the registry", || async {
+        c.registry.get_session(&key).await.ok().flatten().map(|_| ())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_page_lists_nodes_and_sessions_and_is_restricted() {
-    let c = Cluster::start(ClusterOptions {
-        extra: "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let c = Cluster::start(users()).await;
     let mut ann = Browser::as_user("ann");
     let ann_backend = ann.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
-    let _anon = Browser::new().get(&c.nodes[1].url("/")).await;
+    // An anonymous browser: pinned (counted, no session); the key its
+    // backend mints is a session without a user.
+    let mut anon = Browser::new();
+    let minted: serde_json::Value =
+        serde_json::from_str(&anon.get(&c.nodes[1].url("/new-session")).await.body).unwrap();
+    let anon_key = minted["key"].as_str().unwrap().to_string();
+    assert_eq!(anon.get(&c.nodes[1].url(&format!("/s/{anon_key}/"))).await.status, 200);
     assert!(c.fx.admin(&c.nodes[2].config, &["offline"]).status.success());
 
-    let text = eventually(Duration::from_secs(5), "the status page to show C draining", || async {
+    let text = eventually(Duration::from_secs(5), "the status page to show C draining and both sessions", || async {
         let t = reqwest::get(c.nodes[1].url("/load-balancer/status")).await.ok()?.text().await.ok()?;
-        t.contains("(offline)").then_some(t)
+        (t.contains("(offline)") && t.contains(&format!("   {anon_key} - (anonymous)")) && t.contains(" - ann"))
+            .then_some(t)
     })
     .await;
     for (i, node) in c.nodes.iter().enumerate() {
@@ -338,8 +373,12 @@ async fn status_page_lists_nodes_and_sessions_and_is_restricted() {
         .find(|s| s.user_name.as_deref() == Some("ann"))
         .unwrap()
         .key;
+    assert_eq!(ann_key, "user:ann");
     assert!(block.contains(&format!("   {ann_key} - ann")), "{block}");
-    assert!(text.contains(" - (anonymous)"), "{text}");
+    // The anonymous browser's pin is no session, but its node counts it.
+    assert!(anon.pinned_node().is_some());
+    let b_block = text.split("\n\n").find(|b| b.starts_with(&c.nodes[1].address())).unwrap();
+    assert!(b_block.contains("anonymous pins issued recently)"), "B issued the pin: {b_block}");
 
     let json = c.status_json(&c.nodes[0]).await;
     assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
@@ -347,10 +386,14 @@ async fn status_page_lists_nodes_and_sessions_and_is_restricted() {
     for name in ["rejected_cookies", "rejected_forwards", "placements", "session_moves"] {
         counter(&json, name);
     }
-    assert!(counter(&json, "placements") >= 2);
+    assert!(counter(&json, "placements") >= 1);
+    assert!(counter(&json, "backend_keys_registered") >= 1);
+    assert!(counter(&json, "pins_issued") >= 1);
     let sessions: usize =
         json["nodes"].as_array().unwrap().iter().map(|n| n["sessions"].as_array().unwrap().len()).sum();
     assert_eq!(sessions, 2);
+    let pins: u64 = json["nodes"].as_array().unwrap().iter().map(|n| n["pins_recent"].as_u64().unwrap()).sum();
+    assert!(pins >= 1, "{json}");
 
     // The Prometheus endpoint carries the same counters.
     let metrics = reqwest::get(c.nodes[0].url("/metrics")).await.unwrap().text().await.unwrap();
@@ -379,8 +422,11 @@ async fn status_page_is_refused_to_a_client_outside_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn probes_find_a_frozen_node_and_its_recovery() {
-    let c = Cluster::start(ClusterOptions { extra: "health-check-interval = \"500ms\"".into(), ..Default::default() })
-        .await;
+    let c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"500ms\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
     let frozen = c.nodes[2].address();
     let shown = |text: &str| text.lines().find(|l| l.starts_with(&frozen)).unwrap_or("").to_string();
     // Frozen: still `Online` in the registry, but it answers nothing (its
@@ -403,8 +449,10 @@ async fn probes_find_a_frozen_node_and_its_recovery() {
     assert!(started.elapsed() < Duration::from_secs(6), "found after {:?}", started.elapsed());
     let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
     assert!(shown(&text).contains("(unreachable)"), "{text}");
-    // New sessions avoid it meanwhile.
+    // New sessions and new pins avoid it meanwhile.
     for _ in 0..6 {
+        let reply = Browser::new_user().get(&c.nodes[0].url("/")).await;
+        assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
         let reply = Browser::new().get(&c.nodes[0].url("/")).await;
         assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
     }
@@ -429,8 +477,11 @@ async fn moves_for(c: &Cluster, node: usize, reason: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_whose_backend_died_tells_the_sender_to_fail_over() {
     // Probes slow enough that only the data path can notice the dead backend.
-    let mut c =
-        Cluster::start(ClusterOptions { extra: "health-check-interval = \"60s\"".into(), ..Default::default() }).await;
+    let mut c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"60s\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
     let mut browser = session_on(&c, 2).await;
     let c_id = c.node_id(2).await;
     c.backends[2].proc.kill();
@@ -448,8 +499,11 @@ async fn a_node_whose_backend_died_tells_the_sender_to_fail_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backend_cannot_forge_the_backend_down_marker() {
-    let c =
-        Cluster::start(ClusterOptions { extra: "health-check-interval = \"60s\"".into(), ..Default::default() }).await;
+    let c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"60s\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
     let mut browser = session_on(&c, 2).await;
     let c_id = c.node_id(2).await;
     let placements = || async {

@@ -14,7 +14,7 @@ use rustix::process::Signal;
 use sessionlb::cluster::{NodeId, NodeStatus, Registry};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, WebSocket, session_on};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, TRUST_LOOPBACK, WebSocket, session_on};
 use crate::common::node::{Backend, ClusterFixture, Node};
 use crate::common::{eventually, eventually_sync};
 
@@ -148,7 +148,7 @@ async fn health_of(url: String) -> Option<(u16, serde_json::Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_until_the_last_websocket_closes_and_drops_no_request() {
     let mut c = Cluster::start(ClusterOptions {
-        extra: "health-check-interval = \"250ms\"".into(),
+        extra: format!("health-check-interval = \"250ms\"\n{TRUST_LOOPBACK}"),
         per_node: ["drain-timeout = \"60s\"\ngrace-period = 2".into(), String::new(), String::new()],
         ..Default::default()
     })
@@ -190,10 +190,12 @@ async fn sigterm_drains_until_the_last_websocket_closes_and_drops_no_request() {
     c.wait_sees_offline_mode(&c.nodes[1], &c.nodes[0], Duration::from_secs(5), "B to see A in offline mode").await;
     let row = c.registry.get_node(a_id).await.unwrap().unwrap();
     assert_eq!((row.status, row.offline_mode), (NodeStatus::Online, true));
-    // New sessions go elsewhere, even when they arrive at A.
+    // New sessions (and anonymous pins) go elsewhere, even when they arrive at A.
     for _ in 0..4 {
-        let reply = Browser::new().get(&a_root).await;
-        assert!(matches!(reply.backend(), Some("B") | Some("C")), "{:?}", reply.backend());
+        for mut newcomer in [Browser::new_user(), Browser::new()] {
+            let reply = newcomer.get(&a_root).await;
+            assert!(matches!(reply.backend(), Some("B") | Some("C")), "{:?}", reply.backend());
+        }
     }
     // A keeps serving while the WebSocket is open, and its peers still reach it
     // (the draining 503 is not a failed health check).
@@ -271,6 +273,7 @@ async fn metric(url: &str, name: &str) -> Option<f64> {
 async fn upgrades_hand_the_sockets_over_without_a_failed_request_or_leaving_online() {
     const GRACE: Duration = Duration::from_secs(2);
     let mut c = Cluster::start(ClusterOptions {
+        extra: TRUST_LOOPBACK.into(),
         per_node: ["grace-period = 2".into(), String::new(), String::new()],
         ..Default::default()
     })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK};
 use crate::common::eventually;
 use crate::common::netns::Netns;
 use crate::common::node::{ClusterFixture, free_port};
@@ -25,10 +25,10 @@ async fn scrape(url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_metrics_listener_serves_requests_upstreams_tunnels_registry_and_process_metrics() {
-    let c = Cluster::start(ClusterOptions::default()).await;
+    let c = Cluster::start(ClusterOptions { extra: TRUST_LOOPBACK.into(), ..Default::default() }).await;
     let a = &c.nodes[0];
-    // A session somewhere, used through its own node and through another one.
-    let mut b = Browser::new();
+    // A signed-in user's session somewhere, used through its own node and through another one.
+    let mut b = Browser::new_user();
     let first = b.get(&a.url("/")).await;
     assert_eq!(first.status, 200);
     let owner = NAMES.iter().position(|n| Some(*n) == first.backend()).unwrap();
@@ -108,12 +108,16 @@ async fn node_gauges_agree_with_the_status_page_at_once_and_forget_deleted_nodes
     // Health checks every minute: nothing periodic refreshes the gauges
     // during the test (they used to be set by the health-check loop, and
     // lagged the status page: 97 sessions shown for 201 placed).
-    let mut c =
-        Cluster::start(ClusterOptions { extra: "health-check-interval = \"60s\"".into(), ..Default::default() }).await;
+    let mut c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"60s\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
     let a = &c.nodes[0];
+    // 60 signed-in users, placed at once.
     let placed: Vec<_> = futures::future::join_all((0..60).map(|_| {
         let url = a.url("/");
-        async move { Browser::new().get(&url).await.status }
+        async move { Browser::new_user().get(&url).await.status }
     }))
     .await;
     assert!(placed.iter().all(|s| *s == 200), "{placed:?}");
@@ -220,9 +224,9 @@ async fn every_metric_the_dashboard_and_alert_rules_name_exists_on_a_running_nod
     }
 
     // A cluster that has done what every metric counts: placements, a
-    // WebSocket, a forged cookie, a forged node-to-node header, a session
-    // whose node's backend died (a move).
-    let mut c = Cluster::start(ClusterOptions::default()).await;
+    // WebSocket, a forged cookie (and the pin that replaces it), a forged
+    // node-to-node header, a session whose node's backend died (a move).
+    let mut c = Cluster::start(ClusterOptions { extra: TRUST_LOOPBACK.into(), ..Default::default() }).await;
     let mut b = crate::common::cluster::session_on(&c, 2).await;
     let mut ws = b.websocket(&c.nodes[0]).await;
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use rustix::process::Signal;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::cluster::{Cluster, ClusterOptions, session_on};
+use crate::common::cluster::{Cluster, ClusterOptions, TRUST_LOOPBACK, session_on};
 use crate::common::netns::Netns;
 use crate::common::node::SESSIONLB;
 use crate::common::{eventually, eventually_sync};
@@ -93,6 +93,7 @@ async fn the_docker_healthcheck_passes_for_a_serving_node_and_fails_while_it_dra
     let mut args = docker_healthcheck();
     assert_eq!(args[0], "/usr/local/bin/sessionlb");
     let c = Cluster::start(ClusterOptions {
+        extra: TRUST_LOOPBACK.into(),
         per_node: ["drain-timeout = \"30s\"".into(), String::new(), String::new()],
         ..Default::default()
     })

@@ -165,9 +165,9 @@ async fn check_in_records_clock_skew_and_fails_for_deleted_nodes(b: Backend) {
     let node = r.get_node(a).await.unwrap().unwrap();
     assert!(node.last_seen.unwrap() > before);
     assert_eq!(node.clock_skew_ms, Some(-1500));
-    r.report_load(a, [1.5, 1.0, 0.5], 4).await.unwrap();
+    r.report_load(a, [1.5, 1.0, 0.5], 4, 17).await.unwrap();
     let node = r.get_node(a).await.unwrap().unwrap();
-    assert_eq!((node.load, node.cpus), ([1.5, 1.0, 0.5], 4));
+    assert_eq!((node.load, node.cpus, node.pins_recent), ([1.5, 1.0, 0.5], 4, 17));
     r.set_node_status(a, NodeStatus::Offline).await.unwrap();
     assert!(matches!(r.delete_node(a, false).await.unwrap(), DeleteOutcome::Deleted { .. }));
     assert!(matches!(r.check_in(a, 0).await, Err(RegistryError::NodeNotFound(_))));
@@ -308,7 +308,7 @@ async fn measurements_are_not_announced(b: Backend) {
     let mut rx = r.subscribe().await.unwrap();
     // Load reports and check-ins of A, then a change that matters: B offline.
     for i in 0..5 {
-        r.report_load(a, [i as f64, 1.0, 1.0], 4).await.unwrap();
+        r.report_load(a, [i as f64, 1.0, 1.0], 4, i as u64).await.unwrap();
         r.check_in(a, i).await.unwrap();
     }
     r.set_offline_mode(bn, true).await.unwrap();

@@ -1,5 +1,6 @@
-//! Issue 4: session routing through real nodes and backends — balancers,
-//! stickiness, key registration, WebSockets, concurrent placement.
+//! Issue 4: session routing through real nodes and backends — balancers
+//! placing signed-in users, stickiness, key registration, WebSockets,
+//! concurrent placement.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -8,18 +9,14 @@ use futures::{SinkExt, StreamExt};
 use sessionlb::balancer::Candidate;
 use sessionlb::balancer::user_hash::{HashKey, UserHashBalancer};
 use sessionlb::cluster::{NewSession, SessionKind};
-use sessionlb::proxy::cookie;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK};
 use crate::common::eventually;
-
-/// Trust the user header from loopback (the test client).
-const TRUST_LOOPBACK: &str = "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_balancer_evens_out_session_counts() {
-    let c = Cluster::start(ClusterOptions { router: true, ..Default::default() }).await;
+    let c = Cluster::start(ClusterOptions { router: true, extra: TRUST_LOOPBACK.into(), ..Default::default() }).await;
     let ids = [c.node_id(0).await, c.node_id(1).await, c.node_id(2).await];
     for (node, n) in [(0, 4), (2, 2)] {
         for i in 0..n {
@@ -29,7 +26,7 @@ async fn sessions_balancer_evens_out_session_counts() {
                     key: &key,
                     node_id: ids[node],
                     user_name: None,
-                    kind: SessionKind::Affinity,
+                    kind: SessionKind::Backend,
                 })
                 .await
                 .unwrap();
@@ -41,8 +38,13 @@ async fn sessions_balancer_evens_out_session_counts() {
     })
     .await;
     for _ in 0..6 {
-        let reply = Browser::new().get(&router.url("/")).await;
+        let reply = Browser::new_user().get(&router.url("/")).await;
         assert_eq!(reply.status, 200);
+    }
+    assert_eq!(c.counts().await, [4, 4, 4]);
+    // Anonymous browsers are pinned, not placed: the counts stay.
+    for _ in 0..6 {
+        assert_eq!(Browser::new().get(&router.url("/")).await.status, 200);
     }
     assert_eq!(c.counts().await, [4, 4, 4]);
 
@@ -56,7 +58,7 @@ async fn sessions_balancer_evens_out_session_counts() {
     })
     .await;
     assert_eq!(router.proc.pid(), pid);
-    assert_eq!(Browser::new().get(&router.url("/")).await.status, 200);
+    assert_eq!(Browser::new_user().get(&router.url("/")).await.status, 200);
     assert!(router.proc.log_text().contains("configuration reloaded: balancer applied"));
 }
 
@@ -72,27 +74,29 @@ async fn system_load_balancer_follows_reported_load() {
     write([2.0, 0.1, 1.0]);
     let per_node = [0, 1, 2].map(|i| format!("loadavg-path = \"{}\"", files[i].display()));
     let c = Cluster::start(ClusterOptions {
-        extra: "balancer = \"system-load\"\nload-report-interval = \"200ms\"".into(),
+        extra: format!("balancer = \"system-load\"\nload-report-interval = \"200ms\"\n{TRUST_LOOPBACK}"),
         per_node,
         ..Default::default()
     })
     .await;
     let entry = &c.nodes[0];
-    // B is least loaded.
+    // B is least loaded: new users and new anonymous pins go there.
     eventually(Duration::from_secs(10), "new sessions to land on B", || async {
-        (Browser::new().get(&entry.url("/")).await.backend() == Some("B")).then_some(())
+        (Browser::new_user().get(&entry.url("/")).await.backend() == Some("B")).then_some(())
     })
     .await;
     for _ in 0..5 {
+        assert_eq!(Browser::new_user().get(&entry.url("/")).await.backend(), Some("B"));
         assert_eq!(Browser::new().get(&entry.url("/")).await.backend(), Some("B"));
     }
     // The load changes: now C is least loaded.
     write([2.0, 3.0, 0.05]);
     eventually(Duration::from_secs(10), "new sessions to follow the change to C", || async {
-        (Browser::new().get(&entry.url("/")).await.backend() == Some("C")).then_some(())
+        (Browser::new_user().get(&entry.url("/")).await.backend() == Some("C")).then_some(())
     })
     .await;
     for _ in 0..5 {
+        assert_eq!(Browser::new_user().get(&entry.url("/")).await.backend(), Some("C"));
         assert_eq!(Browser::new().get(&entry.url("/")).await.backend(), Some("C"));
     }
 }
@@ -183,7 +187,14 @@ async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
     // (the loads stay within the 1.25 bound here, so the bound does not intervene).
     let survivors: Vec<Candidate> = kept
         .iter()
-        .map(|&i| Candidate { id: i as i64, address: c.nodes[i].address(), sessions: 0, load: [0.0; 3], cpus: 1 })
+        .map(|&i| Candidate {
+            id: i as i64,
+            address: c.nodes[i].address().into(),
+            sessions: 0,
+            recent_pins: 0,
+            load: [0.0; 3],
+            cpus: 1,
+        })
         .collect();
     for u in &moved {
         let best = UserHashBalancer::ranking(HashKey::User(u), &survivors)[0];
@@ -205,7 +216,7 @@ async fn custom_plugin_choice_wins_and_a_slow_plugin_falls_back() {
     }
     let c = Cluster::start(ClusterOptions {
         extra: format!(
-            "balancer = \"custom\"\ncustom-balancer-command = \"{}\"\ncustom-balancer-timeout = \"1s\"",
+            "balancer = \"custom\"\ncustom-balancer-command = \"{}\"\ncustom-balancer-timeout = \"1s\"\n{TRUST_LOOPBACK}",
             last.display()
         ),
         ..Default::default()
@@ -218,7 +229,7 @@ async fn custom_plugin_choice_wins_and_a_slow_plugin_falls_back() {
     }
     let chosen = NAMES[ids.iter().max().unwrap().1];
     for i in 0..6 {
-        let reply = Browser::new().get(&c.nodes[i % 3].url("/")).await;
+        let reply = Browser::new_user().get(&c.nodes[i % 3].url("/")).await;
         assert_eq!(reply.backend(), Some(chosen), "the plug-in's choice (the last node) wins");
     }
     // Swap in the slow plug-in (live reload) and place more sessions.
@@ -231,7 +242,7 @@ async fn custom_plugin_choice_wins_and_a_slow_plugin_falls_back() {
     }
     let status_before = c.status_json(&c.nodes[0]).await["counters"]["balancer_fallbacks"].as_u64().unwrap();
     let started = std::time::Instant::now();
-    let reply = Browser::new().get(&c.nodes[0].url("/")).await;
+    let reply = Browser::new_user().get(&c.nodes[0].url("/")).await;
     assert_eq!(reply.status, 200);
     assert!(started.elapsed() < Duration::from_secs(4), "the slow plug-in was not cut off ({:?})", started.elapsed());
     let fallbacks = eventually(Duration::from_secs(5), "the fallback to be counted", || async {
@@ -243,19 +254,19 @@ async fn custom_plugin_choice_wins_and_a_slow_plugin_falls_back() {
     // With `sessions` as the fallback, new sessions go to the other two nodes (the chosen one has 6+).
     let mut seen = BTreeSet::new();
     for _ in 0..4 {
-        seen.insert(Browser::new().get(&c.nodes[0].url("/")).await.backend().unwrap().to_string());
+        seen.insert(Browser::new_user().get(&c.nodes[0].url("/")).await.backend().unwrap().to_string());
     }
     assert!(!seen.contains(chosen), "{seen:?}");
     assert!(c.nodes[0].proc.log_text().contains("fell back to `sessions`"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_session_sticks_to_one_backend_through_every_entry() {
-    let c = Cluster::start(ClusterOptions { router: true, ..Default::default() }).await;
-    let mut browser = Browser::new();
+async fn one_user_sticks_to_one_backend_through_every_entry() {
+    let c = Cluster::start(ClusterOptions { router: true, extra: TRUST_LOOPBACK.into(), ..Default::default() }).await;
+    let mut browser = Browser::as_user("ann");
     let first = browser.get(&c.nodes[0].url("/")).await;
     let backend = first.backend().unwrap().to_string();
-    assert!(browser.affinity().is_some(), "the first response sets the affinity cookie");
+    assert!(browser.pin().is_some(), "the first response pins the browser to the user's node");
     let entries = c.entries();
     for i in 0..200 {
         let reply = browser.get(&entries[i % entries.len()].url(&format!("/page/{i}"))).await;
@@ -267,8 +278,10 @@ async fn one_session_sticks_to_one_backend_through_every_entry() {
             entries[i % entries.len()].address()
         );
     }
-    // Exactly one session in the registry.
-    assert_eq!(c.registry.list_sessions().await.unwrap().len(), 1);
+    // Exactly one session in the registry: the user's.
+    let rows = c.registry.list_sessions().await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].key.as_str(), rows[0].kind), ("user:ann", SessionKind::User));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -326,14 +339,12 @@ async fn websocket_through_a_non_owning_node_survives_idle_and_echoes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_first_requests_for_one_key_create_one_session() {
-    let c = Cluster::start(ClusterOptions::default()).await;
-    let (affinity, value) = cookie::issue(&c.key(), sessionlb_now());
+async fn concurrent_first_requests_of_one_user_create_one_session() {
+    let c = Cluster::start(ClusterOptions { extra: TRUST_LOOPBACK.into(), ..Default::default() }).await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let url = c.nodes[i % 3].url(&format!("/first/{i}"));
-        let mut b = Browser::new();
-        b.cookies.insert("sessionlb-affinity".into(), value.clone());
+        let mut b = Browser::as_user("concurrent-ann");
         tasks.push(tokio::spawn(async move { b.get(&url).await }));
     }
     let mut backends = BTreeSet::new();
@@ -345,7 +356,8 @@ async fn concurrent_first_requests_for_one_key_create_one_session() {
     assert_eq!(backends.len(), 1, "all 50 responses from one backend: {backends:?}");
     let rows: Vec<_> = c.registry.list_sessions().await.unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].key, affinity.session_key());
+    assert_eq!(rows[0].key, "user:concurrent-ann");
+    assert_eq!(Some(NAMES[c.index_of(rows[0].node_id.unwrap()).await.unwrap()]), backends.first().map(String::as_str));
 }
 
 pub fn sessionlb_now() -> u64 {

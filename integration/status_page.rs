@@ -62,15 +62,20 @@ async fn chromium_renders_every_node_and_session_of_a_three_node_cluster() {
         ..Default::default()
     })
     .await;
-    // Sessions on every node: users and anonymous browsers.
+    // Sessions on every node: signed-in users, and sessions the backends
+    // created for anonymous browsers (each of which B gave a pin).
     for user in ["ann", "bob", "cy", "dora", "<script>alert(1)</script>"] {
         assert_eq!(Browser::as_user(user).get(&c.nodes[0].url("/")).await.status, 200);
     }
     for _ in 0..4 {
-        assert_eq!(Browser::new().get(&c.nodes[1].url("/")).await.status, 200);
+        let mut anonymous = Browser::new();
+        let minted: serde_json::Value =
+            serde_json::from_str(&anonymous.get(&c.nodes[1].url("/new-session")).await.body).unwrap();
+        let url = c.nodes[1].url(minted["url"].as_str().unwrap());
+        assert_eq!(anonymous.get(&url).await.status, 200);
     }
     let sessions = c.registry.list_sessions().await.unwrap();
-    assert_eq!(sessions.len(), 9);
+    assert_eq!(sessions.len(), 9, "{sessions:?}");
     for (i, name) in NAMES.iter().enumerate() {
         let id = c.node_id(i).await;
         assert!(sessions.iter().any(|s| s.node_id == Some(id)), "no session on {name}");
@@ -102,10 +107,16 @@ async fn chromium_renders_every_node_and_session_of_a_three_node_cluster() {
     for node in &c.nodes {
         assert!(dom.contains(&format!("data-node=\"{}\"", node.address())), "node {} missing:\n{dom}", node.address());
     }
+    // B's row ends with the 4 pins it issued (no registry session for them).
+    let b_row = dom.split(&format!("<tr data-node=\"{}\"", c.nodes[1].address())).nth(1).unwrap();
+    let b_row = &b_row[..b_row.find("</tr>").unwrap()];
+    assert!(b_row.ends_with("<td class=\"num\">4</td>"), "B's row: {b_row}");
+    // Chromium serializes attribute values with these escaped.
+    let attribute = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
     for s in c.registry.list_sessions().await.unwrap() {
         let on = c.nodes[c.index_of(s.node_id.unwrap()).await.unwrap()].address();
         assert!(
-            dom.contains(&format!("data-session=\"{}\" data-on=\"{on}\"", s.key)),
+            dom.contains(&format!("data-session=\"{}\" data-on=\"{on}\"", attribute(&s.key))),
             "session {} on {on} missing:\n{dom}",
             s.key
         );

@@ -86,6 +86,8 @@ async fn nodes_talk_https_verified_against_a_private_ca() {
 async fn forwarding_refuses_a_peer_whose_certificate_does_not_name_it() {
     // Certificates name only A's address. Probes are off (a 1 h interval),
     // so A believes B reachable and must find out in the data path itself.
+    // The session is an older version's (a v1 cookie and its row), which
+    // keeps working until the cookie expires.
     let pki = tempfile::tempdir().unwrap();
     let ca = make_pki(pki.path(), &[NODE_IPS[0]]);
     let c = Cluster::start(ClusterOptions {
@@ -94,7 +96,7 @@ async fn forwarding_refuses_a_peer_whose_certificate_does_not_name_it() {
         ..Default::default()
     })
     .await;
-    let (affinity, value) = cookie::issue(&c.key(), sessionlb_now());
+    let (affinity, value) = cookie::issue_v1(&c.key(), sessionlb_now());
     let b_id = c.node_id(1).await;
     c.registry
         .place_session(&NewSession {

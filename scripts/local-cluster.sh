@@ -39,7 +39,7 @@ sleep 2
 target/release/sessionlb --config "$state/node-A.toml" list-nodes
 cat <<TXT
 
-Try:  curl -si http://127.0.0.2:8787/            (note the sessionlb-affinity cookie and x-backend)
+Try:  curl -si http://127.0.0.2:8787/            (note the pin cookie sessionlb-affinity and x-backend: no session is created)
       curl -s  http://127.0.0.3:8787/load-balancer/status   (or open it in a browser)
       curl -s  http://127.0.0.2:9787/metrics
       target/release/sessionlb --config $state/node-B.toml offline

@@ -41,6 +41,23 @@ pub struct Metrics {
     pub connect_failures: IntCounterVec,
     /// Requests answered 503 because no node could take them.
     pub no_node_available: IntCounter,
+    /// Anonymous pins issued, by reason (`new`, `replaced`, `user`, `failover`).
+    pub pins_issued: IntCounterVec,
+    /// Pins this node issued within the recent window (`cluster::pins`).
+    pub pins_recent: IntGauge,
+    /// Verified users pinned from memory because the registry was unavailable.
+    pub degraded_placements: IntCounter,
+    /// Such users waiting to be registered once the registry answers.
+    pub degraded_pending: IntGauge,
+    /// Placements abandoned because every request waiting for them had gone.
+    pub placements_cancelled: IntCounter,
+    /// Sessions in this node's in-memory view.
+    pub view_sessions: IntGauge,
+    /// New sessions not kept in memory because the view was full.
+    pub view_capacity_reached: IntCounter,
+    /// Placements that did not run the custom plug-in because
+    /// `custom-balancer-max-running` plug-ins were already running.
+    pub custom_balancer_cap_reached: IntCounter,
     // --- operations (issue 10). Per-node gauges (`sessionlb_node_up`,
     // `sessionlb_node_sessions`, `sessionlb_offline_mode`) are read from the
     // cluster view at scrape time: see `ops::cluster_metrics`.
@@ -64,6 +81,12 @@ pub struct Metrics {
     pub notification_lag: Histogram,
     /// This node's clock minus the database's, measured at check-in.
     pub clock_skew: Gauge,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -170,6 +193,39 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "sessionlb_no_node_available_total",
             "Requests answered 503: no node could take them",
         ),
+        pins_issued: counter_vec(
+            &r,
+            "sessionlb_pins_issued_total",
+            "Anonymous pin cookies issued (chosen from memory, no registry row)",
+            &["reason"],
+        ),
+        pins_recent: gauge(&r, "sessionlb_pins_recent", "Anonymous pins this node issued in the last 5 minutes"),
+        degraded_placements: counter(
+            &r,
+            "sessionlb_degraded_placements_total",
+            "Verified users pinned from memory because the registry was unavailable",
+        ),
+        degraded_pending: gauge(
+            &r,
+            "sessionlb_degraded_pending",
+            "Users placed from memory, waiting to be registered when the registry answers",
+        ),
+        placements_cancelled: counter(
+            &r,
+            "sessionlb_placements_cancelled_total",
+            "Placements abandoned because their request had gone",
+        ),
+        view_sessions: gauge(&r, "sessionlb_view_sessions", "Sessions held in this node's in-memory view"),
+        view_capacity_reached: counter(
+            &r,
+            "sessionlb_view_capacity_reached_total",
+            "New sessions not kept in memory because the view was full (max-sessions-in-memory)",
+        ),
+        custom_balancer_cap_reached: counter(
+            &r,
+            "sessionlb_custom_balancer_cap_reached_total",
+            "Placements that fell back to `sessions` because custom-balancer-max-running plug-ins were running",
+        ),
         request_duration: histogram_vec(
             &r,
             "sessionlb_request_duration_seconds",
@@ -202,12 +258,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             g.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
             g
         },
-        draining: {
-            let g =
-                IntGauge::new("sessionlb_draining", "1 while this node drains before stopping").expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        },
+        draining: gauge(&r, "sessionlb_draining", "1 while this node drains before stopping"),
         registry_seconds: histogram_vec(
             &r,
             "sessionlb_registry_seconds",

@@ -90,7 +90,7 @@ pub fn serve_with(
     options: ServeOptions,
 ) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    let listen = format!("{}:{}", config.node.www_address, config.node.www_port);
+    let listen = config.listen_address().to_string();
     // An upgrade takes the sockets the running process holds; otherwise fail
     // early and clearly if a port is taken (Pingora would exit later).
     let predecessor = if options.upgrade { Some(upgrade::running_process(&config)?) } else { None };
@@ -120,7 +120,7 @@ pub fn serve_with(
     let url = config.cluster.database.redacted();
     let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
-        .block_on(cluster::connect(&database, config.cluster.poll_interval))
+        .block_on(cluster::connect_with(&database, &cluster::RegistryOptions::from_config(&config)))
         .map(cluster::instrumented::instrumented)
         .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
@@ -135,7 +135,7 @@ pub fn serve_with(
         control.block_on(ops::drain::clear_interrupted(registry.as_ref(), started.id, &upgrade::drain_marker(&config)));
     }
 
-    let view = Arc::new(ClusterView::new(started.id));
+    let view = Arc::new(ClusterView::with_session_capacity(started.id, config.sessions.max_sessions_in_memory));
     crate::metrics::init_series();
     ops::process_metrics::register();
     let (self_deleted_tx, self_deleted_rx) = watch::channel(false);
@@ -189,6 +189,13 @@ pub fn serve_with(
     let checks = HealthChecks::new(&config, view.clone(), router.http.clone(), backend, router.backend_up.clone());
     let mut tasks = tasks;
     tasks.push(control.spawn(checks.run(shutdown_rx.clone())));
+    tasks.push(control.spawn(crate::proxy::degraded::run(
+        router.degraded.clone(),
+        registry.clone(),
+        view.clone(),
+        router.control_timeout().min(crate::proxy::routing::PLACEMENT_CALL_WAIT),
+        shutdown_rx.clone(),
+    )));
     if let Some(reload) = reload {
         tasks.push(control.spawn(reload_on_sighup(reload, config.clone(), balancer, shutdown_rx.clone())));
     }

@@ -2,8 +2,10 @@
 //! the bridge that carries Pingora's `log` records into it, and the
 //! optional node-communication diagnostics (`diagnostics = tmp | stderr`).
 
-use std::fs::OpenOptions;
-use std::io::IsTerminal;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing_subscriber::EnvFilter;
@@ -42,24 +44,39 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
         Diagnostics::Stderr => {
             Some(fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed())
         }
-        Diagnostics::Tmp => {
-            let path = std::env::temp_dir().join(format!("sessionlb-diagnostics-{}.log", std::process::id()));
-            match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(file) => {
-                    diag_path = Some(path);
-                    Some(fmt::layer().with_ansi(false).with_writer(Arc::new(file)).boxed())
-                }
-                Err(e) => {
-                    eprintln!("cannot open diagnostics file {}: {e}", path.display());
-                    None
-                }
+        Diagnostics::Tmp => match create_diagnostics_file(&std::env::temp_dir()) {
+            Ok((path, file)) => {
+                diag_path = Some(path);
+                Some(fmt::layer().with_ansi(false).with_writer(Arc::new(file)).boxed())
             }
-        }
+            Err(e) => {
+                eprintln!("cannot create a diagnostics file in {}: {e}", std::env::temp_dir().display());
+                None
+            }
+        },
     }
     .map(|layer| layer.with_filter(EnvFilter::new(format!("{DIAGNOSTICS_TARGET}=trace"))));
 
     let _ = tracing_subscriber::registry().with(main).with(diagnostics).try_init();
     diag_path
+}
+
+/// Create a new diagnostics file in `dir` (the temp folder, shared with
+/// every user): `sessionlb-diagnostics-<pid>-<random>.log`, mode 0600,
+/// with `O_EXCL` — the name cannot be guessed in advance, and a file or
+/// symbolic link planted there is never opened (the creation fails and
+/// another name is tried). Diagnostics name users and session keys.
+pub fn create_diagnostics_file(dir: &Path) -> io::Result<(PathBuf, File)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let path = dir.join(format!("sessionlb-diagnostics-{}-{:016x}.log", std::process::id(), rand::random::<u64>()));
+        match OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path) {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free name")))
 }
 
 /// Install a quiet subscriber for admin commands: warnings and errors on stderr.
@@ -74,4 +91,38 @@ pub fn init_cli() {
                 .with_filter(filter),
         )
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn diagnostics_files_are_private_new_and_unpredictable() {
+        let dir = tempfile::tempdir().unwrap();
+        // Whatever the umask, the file is readable by its owner only.
+        let (a, _file_a) = create_diagnostics_file(dir.path()).unwrap();
+        let (b, _file_b) = create_diagnostics_file(dir.path()).unwrap();
+        assert_ne!(a, b, "two files of one process get different names");
+        for path in [&a, &b] {
+            let meta = std::fs::symlink_metadata(path).unwrap();
+            assert!(meta.file_type().is_file());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", path.display());
+            let name = path.file_name().unwrap().to_str().unwrap();
+            let prefix = format!("sessionlb-diagnostics-{}-", std::process::id());
+            let random = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".log")).unwrap_or_default();
+            assert!(random.len() == 16 && random.bytes().all(|c| c.is_ascii_hexdigit()), "{name}");
+        }
+        // A symlink planted at the name the old code used is not followed.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"").unwrap();
+        let predictable = dir.path().join(format!("sessionlb-diagnostics-{}.log", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &predictable).unwrap();
+        let (c, mut file_c) = create_diagnostics_file(dir.path()).unwrap();
+        assert_ne!(c, predictable);
+        io::Write::write_all(&mut file_c, b"diagnostic line\n").unwrap();
+        assert!(std::fs::read(&victim).unwrap().is_empty());
+    }
 }

@@ -19,6 +19,10 @@ pub const NODE_IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 pub const NAMES: [&str; 3] = ["A", "B", "C"];
 pub const ROUTER_IP: &str = "127.0.0.5";
 
+/// Trust the user header from loopback (the test client): a browser made
+/// with [`Browser::as_user`] is then a signed-in user.
+pub const TRUST_LOOPBACK: &str = "[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n";
+
 /// Three nodes with backends (and maybe a router), sharing one database.
 /// Fields drop in order: processes first (their logs are printed from the
 /// temp dir on failure), then the registry connection, the temp dir, the database.
@@ -43,6 +47,10 @@ pub struct ClusterOptions {
     pub database_url: Option<String>,
     /// Nodes serve TLS (`extra` carries the ssl-* keys).
     pub tls: bool,
+    /// Backends sign users in as Workbench does, with the cluster's key.
+    pub sign_in: bool,
+    /// Environment variables of every node.
+    pub env: Vec<(String, String)>,
 }
 
 fn merge_toml(top: &str, per_node: &str) -> String {
@@ -57,13 +65,15 @@ impl Cluster {
         let fx = ClusterFixture::new(&url);
         let mut backends = Vec::new();
         for name in NAMES {
-            backends.push(Backend::start(fx.path(), name).await);
+            let key = opts.sign_in.then_some(fx.key_file.as_path());
+            backends.push(Backend::start_with(fx.path(), name, key).await);
         }
         let mut specs: Vec<NodeSpec> = Vec::new();
         for (i, ip) in NODE_IPS.iter().enumerate() {
             let mut spec = fx.spec(ip, Some(backends[i].addr));
             spec.extra = merge_toml(&opts.extra, &opts.per_node[i]);
             spec.tls = opts.tls;
+            spec.env = opts.env.clone();
             specs.push(spec);
         }
         let mut nodes = Vec::new();
@@ -142,6 +152,26 @@ impl Cluster {
         self.nodes.iter().chain(self.router.iter()).collect()
     }
 
+    /// The sum of every series of metric `name` on `node` (0 when absent).
+    pub async fn metric(&self, node: &Node, name: &str) -> f64 {
+        let text = reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap();
+        metric_sum(&text, name)
+    }
+
+    /// [`metric`](Self::metric) summed over A, B and C.
+    pub async fn metric_all(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for node in &self.nodes {
+            sum += self.metric(node, name).await;
+        }
+        sum
+    }
+
+    /// Index (0 = A) of the node whose backend is `name`.
+    pub fn index_of_backend(name: &str) -> usize {
+        NAMES.iter().position(|n| *n == name).unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
     /// `/load-balancer/status?format=json` from node `i`.
     pub async fn status_json(&self, node: &Node) -> serde_json::Value {
         reqwest::get(node.url("/load-balancer/status?format=json")).await.unwrap().json().await.unwrap()
@@ -167,16 +197,40 @@ impl Cluster {
     }
 }
 
-/// A browser whose (new) session landed on node `want` (0 = A), placed through A.
+/// A signed-in user's browser whose session lives on node `want` (0 = A),
+/// made by placing fresh users until one lands there, through A (the
+/// cluster must trust the user header: [`TRUST_LOOPBACK`]).
 pub async fn session_on(c: &Cluster, want: usize) -> Browser {
     for _ in 0..60 {
-        let mut b = Browser::new();
+        let mut b = Browser::new_user();
         let reply = b.get(&c.nodes[0].url("/")).await;
         if reply.backend() == Some(NAMES[want]) {
             return b;
         }
     }
     panic!("no session landed on {}", NAMES[want]);
+}
+
+/// The sum of every series of metric `name` in Prometheus text (0 when absent).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// A response, read whole.
@@ -191,6 +245,15 @@ impl Reply {
     /// Which backend answered (`X-Backend`), if one did.
     pub fn backend(&self) -> Option<&str> {
         self.headers.get("x-backend").and_then(|v| v.to_str().ok())
+    }
+
+    /// The value of the `sessionlb-affinity` cookie this response sets, if any.
+    pub fn sets_pin(&self) -> Option<String> {
+        self.headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.split(';').next()?.trim().strip_prefix("sessionlb-affinity=").map(str::to_string))
     }
 }
 
@@ -249,6 +312,16 @@ impl Browser {
         Browser { user: Some(user.into()), ..Browser::new() }
     }
 
+    /// A signed-in user of a fresh, random name (see [`TRUST_LOOPBACK`]).
+    pub fn new_user() -> Browser {
+        Browser::as_user(&format!("u{}", hex::encode(rand::random::<[u8; 5]>())))
+    }
+
+    /// The user's registry session key, `user:<name>`.
+    pub fn user_key(&self) -> String {
+        format!("user:{}", self.user.as_deref().expect("a signed-in browser"))
+    }
+
     pub fn cookie_header(&self) -> Option<String> {
         (!self.cookies.is_empty())
             .then(|| self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
@@ -285,6 +358,21 @@ impl Browser {
         Reply { status, headers, body }
     }
 
+    /// POST a form (`application/x-www-form-urlencoded`).
+    pub async fn post_form(&mut self, url: &str, form: &[(&str, &str)]) -> Reply {
+        let resp = self
+            .request(reqwest::Method::POST, url)
+            .form(form)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        self.absorb(&headers);
+        let body = resp.text().await.unwrap_or_default();
+        Reply { status, headers, body }
+    }
+
     /// Open a WebSocket to `/ws` through `node`, with this browser's cookies.
     pub async fn websocket(&self, node: &Node) -> WebSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -292,11 +380,20 @@ impl Browser {
         if let Some(cookies) = self.cookie_header() {
             request.headers_mut().insert("cookie", cookies.parse().unwrap());
         }
+        if let Some(user) = &self.user {
+            request.headers_mut().insert("x-forwarded-user", user.parse().unwrap());
+        }
         tokio_tungstenite::connect_async(request).await.unwrap().0
     }
 
-    /// The affinity cookie value, if set.
-    pub fn affinity(&self) -> Option<&str> {
+    /// The signed cookie (`sessionlb-affinity`: the pin), if set.
+    pub fn pin(&self) -> Option<&str> {
         self.cookies.get("sessionlb-affinity").map(String::as_str)
+    }
+
+    /// The node id the browser's pin names (`v2.<id>.<node>.<issued>.<mac>`).
+    pub fn pinned_node(&self) -> Option<i64> {
+        let pin = self.pin()?;
+        pin.starts_with("v2.").then(|| pin.split('.').nth(2)?.parse().ok()).flatten()
     }
 }

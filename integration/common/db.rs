@@ -90,6 +90,8 @@ pub struct ThrowawayPostgres {
     dir: tempfile::TempDir,
     bin: std::path::PathBuf,
     pub port: u16,
+    /// `listen_addresses`.
+    listen: String,
 }
 
 impl ThrowawayPostgres {
@@ -111,7 +113,7 @@ impl ThrowawayPostgres {
             .expect("an initdb under /usr/lib/postgresql/*/bin");
         let dir = tempfile::Builder::new().prefix("sessionlb-pg-test").tempdir().unwrap();
         let port = crate::common::node::free_port("127.0.0.1");
-        let pg = ThrowawayPostgres { dir, bin, port };
+        let pg = ThrowawayPostgres { dir, bin, port, listen: "127.0.0.1".into() };
         if rustix::process::geteuid().is_root() {
             let status = std::process::Command::new("chown").arg("postgres").arg(pg.dir.path()).status().unwrap();
             assert!(status.success());
@@ -155,8 +157,12 @@ impl ThrowawayPostgres {
 
     pub fn start_server(&self) {
         let data = self.dir.path().join("data");
-        let opts =
-            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses={} -c fsync=off",
+            self.port,
+            self.dir.path().display(),
+            self.listen
+        );
         let out = self
             .command("pg_ctl")
             .arg("-D")
@@ -167,6 +173,18 @@ impl ThrowawayPostgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Also listen on `ip` and trust connections from `cidr` (clients in a
+    /// network namespace); restarts the server.
+    pub fn listen_also(&mut self, ip: &str, cidr: &str) {
+        let hba = self.dir.path().join("data").join("pg_hba.conf");
+        let mut text = std::fs::read_to_string(&hba).unwrap();
+        text.push_str(&format!("host all all {cidr} trust\n"));
+        std::fs::write(&hba, text).unwrap();
+        self.stop_server();
+        self.listen = format!("127.0.0.1,{ip}");
+        self.start_server();
     }
 
     pub fn stop_server(&self) {

@@ -7,6 +7,7 @@ use std::process::Command;
 pub struct Netns {
     pub name: String,
     host_if: String,
+    ns_if: String,
     /// The host side's address (what the namespace connects to).
     pub host_ip: String,
     /// The namespace side's address (the client address the host sees).
@@ -29,7 +30,13 @@ impl Netns {
         let host_ip = format!("10.{}.{}.1", 200 + hi, lo);
         let ns_ip = format!("10.{}.{}.2", 200 + hi, lo);
         ip(&["netns", "add", &name]);
-        let ns = Netns { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), ns_ip: ns_ip.clone() };
+        let ns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            ns_if: ns_if.clone(),
+            host_ip: host_ip.clone(),
+            ns_ip: ns_ip.clone(),
+        };
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
         ip(&["link", "set", &ns_if, "netns", &name]);
         ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]);
@@ -38,6 +45,21 @@ impl Netns {
         ip(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"]);
         ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Cut the namespace off (its side of the link down; packets to it are
+    /// dropped, as in a partition) or heal it. While it is cut, a blackhole
+    /// route keeps the host from sending its address anywhere else (without
+    /// it, the host would route it through its default route).
+    pub fn set_link(&self, up: bool) {
+        let blackhole = format!("{}/32", self.ns_ip);
+        if up {
+            ip(&["netns", "exec", &self.name, "ip", "link", "set", &self.ns_if, "up"]);
+            ip(&["route", "del", "blackhole", &blackhole]);
+        } else {
+            ip(&["route", "add", "blackhole", &blackhole]);
+            ip(&["netns", "exec", &self.name, "ip", "link", "set", &self.ns_if, "down"]);
+        }
     }
 
     /// `curl` inside the namespace: (HTTP status, body).
@@ -54,6 +76,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = Command::new("ip").args(["route", "del", "blackhole", &format!("{}/32", self.ns_ip)]).output();
         let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }

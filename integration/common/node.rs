@@ -101,12 +101,21 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(dir: &Path, name: &str) -> Backend {
+        Backend::start_with(dir, name, None).await
+    }
+
+    /// A backend that signs users in as Workbench does, with this key
+    /// (`/` redirects to `/auth-sign-in` until a `user-id` cookie is set).
+    pub async fn start_with(dir: &Path, name: &str, sign_in_key: Option<&Path>) -> Backend {
         let port = free_port("127.0.0.1");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(DEMO_BACKEND);
         cmd.args(["--listen", &addr.to_string(), "--name", name]);
+        if let Some(key) = sign_in_key {
+            cmd.arg("--secure-cookie-key-file").arg(key);
+        }
         let proc = Proc::spawn(&format!("backend {name}"), cmd, dir.join(format!("backend-{name}.log")));
-        let url = format!("http://{addr}/");
+        let url = format!("http://{addr}/bench");
         eventually(Duration::from_secs(20), &format!("backend {name} to answer"), || {
             let url = url.clone();
             async move { reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
@@ -129,8 +138,10 @@ pub struct NodeSpec {
     pub tls: bool,
     /// The port of its own `metrics-address` (on `ip`), unless `extra` sets one.
     pub metrics_port: u16,
-    /// Extra environment of the process.
+    /// Extra environment of the process (e.g. `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
+    /// Run the node inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// Everything nodes of one test share: a temp dir, a database, a key, shared storage.
@@ -164,6 +175,7 @@ impl ClusterFixture {
             tls: false,
             metrics_port: free_port(ip),
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -215,7 +227,15 @@ impl ClusterFixture {
     /// Start `sessionlb serve <serve_args>` for `spec` (without waiting for it).
     pub fn spawn_serve(&self, spec: &NodeSpec, serve_args: &[&str]) -> Node {
         let config = self.write_config(spec);
-        let mut cmd = Command::new(SESSIONLB);
+        let mut cmd = match &spec.netns {
+            // `ip netns exec` execs the command: the child's pid is the node's.
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, SESSIONLB]);
+                cmd
+            }
+            None => Command::new(SESSIONLB),
+        };
         cmd.arg("--config").arg(&config).arg("serve").args(serve_args).env("NO_COLOR", "1");
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));
@@ -295,6 +315,8 @@ pub struct NodeRow {
     pub host: String,
     pub port: u16,
     pub status: String,
+    pub sessions: u64,
+    pub pins: u64,
     pub notes: String,
 }
 
@@ -309,10 +331,11 @@ pub fn list_nodes(fx: &ClusterFixture, config: &Path) -> Vec<NodeRow> {
 pub fn parse_list_nodes(text: &str) -> Vec<NodeRow> {
     let mut lines = text.lines().skip_while(|l| !l.starts_with("ID "));
     let header = lines.next().expect("a header line");
-    let starts: Vec<usize> = ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Notes"]
-        .iter()
-        .map(|h| header.find(h).expect("column"))
-        .collect();
+    let starts: Vec<usize> =
+        ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Sessions", "Pins", "Notes"]
+            .iter()
+            .map(|h| header.find(h).expect("column"))
+            .collect();
     let cell = |line: &str, i: usize| -> String {
         let start = starts[i].min(line.len());
         let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
@@ -326,7 +349,9 @@ pub fn parse_list_nodes(text: &str) -> Vec<NodeRow> {
             host: cell(l, 1),
             port: cell(l, 3).parse().expect("port"),
             status: cell(l, 4),
-            notes: cell(l, 8),
+            sessions: cell(l, 8).parse().expect("sessions"),
+            pins: cell(l, 9).parse().expect("pins"),
+            notes: cell(l, 10),
         })
         .collect()
 }

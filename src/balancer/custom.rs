@@ -14,6 +14,15 @@
 //!   exit, a crash, no answer or an answer naming no candidate make the
 //!   balancer use `sessions` instead and say why in [`Choice::fallback`].
 //!
+//! It runs only for registry placements (a verified user, or a session whose
+//! node failed): an anonymous pin, or a user pinned from memory while the
+//! registry is down, is chosen by `sessions`'s rule without a process
+//! ([`Balancer::choose_now`]). At most `custom-balancer-max-running`
+//! plug-ins run at once per node; a placement past that uses `sessions`
+//! (counted in `sessionlb_custom_balancer_cap_reached_total`). The plug-in's
+//! environment is sessionlb's without the secrets sessionlb reads
+//! ([`SCRUBBED_ENV`]).
+//!
 //! Guard rails: stdin is written while stdout and stderr are read, so a
 //! plug-in that ignores its input or writes before reading cannot deadlock
 //! us; at most [`STDOUT_LIMIT`] bytes of stdout and [`STDERR_LIMIT`] of
@@ -26,15 +35,22 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio::sync::Semaphore;
 
 use super::{Balancer, Candidate, Choice, PlacementRequest, SessionsBalancer};
 use crate::cluster::NodeId;
+use crate::metrics::METRICS;
+
+/// Environment variables removed from the plug-in's environment: the
+/// secrets sessionlb (or its PostgreSQL driver) reads.
+pub const SCRUBBED_ENV: &[&str] = &[crate::config::PASSWORD_ENV, "PGPASSWORD", "PGPASSFILE"];
 
 /// The version of the stdin JSON this build writes (`"version"`).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -176,12 +192,17 @@ impl PluginError {
 pub struct CustomBalancer {
     command: PathBuf,
     timeout: Duration,
+    /// Plug-ins that may still start (`custom-balancer-max-running` in all).
+    running: Arc<Semaphore>,
+    max_running: usize,
 }
 
 impl CustomBalancer {
-    /// A balancer running `command`, allowing it `timeout` per placement.
-    pub fn new(command: PathBuf, timeout: Duration) -> CustomBalancer {
-        CustomBalancer { command, timeout }
+    /// A balancer running `command`, allowing it `timeout` per placement and
+    /// at most `max_running` (at least 1) plug-ins at once.
+    pub fn new(command: PathBuf, timeout: Duration, max_running: usize) -> CustomBalancer {
+        let max_running = max_running.max(1);
+        CustomBalancer { command, timeout, running: Arc::new(Semaphore::new(max_running)), max_running }
     }
 
     /// The plug-in's path.
@@ -195,8 +216,11 @@ impl CustomBalancer {
         // Serialising plain data with string keys cannot fail.
         let mut input = serde_json::to_vec(&PluginInput::new(req)).unwrap_or_default();
         input.push(b'\n');
-        let nodes = req.candidates.iter().map(|c| c.address.as_str()).collect::<Vec<_>>().join(",");
+        let nodes = req.candidates.iter().map(|c| &*c.address).collect::<Vec<_>>().join(",");
         let mut command = Command::new(&self.command);
+        for name in SCRUBBED_ENV {
+            command.env_remove(name);
+        }
         command
             .env("RSTUDIO_USERNAME", req.user.unwrap_or(""))
             .env("RSTUDIO_NODES", nodes)
@@ -237,6 +261,19 @@ impl Balancer for CustomBalancer {
         if req.candidates.is_empty() {
             return None;
         }
+        let Ok(_running) = self.running.try_acquire() else {
+            METRICS.custom_balancer_cap_reached.inc();
+            let fallback = SessionsBalancer::pick(req.candidates)?;
+            let reason = format!("{} plug-ins already running (custom-balancer-max-running)", self.max_running);
+            tracing::debug!(
+                balancer = "custom",
+                session = req.key,
+                node_id = fallback.id,
+                reason,
+                "placed by sessions"
+            );
+            return Some(Choice { node: fallback.id, fallback: Some(reason) });
+        };
         let started = Instant::now();
         match self.ask(req).await {
             Ok(node) => {
@@ -267,6 +304,10 @@ impl Balancer for CustomBalancer {
                 Some(Choice { node: fallback.id, fallback: Some(error.to_string()) })
             }
         }
+    }
+
+    fn choose_now(&self, req: &PlacementRequest<'_>) -> Option<NodeId> {
+        SessionsBalancer::pick_now(req)
     }
 }
 
@@ -382,7 +423,7 @@ fn find_answer<'c>(stdout: &[u8], candidates: &'c [Candidate], stderr: String) -
     }
     let found = match answer.parse::<NodeId>() {
         Ok(id) => candidates.iter().find(|c| c.id == id),
-        Err(_) => candidates.iter().find(|c| c.address == answer),
+        Err(_) => candidates.iter().find(|c| &*c.address == answer),
     };
     found.ok_or_else(|| PluginError::UnknownNode { answer: answer.chars().take(QUOTED_ANSWER_LIMIT).collect(), stderr })
 }
@@ -426,7 +467,7 @@ mod tests {
 
     /// Runs `command` for `req`; returns the choice and how long it took.
     async fn choose_with(command: PathBuf, timeout: Duration, req: &PlacementRequest<'_>) -> (Choice, Duration) {
-        let balancer = CustomBalancer::new(command, timeout);
+        let balancer = CustomBalancer::new(command, timeout, 8);
         let started = Instant::now();
         let choice = balancer.choose(req).await.expect("candidates given");
         (choice, started.elapsed())
@@ -664,8 +705,11 @@ mod tests {
     async fn failures_keep_stderr_and_a_kind() {
         let dir = tempfile::tempdir().unwrap();
         let nodes = three_nodes();
-        let balancer =
-            CustomBalancer::new(script(&dir, "plugin", "#!/bin/sh\necho 'no nodes for you' >&2\nexit 3\n"), GENEROUS);
+        let balancer = CustomBalancer::new(
+            script(&dir, "plugin", "#!/bin/sh\necho 'no nodes for you' >&2\nexit 3\n"),
+            GENEROUS,
+            1,
+        );
         let error = balancer.ask(&request(None, &nodes)).await.unwrap_err();
         assert_eq!(error.kind(), "exit-status");
         assert_eq!(error.stderr(), "no nodes for you\n");
@@ -673,7 +717,38 @@ mod tests {
 
     #[tokio::test]
     async fn no_candidates_no_choice() {
-        let balancer = CustomBalancer::new(example("pin-users.sh"), GENEROUS);
+        let balancer = CustomBalancer::new(example("pin-users.sh"), GENEROUS, 1);
         assert_eq!(balancer.choose(&request(None, &[])).await, None);
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_placements_fall_back_without_starting_a_plugin() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = dir.path().join("started");
+        // Records its start, then answers node 3 after a moment.
+        let body = format!("#!/bin/sh\necho start >> '{}'\nsleep 1\necho 3\n", started.display());
+        let balancer = CustomBalancer::new(script(&dir, "slow", &body), GENEROUS, 2);
+        let nodes = three_nodes();
+        let req = request(Some("ann"), &nodes);
+        let choices = futures::future::join_all((0..10).map(|_| balancer.choose(&req))).await;
+        let by_plugin = choices.iter().filter(|c| c.as_ref().unwrap().fallback.is_none()).count();
+        assert_eq!(by_plugin, 2, "{choices:?}");
+        for c in choices.iter().flatten().filter(|c| c.fallback.is_some()) {
+            assert_eq!(c.node, 2, "the fallback is `sessions`");
+            assert!(c.fallback.as_deref().unwrap().contains("custom-balancer-max-running"), "{c:?}");
+        }
+        let runs = std::fs::read_to_string(&started).unwrap();
+        assert_eq!(runs.lines().count(), 2, "{runs:?}");
+        // Once they finished, the plug-in runs again.
+        let choice = balancer.choose(&request(Some("ann"), &nodes)).await.unwrap();
+        assert_eq!(choice, Choice { node: 3, fallback: None });
+    }
+
+    #[test]
+    fn choosing_now_never_runs_the_plugin() {
+        let balancer = CustomBalancer::new(PathBuf::from("/nonexistent/plugin"), GENEROUS, 1);
+        let nodes = three_nodes();
+        assert_eq!(balancer.choose_now(&request(Some("ann"), &nodes)), Some(2), "sessions' choice");
+        assert!(balancer.choose_now(&request(None, &nodes)).is_some());
     }
 }

@@ -1,13 +1,15 @@
 //! The `sessions` balancer (the default): the candidate with the fewest
 //! active sessions, counted cluster-wide from the registry (not per-proxy
-//! connections). Also the fallback of the `custom` balancer.
+//! connections) — users' sessions and backend keys, as Workbench counts R
+//! sessions. Also the fallback of the `custom` balancer.
 
 use async_trait::async_trait;
 
-use super::{Balancer, Candidate, Choice, PlacementRequest};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Chooses the candidate with the fewest active sessions; ties go to the
-/// lowest node id.
+/// lowest node id. An anonymous pin counts recent pins too, and its ties go
+/// by a hash of the pin id.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SessionsBalancer;
 
@@ -17,6 +19,22 @@ impl SessionsBalancer {
     /// `candidates`.
     pub fn pick(candidates: &[Candidate]) -> Option<&Candidate> {
         candidates.iter().min_by_key(|c| (c.sessions, c.id))
+    }
+
+    /// For an anonymous pin `pin_id`: the fewest sessions plus recent pins;
+    /// among equals, the highest [`Spread`] score of the pin id.
+    pub fn pick_anonymous<'c>(pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
+        let spread = Spread::of(pin_id);
+        candidates.iter().min_by_key(|c| (anonymous_load(c), std::cmp::Reverse(spread.score(c.id))))
+    }
+
+    /// [`Balancer::choose_now`] of this balancer (also the `custom` balancer's).
+    pub fn pick_now(req: &PlacementRequest<'_>) -> Option<NodeId> {
+        match req.user {
+            Some(_) => Self::pick(req.candidates),
+            None => Self::pick_anonymous(req.key, req.candidates),
+        }
+        .map(|c| c.id)
     }
 }
 
@@ -29,12 +47,16 @@ impl Balancer for SessionsBalancer {
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
         Self::pick(req.candidates).map(|c| Choice { node: c.id, fallback: None })
     }
+
+    fn choose_now(&self, req: &PlacementRequest<'_>) -> Option<NodeId> {
+        Self::pick_now(req)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::test_support::{candidate, choose_node};
+    use crate::balancer::test_support::{candidate, choose_node, pin_many};
 
     #[tokio::test]
     async fn fewest_sessions_wins() {
@@ -73,5 +95,39 @@ mod tests {
     async fn no_candidates_no_choice() {
         let req = PlacementRequest { key: "k", user: None, candidates: &[] };
         assert_eq!(SessionsBalancer.choose(&req).await, None);
+        assert_eq!(SessionsBalancer.choose_now(&req), None);
+    }
+
+    #[test]
+    fn anonymous_pins_fill_the_emptiest_node_then_spread() {
+        // Node 2 has 6 fewer sessions: it takes the first 6 pins, then all three share.
+        let nodes = [candidate(1, 6), candidate(2, 0), candidate(3, 6)];
+        let got = pin_many(&SessionsBalancer, &nodes, 6);
+        assert_eq!(got, [0, 6, 0]);
+        let got = pin_many(&SessionsBalancer, &nodes, 6 + 300);
+        assert_eq!(got, [100, 106, 100]);
+    }
+
+    #[test]
+    fn equal_nodes_are_chosen_by_the_pin_id_not_the_lowest_id() {
+        let nodes = [candidate(1, 0), candidate(2, 0), candidate(3, 0)];
+        let mut first_choice = [0; 3];
+        for i in 0..300 {
+            let key = format!("pin-{i}");
+            let id = SessionsBalancer.choose_now(&PlacementRequest { key: &key, user: None, candidates: &nodes });
+            first_choice[id.unwrap() as usize - 1] += 1;
+        }
+        assert!(first_choice.iter().all(|n| *n >= 70), "equal nodes share fresh pins: {first_choice:?}");
+    }
+
+    #[tokio::test]
+    async fn a_user_is_chosen_now_as_a_placement_would_choose() {
+        let mut nodes = [candidate(1, 2), candidate(2, 1), candidate(3, 1)];
+        nodes[2].recent_pins = 100;
+        for user in ["ann", "bob"] {
+            let req = PlacementRequest { key: "user:x", user: Some(user), candidates: &nodes };
+            assert_eq!(SessionsBalancer.choose_now(&req), Some(SessionsBalancer.choose(&req).await.unwrap().node));
+            assert_eq!(SessionsBalancer.choose_now(&req), Some(2));
+        }
     }
 }

@@ -5,11 +5,12 @@ use std::cmp::Ordering;
 
 use async_trait::async_trait;
 
-use super::{Balancer, Candidate, Choice, PlacementRequest};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Chooses the candidate with the lowest `load[1] / max(cpus, 1)`; ties go
-/// to fewer sessions, then the lowest node id. A load that is not a finite,
-/// non-negative number counts as the worst possible.
+/// to fewer sessions, then the lowest node id (for an anonymous pin: fewer
+/// sessions plus recent pins, then a hash of the pin id). A load that is not
+/// a finite, non-negative number counts as the worst possible.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemLoadBalancer;
 
@@ -30,6 +31,17 @@ impl SystemLoadBalancer {
     fn order(a: &Candidate, b: &Candidate) -> Ordering {
         Self::load_per_cpu(a).total_cmp(&Self::load_per_cpu(b)).then(a.sessions.cmp(&b.sessions)).then(a.id.cmp(&b.id))
     }
+
+    /// For an anonymous pin `pin_id` (see the type's doc).
+    pub fn pick_anonymous<'c>(pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
+        let spread = Spread::of(pin_id);
+        candidates.iter().min_by(|a, b| {
+            Self::load_per_cpu(a)
+                .total_cmp(&Self::load_per_cpu(b))
+                .then(anonymous_load(a).cmp(&anonymous_load(b)))
+                .then(spread.score(b.id).cmp(&spread.score(a.id)))
+        })
+    }
 }
 
 #[async_trait]
@@ -41,12 +53,20 @@ impl Balancer for SystemLoadBalancer {
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
         Self::pick(req.candidates).map(|c| Choice { node: c.id, fallback: None })
     }
+
+    fn choose_now(&self, req: &PlacementRequest<'_>) -> Option<NodeId> {
+        match req.user {
+            Some(_) => Self::pick(req.candidates),
+            None => Self::pick_anonymous(req.key, req.candidates),
+        }
+        .map(|c| c.id)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::test_support::{candidate, choose_node};
+    use crate::balancer::test_support::{candidate, choose_node, pin_many};
 
     fn loaded(id: i64, sessions: usize, load5: f64, cpus: u32) -> Candidate {
         Candidate { load: [9.0, load5, 0.0], cpus, ..candidate(id, sessions) }
@@ -93,5 +113,14 @@ mod tests {
         // Among only bad reports, fewer sessions still decide.
         let nodes = [loaded(1, 3, f64::NAN, 4), loaded(2, 1, f64::INFINITY, 4)];
         assert_eq!(choose_node(&SystemLoadBalancer, &nodes).await, 2);
+    }
+
+    #[test]
+    fn anonymous_pins_go_to_the_least_loaded_and_spread_among_equals() {
+        let nodes = [loaded(1, 0, 2.0, 4), loaded(2, 0, 0.5, 4), loaded(3, 0, 0.5, 4)];
+        let got = pin_many(&SystemLoadBalancer, &nodes, 200);
+        assert_eq!(got[0], 0, "the loaded node gets no pins: {got:?}");
+        assert_eq!(got[1], 100, "{got:?}");
+        assert_eq!(got[2], 100, "{got:?}");
     }
 }

@@ -1,5 +1,7 @@
 //! The `user-hash` balancer: consistent hashing of the user name (of the
-//! session key for anonymous sessions) with bounded load.
+//! session key for a session without a user) with bounded load. An anonymous
+//! browser's pin hashes its random pin id with a fast hash instead (nothing
+//! else needs to agree on it), bounded on sessions plus recent pins.
 //!
 //! Hashing is rendezvous (highest random weight): every candidate gets a
 //! score `SHA-256(domain, key, node address)` truncated to 64 bits, and the
@@ -19,7 +21,7 @@
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{Balancer, Candidate, Choice, PlacementRequest};
+use super::{Balancer, Candidate, Choice, NodeId, PlacementRequest, Spread, anonymous_load};
 
 /// Separates this hash from any other use of SHA-256; changing it moves every user.
 const HASH_DOMAIN: &[u8] = b"sessionlb/user-hash/v1";
@@ -122,6 +124,26 @@ impl UserHashBalancer {
         let ranking = Self::ranking(key, candidates);
         ranking.iter().find(|c| c.sessions.saturating_add(1) <= bound).or(ranking.first()).copied()
     }
+
+    /// For an anonymous pin `pin_id`: candidates ranked by the [`Spread`]
+    /// score of the pin id, the first within the bound on sessions plus recent pins.
+    pub fn pick_anonymous<'c>(&self, pin_id: &str, candidates: &'c [Candidate]) -> Option<&'c Candidate> {
+        let total = candidates.iter().fold(0usize, |sum, c| sum.saturating_add(anonymous_load(c)));
+        let bound = session_bound(total, candidates.len(), self.balance_factor);
+        let spread = Spread::of(pin_id);
+        let mut best: Option<(u64, &Candidate)> = None;
+        let mut top: Option<(u64, &Candidate)> = None;
+        for c in candidates {
+            let score = spread.score(c.id);
+            if top.is_none_or(|(s, _)| score > s) {
+                top = Some((score, c));
+            }
+            if anonymous_load(c).saturating_add(1) <= bound && best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, c));
+            }
+        }
+        best.or(top).map(|(_, c)| c)
+    }
 }
 
 #[async_trait]
@@ -132,6 +154,14 @@ impl Balancer for UserHashBalancer {
 
     async fn choose(&self, req: &PlacementRequest<'_>) -> Option<Choice> {
         self.pick(HashKey::of(req), req.candidates).map(|c| Choice { node: c.id, fallback: None })
+    }
+
+    fn choose_now(&self, req: &PlacementRequest<'_>) -> Option<NodeId> {
+        match req.user {
+            Some(user) => self.pick(HashKey::User(user), req.candidates),
+            None => self.pick_anonymous(req.key, req.candidates),
+        }
+        .map(|c| c.id)
     }
 }
 
@@ -160,7 +190,7 @@ mod tests {
             .iter()
             .map(|u| {
                 let c = balancer.pick(HashKey::User(u), nodes).unwrap();
-                (u.clone(), c.address.clone())
+                (u.clone(), c.address.to_string())
             })
             .collect()
     }
@@ -178,7 +208,7 @@ mod tests {
                 let id = balancer.pick(HashKey::User(u), nodes).unwrap().id;
                 let node = nodes.iter_mut().find(|c| c.id == id).unwrap();
                 node.sessions += 1;
-                (u.clone(), node.address.clone())
+                (u.clone(), node.address.to_string())
             })
             .collect()
     }
@@ -285,7 +315,7 @@ mod tests {
                 let after = assign_fixed(&balancer, &users, &rest);
                 let mut moved = 0;
                 for u in &users {
-                    if before[u] == removed.address {
+                    if before[u] == *removed.address {
                         moved += 1;
                     } else {
                         assert_eq!(before[u], after[u], "{u} moved off a surviving node");
@@ -305,11 +335,11 @@ mod tests {
         for n in 2..=5 {
             let before_nodes = nodes(n, 100);
             let after_nodes = nodes(n + 1, 100);
-            let added = &after_nodes[n].address;
+            let added = after_nodes[n].address.to_string();
             let before = assign_fixed(&balancer, &users, &before_nodes);
             let after = assign_fixed(&balancer, &users, &after_nodes);
             let moved: Vec<&String> = users.iter().filter(|u| before[*u] != after[*u]).collect();
-            assert!(moved.iter().all(|u| &after[*u] == added));
+            assert!(moved.iter().all(|u| after[*u] == added));
             let share = moved.len() as f64 / users.len() as f64;
             println!("add 1 to {n}: {:.1}% of users moved", share * 100.0);
             let expected = 1.0 / (n + 1) as f64;
@@ -332,7 +362,7 @@ mod tests {
         // 1, must all go to different nodes).
         let displaced = placed
             .iter()
-            .filter(|(user, address)| &balancer.pick(HashKey::User(user), &three).unwrap().address != address)
+            .filter(|(user, address)| *balancer.pick(HashKey::User(user), &three).unwrap().address != **address)
             .count();
         println!("300 users on 3 nodes: next session elsewhere for {displaced} users");
         assert!(displaced <= 10, "{displaced}");
@@ -341,7 +371,7 @@ mod tests {
         // keep their sessions.
         let mut survivors: Vec<Candidate> = three[..2].to_vec();
         let orphans: Vec<String> =
-            placed.iter().filter(|(_, a)| *a == three[2].address).map(|(u, _)| u.clone()).collect();
+            placed.iter().filter(|(_, a)| **a == *three[2].address).map(|(u, _)| u.clone()).collect();
         place_sequentially(&balancer, &orphans, &mut survivors);
         println!(
             "remove 1 of 3 after 300 users: {} moved ({:.1}%), max/mean {:.3}",
@@ -355,7 +385,8 @@ mod tests {
         // bound may move a few users of the survivors too; count them.
         let fresh = place_sequentially(&balancer, &users(300), &mut nodes(2, 0));
         let moved_total = placed.iter().zip(&fresh).filter(|(a, b)| a.1 != b.1).count();
-        let moved_survivors = placed.iter().zip(&fresh).filter(|(a, b)| a.1 != three[2].address && a.1 != b.1).count();
+        let moved_survivors =
+            placed.iter().zip(&fresh).filter(|(a, b)| *a.1 != *three[2].address && a.1 != b.1).count();
         println!(
             "300 users placed from scratch on 2 of the 3 nodes: {moved_total} moved, \
              {moved_survivors} of them from a surviving node"
@@ -398,7 +429,7 @@ mod tests {
             let mean = users.len() as f64 / n as f64;
             let shares: Vec<f64> = nodes(n, 0)
                 .iter()
-                .map(|c| assigned.values().filter(|a| **a == c.address).count() as f64 / mean)
+                .map(|c| assigned.values().filter(|a| ***a == *c.address).count() as f64 / mean)
                 .collect();
             // Placed one after another with the bound.
             let mut counted = nodes(n, 0);
@@ -408,5 +439,20 @@ mod tests {
             assert!(shares.iter().all(|s| (0.85..1.15).contains(s)), "{shares:?}");
             assert!(bounded.iter().all(|s| (0.85..=FACTOR).contains(s)), "{bounded:?}");
         }
+    }
+
+    #[test]
+    fn anonymous_pins_hash_the_pin_id_within_the_bound() {
+        let balancer = UserHashBalancer::new(FACTOR);
+        // No identity anywhere: every node starts empty, pins spread.
+        let got = crate::balancer::test_support::pin_many(&balancer, &nodes(3, 0), 300);
+        assert!(got.iter().all(|n| (80..=125).contains(n)), "{got:?}");
+        // One pin id always ranks the nodes alike.
+        let nodes = nodes(3, 0);
+        let req = PlacementRequest { key: "pin-x", user: None, candidates: &nodes };
+        assert_eq!(balancer.choose_now(&req), balancer.choose_now(&req));
+        // A verified user gets what a placement would give.
+        let req = PlacementRequest { key: "user:ann", user: Some("ann"), candidates: &nodes };
+        assert_eq!(balancer.choose_now(&req), Some(balancer.pick(HashKey::User("ann"), &nodes).unwrap().id));
     }
 }

@@ -6,11 +6,21 @@
 //! `/s/<key>/` URL, and `/s/<key>/...` answers 200 only for keys this
 //! backend minted (404 otherwise), as a real IDE server would.
 //!
+//! With `--tls-cert FILE --tls-key FILE` it serves https (as rserver with
+//! `ssl-enabled=1` does).
+//!
 //! Routes: `/` and `/s/<key>/...` (text), `/new-session`, `/headers` (the
 //! request headers as JSON), `/ws` and `/s/<key>/ws` (WebSocket echo, first
 //! message `hello from <name>`), `/sse?events=N&interval_ms=M`,
 //! `/download?bytes=N` (streamed), `POST /upload` (streamed; returns the
 //! byte count and SHA-256), `/status/<code>`, `/bench` (2-byte body).
+//!
+//! With `--secure-cookie-key-file PATH` it signs users in the way Workbench
+//! does: `/` and a minted `/s/<key>/…` without a valid signed `user-id`
+//! cookie redirect (302) to `/auth-sign-in` (a form); `POST
+//! /auth-do-sign-in` with `username=…` sets the `user-id` cookie (value,
+//! expiry and HMAC-SHA256 with the key, as rserver signs it) and redirects
+//! to `/`, which then greets the user.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -34,6 +44,16 @@ use sha2::{Digest, Sha256};
 struct Backend {
     name: String,
     keys: Mutex<HashSet<String>>,
+    /// Signs and verifies `user-id` cookies, when sign-in is on.
+    sign_in: Option<hmac::Hmac<sha2::Sha256>>,
+}
+
+/// The signed-in user of a request, if its `user-id` cookie verifies.
+fn signed_in_user(state: &Backend, headers: &axum::http::HeaderMap) -> Option<String> {
+    let mac = state.sign_in.as_ref()?;
+    let cookies = headers.get_all("cookie").iter().map(|v| v.as_bytes());
+    let value = sessionlb::proxy::cookie::find_cookie(cookies, "user-id")?;
+    sessionlb::proxy::identity::verify_workbench_cookie(mac, value, std::time::SystemTime::now()).ok()
 }
 
 type Shared = Arc<Backend>;
@@ -45,9 +65,53 @@ fn tagged(state: &Backend, status: StatusCode, body: impl Into<Body>) -> Respons
     resp
 }
 
-async fn root(State(s): State<Shared>) -> Response {
+async fn root(State(s): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    if s.sign_in.is_some() {
+        return match signed_in_user(&s, &headers) {
+            Some(user) => tagged(&s, StatusCode::OK, format!("backend {}: home of {user}\n", s.name)),
+            None => redirect(&s, "/auth-sign-in", None),
+        };
+    }
     let body = format!("backend {}\n", s.name);
     tagged(&s, StatusCode::OK, body)
+}
+
+fn redirect(s: &Backend, to: &'static str, cookie: Option<String>) -> Response {
+    let mut resp = tagged(s, StatusCode::FOUND, "");
+    resp.headers_mut().insert("location", HeaderValue::from_static(to));
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert("set-cookie", c);
+    }
+    resp
+}
+
+async fn sign_in_page(State(s): State<Shared>) -> Response {
+    if s.sign_in.is_none() {
+        return tagged(&s, StatusCode::NOT_FOUND, "sign-in is off\n");
+    }
+    let page = "<!doctype html><form method=post action=/auth-do-sign-in>\
+                <input name=username><input name=password type=password><button>Sign in</button></form>\n";
+    let mut resp = tagged(&s, StatusCode::OK, page);
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("text/html"));
+    resp
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    username: String,
+}
+
+async fn do_sign_in(State(s): State<Shared>, axum::Form(form): axum::Form<SignIn>) -> Response {
+    let Some(mac) = &s.sign_in else {
+        return tagged(&s, StatusCode::NOT_FOUND, "sign-in is off\n");
+    };
+    let user = form.username.trim();
+    if user.is_empty() {
+        return redirect(&s, "/auth-sign-in", None);
+    }
+    let expires = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let value = sessionlb::proxy::identity::sign_workbench_cookie(mac, user, &expires);
+    redirect(&s, "/", Some(format!("user-id={value}; Path=/; HttpOnly")))
 }
 
 async fn bench(State(s): State<Shared>) -> Response {
@@ -67,10 +131,15 @@ async fn new_session(State(s): State<Shared>) -> Response {
 async fn session_page(
     State(s): State<Shared>,
     Path((key, rest)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !s.keys.lock().contains(&key) {
         return tagged(&s, StatusCode::NOT_FOUND, format!("unknown session {key} on backend {}\n", s.name));
+    }
+    // Like Workbench: a session is for signed-in users only.
+    if s.sign_in.is_some() && signed_in_user(&s, &headers).is_none() {
+        return redirect(&s, "/auth-sign-in", None);
     }
     if rest == "ws" {
         return match ws {
@@ -87,9 +156,10 @@ async fn session_page(
 async fn session_root(
     state: State<Shared>,
     Path(key): Path<String>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    session_page(state, Path((key, String::new())), ws).await
+    session_page(state, Path((key, String::new())), headers, ws).await
 }
 
 async fn headers(State(s): State<Shared>, req: Request) -> Response {
@@ -211,26 +281,71 @@ async fn fallback(State(s): State<Shared>, req: Request) -> Response {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: sessionlb-demo-backend --listen ADDR:PORT --name NAME");
+    eprintln!(
+        "usage: sessionlb-demo-backend --listen ADDR:PORT --name NAME [--secure-cookie-key-file PATH] [--tls-cert FILE --tls-key FILE]"
+    );
     std::process::exit(64)
+}
+
+/// Serve `app` over TLS with the certificate chain and key in these PEM files.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, cert: &str, key: &str) {
+    use pingora::tls::{ServerConfig, TlsAcceptor, load_certs_and_key_files};
+    let (chain, private) = match load_certs_and_key_files(cert, key) {
+        Ok(Some(pair)) => pair,
+        other => {
+            eprintln!("cannot read --tls-cert {cert} / --tls-key {key}: {other:?}");
+            std::process::exit(1)
+        }
+    };
+    pingora::tls::install_default_crypto_provider();
+    let config = ServerConfig::builder().with_no_client_auth().with_single_cert(chain, private).unwrap_or_else(|e| {
+        eprintln!("--tls-key does not go with --tls-cert: {e}");
+        std::process::exit(1)
+    });
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 fn main() {
     let mut listen: Option<SocketAddr> = None;
     let mut name = String::from("backend");
+    let mut key_file: Option<String> = None;
+    let (mut tls_cert, mut tls_key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().and_then(|v| v.parse().ok()).or_else(|| usage()),
             "--name" => name = args.next().unwrap_or_else(|| usage()),
+            "--secure-cookie-key-file" => key_file = Some(args.next().unwrap_or_else(|| usage())),
+            "--tls-cert" => tls_cert = Some(args.next().unwrap_or_else(|| usage())),
+            "--tls-key" => tls_key = Some(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
     let listen = listen.unwrap_or_else(|| "127.0.0.1:8788".parse().expect("literal"));
-    let state = Arc::new(Backend { name, keys: Mutex::new(HashSet::new()) });
+    let sign_in = key_file.map(|path| match sessionlb::config::key::SecureKey::load(std::path::Path::new(&path)) {
+        Ok(key) => sessionlb::proxy::identity::workbench_mac(&key),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }
+    });
+    let state = Arc::new(Backend { name, keys: Mutex::new(HashSet::new()), sign_in });
     let app = Router::new()
         .route("/", get(root))
+        .route("/auth-sign-in", get(sign_in_page))
+        .route("/auth-do-sign-in", post(do_sign_in))
         .route("/bench", get(bench))
         .route("/new-session", get(new_session))
         .route("/s/{key}", any(session_root))
@@ -251,7 +366,16 @@ fn main() {
             eprintln!("cannot listen on {listen}: {e}");
             std::process::exit(1)
         });
-        eprintln!("demo backend listening on {listen}");
-        axum::serve(listener, app).await.expect("server");
+        match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => {
+                eprintln!("demo backend listening on {listen} (https)");
+                serve_tls(listener, app, &cert, &key).await;
+            }
+            (None, None) => {
+                eprintln!("demo backend listening on {listen}");
+                axum::serve(listener, app).await.expect("server");
+            }
+            _ => usage(),
+        }
     });
 }

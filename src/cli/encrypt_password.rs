@@ -8,7 +8,6 @@ use anyhow::Context;
 use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
 
 use sessionlb::config::Config;
-use sessionlb::config::key::SecureKey;
 use sessionlb::config::password;
 
 /// Read one line from stdin; on a terminal, prompt and do not echo it.
@@ -36,7 +35,7 @@ fn read_password() -> anyhow::Result<String> {
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
     // The same checks as a starting node: the key must be usable.
-    let key = SecureKey::load(&config.cluster.secure_cookie_key_file)?;
+    let key = config.secure_key()?;
     let password = read_password()?;
     let encrypted = password::encrypt(key.bytes(), &password)?;
     println!("{encrypted}");

@@ -4,7 +4,10 @@
 //! nodes at once).
 //!
 //! Test mode: the first instance takes a lock of each type, says which it
-//! could take (`* Acquired advisory lock`, `* Acquired link-based lock`),
+//! could take in the lines of Workbench's admin guide (`* Acquired advisory
+//! lock`, `* Acquired link-based lock`, `* Unable to acquire advisory lock`,
+//! `* Unable to acquire link-based lock`; any detail follows on its own
+//! indented line, so that scripts written against the guide keep working),
 //! records itself in `DIR/locktester.instance` and holds the locks until
 //! SIGINT/SIGTERM. A later instance sees that record, tries each type, and
 //! concludes: a type it could *not* take while the first instance holds it
@@ -14,9 +17,17 @@
 //! is held by some unknown process (a leftover lock file, another program,
 //! or a file system that only pretends to lock): that proves nothing, so it
 //! is reported as such and never counts as evidence that the type works.
+//!
+//! Anyone who can write the shared folder can plant a symbolic link at one
+//! of the fixed names used here, and locktester may run as root: its files
+//! are read without following links (`O_NOFOLLOW`, size-limited) and written
+//! only as new files of its own renamed into place (a rename replaces a link
+//! itself, never the file it points to), so it never writes through a link
+//! or truncates somebody else's file.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -151,10 +162,96 @@ impl OtherInstance {
     }
 }
 
+/// Longest instance record or counter read (they hold a few short lines).
+const READ_LIMIT: u64 = 4096;
+
+/// Open `path` read-only without following a symbolic link at it (`ELOOP`).
+fn open_no_follow(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)
+}
+
+/// At most `READ_LIMIT` bytes of an open file, as text.
+fn read_limited(file: &File, path: &Path) -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    file.take(READ_LIMIT).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not text", path.display()))
+}
+
+/// Device and inode of a file locktester wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(meta: &fs::Metadata) -> FileIdentity {
+        FileIdentity { dev: meta.dev(), ino: meta.ino() }
+    }
+}
+
+/// Put `contents` at `path` as a new file of our own: written to a fresh
+/// name beside it (`O_EXCL`: never an existing file or link), then renamed
+/// over `path`. Whatever was at `path` — a link, someone else's file — is
+/// replaced as a name, never written through or truncated.
+fn replace_file(path: &Path, contents: &[u8]) -> io::Result<FileIdentity> {
+    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let temp = path.with_file_name(format!(".{name}.{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let written = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&temp)?;
+        file.write_all(contents)?;
+        let id = FileIdentity::of(&file.metadata()?);
+        drop(file);
+        fs::rename(&temp, path)?;
+        Ok(id)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
+}
+
+/// This instance's record in the shared folder.
+struct InstanceRecord {
+    path: PathBuf,
+    id: FileIdentity,
+}
+
+impl InstanceRecord {
+    fn write(dir: &Path, text: &str) -> anyhow::Result<InstanceRecord> {
+        let path = dir.join(INSTANCE_FILE);
+        let id = replace_file(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(InstanceRecord { path, id })
+    }
+
+    /// Whether the record's name still names the file we wrote.
+    fn is_ours(&self, file: &File) -> bool {
+        file.metadata().is_ok_and(|m| FileIdentity::of(&m) == self.id)
+    }
+
+    /// Keep the record fresh (file-system clock) for later instances; a
+    /// file that is no longer ours is left alone.
+    fn touch(&self) {
+        if let Ok(f) = open_no_follow(&self.path)
+            && self.is_ours(&f)
+        {
+            let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
+            let _ = rustix::fs::futimens(&f, &rustix::fs::Timestamps { last_access: now, last_modification: now });
+        }
+    }
+
+    /// Remove the record if it is still ours.
+    fn remove(self) {
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| FileIdentity::of(&m) == self.id) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A fresh record of another instance in `dir`, if any.
 fn other_instance(dir: &Path) -> anyhow::Result<Option<OtherInstance>> {
     let path = dir.join(INSTANCE_FILE);
-    let file = match File::open(&path) {
+    let file = match open_no_follow(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -165,7 +262,7 @@ fn other_instance(dir: &Path) -> anyhow::Result<Option<OtherInstance>> {
     if now.duration_since(modified).unwrap_or(Duration::ZERO) >= INSTANCE_FRESH {
         return Ok(None);
     }
-    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_limited(&file, &path)?;
     Ok(Some(OtherInstance::parse(&text)))
 }
 
@@ -222,7 +319,8 @@ async fn first_instance(
     }
     if held.is_empty() {
         for (t, why) in &failed {
-            println!("* Could not acquire {} lock: {why}", label(*t));
+            println!("{}", unable(*t));
+            println!("  {why}");
         }
         if busy_unknown {
             println!(
@@ -234,16 +332,18 @@ async fn first_instance(
         println!("No lock type could be acquired in {}: locking does not work there.", dir.display());
         bail!("no lock type works in {}", dir.display());
     }
-    let record = dir.join(INSTANCE_FILE);
     let held_names: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
     let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-    fs::write(&record, format!("host={host}\npid={}\nheld={}\n", std::process::id(), held_names.join(",")))
-        .with_context(|| format!("cannot write {}", record.display()))?;
+    let record = InstanceRecord::write(
+        dir,
+        &format!("host={host}\npid={}\nheld={}\n", std::process::id(), held_names.join(",")),
+    )?;
     for (t, _) in &held {
-        println!("* Acquired {} lock", label(*t));
+        println!("{}", acquired(*t));
     }
     for (t, why) in &failed {
-        println!("* Could not acquire {} lock: {why}", label(*t));
+        println!("{}", unable(*t));
+        println!("  {why}");
     }
     println!(
         "Holding the lock{}. Now run `sessionlb locktester --path {}` on another node, as the same user.",
@@ -257,17 +357,11 @@ async fn first_instance(
         tokio::select! {
             _ = interrupt.recv() => break "SIGINT",
             _ = terminate.recv() => break "SIGTERM",
-            _ = touch.tick() => {
-                // Keep the record fresh (file system clock) for later instances.
-                if let Ok(f) = OpenOptions::new().write(true).open(&record) {
-                    let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
-                    let _ = rustix::fs::futimens(&f, &rustix::fs::Timestamps { last_access: now, last_modification: now });
-                }
-            }
+            _ = touch.tick() => record.touch(),
         }
     };
     println!("Received {signal_name}: releasing.");
-    let _ = fs::remove_file(&record);
+    record.remove();
     let mut clean = true;
     for (t, guard) in held {
         let lost = guard.is_lost();
@@ -329,31 +423,44 @@ enum Outcome {
     Error,
 }
 
-/// What one attempt of a later instance means, and the line it prints.
-fn judge(t: LockType, attempt: &Attempt, other: &OtherInstance) -> (String, Outcome) {
+/// `* Acquired advisory lock`, as in Workbench's admin guide.
+fn acquired(t: LockType) -> String {
+    format!("* Acquired {} lock", label(t))
+}
+
+/// `* Unable to acquire link-based lock`, as in Workbench's admin guide.
+fn unable(t: LockType) -> String {
+    format!("* Unable to acquire {} lock", label(t))
+}
+
+/// What one attempt of a later instance means, and the lines it prints:
+/// the admin guide's line, then any detail indented on the next.
+fn judge(t: LockType, attempt: &Attempt, other: &OtherInstance) -> (Vec<String>, Outcome) {
     let other_holds = other.holds(t);
-    match attempt {
+    let (line, detail, outcome) = match attempt {
         Attempt::Busy if other_holds => {
-            (format!("* Could not acquire {} lock (held by another process)", label(t)), Outcome::Excluded)
+            (unable(t), "held by the other locktester instance, as it should be".to_string(), Outcome::Excluded)
         }
         // Busy, but not by the recorded instance: proves nothing.
-        Attempt::Busy => (format!("* Could not acquire {} lock: {HELD_BY_UNKNOWN}", label(t)), Outcome::HeldByUnknown),
-        Attempt::Failed(e) => (format!("* Could not acquire {} lock: {e}", label(t)), Outcome::Error),
+        Attempt::Busy => (unable(t), HELD_BY_UNKNOWN.to_string(), Outcome::HeldByUnknown),
+        Attempt::Failed(e) => (unable(t), e.to_string(), Outcome::Error),
         Attempt::Acquired(_) if other_holds => {
-            (format!("* Acquired {} lock, although the other instance holds it", label(t)), Outcome::BothAcquired)
+            (acquired(t), "although the other instance holds it".to_string(), Outcome::BothAcquired)
         }
-        Attempt::Acquired(_) => (
-            format!("* Acquired {} lock (the other instance does not hold one: not tested)", label(t)),
-            Outcome::Untested,
-        ),
-    }
+        Attempt::Acquired(_) => {
+            (acquired(t), "the other instance does not hold one: not tested".to_string(), Outcome::Untested)
+        }
+    };
+    (vec![line, format!("  {detail}")], outcome)
 }
 
 async fn later_instance(dir: &Path, attempts: Vec<(LockType, Attempt)>, other: &OtherInstance) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (t, attempt) in attempts {
-        let (line, outcome) = judge(t, &attempt, other);
-        println!("{line}");
+        let (lines, outcome) = judge(t, &attempt, other);
+        for line in lines {
+            println!("{line}");
+        }
         if let Attempt::Acquired(guard) = attempt {
             guard.release().await?;
         }
@@ -423,7 +530,7 @@ impl Stress {
                 }
             };
             let value = read_counter(&counter)?;
-            fs::write(&counter, format!("{}\n", value + 1))
+            replace_file(&counter, format!("{}\n", value + 1).as_bytes())
                 .with_context(|| format!("cannot write {}", counter.display()))?;
             if !self.hold.is_zero() {
                 tokio::time::sleep(self.hold).await;
@@ -471,12 +578,15 @@ impl Stress {
 }
 
 fn read_counter(path: &Path) -> anyhow::Result<u64> {
-    match fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => Ok(0),
-        Ok(text) => text.trim().parse().with_context(|| format!("{} does not hold a number: {text:?}", path.display())),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let text = match open_no_follow(path) {
+        Ok(file) => read_limited(&file, path)?,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if text.trim().is_empty() {
+        return Ok(0);
     }
+    text.trim().parse().with_context(|| format!("{} does not hold a number: {text:?}", path.display()))
 }
 
 #[cfg(test)]
@@ -514,14 +624,20 @@ mod tests {
     #[test]
     fn only_a_lock_the_other_instance_holds_can_prove_exclusion() {
         let other = OtherInstance::parse("host=n1\npid=42\nheld=advisory\n");
-        let (line, outcome) = judge(LockType::Advisory, &Attempt::Busy, &other);
-        assert_eq!(line, "* Could not acquire advisory lock (held by another process)");
+        let (lines, outcome) = judge(LockType::Advisory, &Attempt::Busy, &other);
+        assert_eq!(
+            lines,
+            ["* Unable to acquire advisory lock", "  held by the other locktester instance, as it should be"]
+        );
         assert_eq!(outcome, Outcome::Excluded);
         // Busy, but the recorded instance does not hold it: an unknown holder.
-        let (line, outcome) = judge(LockType::LinkBased, &Attempt::Busy, &other);
+        let (lines, outcome) = judge(LockType::LinkBased, &Attempt::Busy, &other);
         assert_eq!(
-            line,
-            "* Could not acquire link-based lock: held by an unknown process, not by a locktester instance: not tested"
+            lines,
+            [
+                "* Unable to acquire link-based lock",
+                "  held by an unknown process, not by a locktester instance: not tested"
+            ]
         );
         assert_eq!(outcome, Outcome::HeldByUnknown);
         let (lines, ok) =
@@ -538,6 +654,73 @@ mod tests {
         assert_eq!(o.pid, "42");
         assert!(o.holds(LockType::Advisory) && o.holds(LockType::LinkBased));
         assert!(!OtherInstance::parse("held=advisory\n").holds(LockType::LinkBased));
+    }
+
+    /// A file outside the shared folder, and a symlink to it planted at `name` inside it.
+    fn plant_link(dir: &Path, name: &str, victim_text: &str) -> (tempfile::TempDir, PathBuf) {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        fs::write(&victim, victim_text).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(name)).unwrap();
+        (elsewhere, victim)
+    }
+
+    #[tokio::test]
+    async fn stress_never_writes_through_a_link_planted_at_the_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_elsewhere, victim) = plant_link(dir.path(), STRESS_COUNTER, "41\n");
+        let stress = Stress {
+            dir: dir.path().to_path_buf(),
+            rounds: 2,
+            hold: Duration::ZERO,
+            wait: Duration::from_secs(5),
+            settings: LockSettings { lock_type: LockType::Advisory, ..LockSettings::default() },
+        };
+        let err = stress.run().await.expect_err("a link at the counter is refused");
+        assert!(format!("{err:#}").contains(STRESS_COUNTER), "{err:#}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "41\n", "the link's target was written");
+    }
+
+    #[test]
+    fn replacing_a_file_replaces_a_planted_link_not_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_elsewhere, victim) = plant_link(dir.path(), STRESS_COUNTER, "precious");
+        let path = dir.path().join(STRESS_COUNTER);
+        replace_file(&path, b"1\n").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert_eq!(read_counter(&path).unwrap(), 1);
+        // No temporary file is left beside it.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_instance_record_never_follows_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let forged = "host=evil\npid=1\nheld=advisory,linkbased\n";
+        let (_elsewhere, victim) = plant_link(dir.path(), INSTANCE_FILE, forged);
+        // A later instance does not read through the link (as root it could
+        // read any file); it reports it.
+        let err = other_instance(dir.path()).expect_err("a link at the record is refused");
+        assert!(format!("{err:#}").contains(INSTANCE_FILE), "{err:#}");
+        // The first instance replaces the link with its own record.
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        File::options().write(true).open(&victim).unwrap().set_modified(old).unwrap();
+        let record = InstanceRecord::write(dir.path(), "host=n1\npid=2\nheld=advisory\n").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), forged);
+        record.touch();
+        assert_eq!(fs::metadata(&victim).unwrap().modified().unwrap(), old, "the link's target was touched");
+        assert_eq!(other_instance(dir.path()).unwrap().unwrap().pid, "2");
+        // A record that is no longer ours (replaced by a link again) is
+        // neither touched through nor removed.
+        let path = dir.path().join(INSTANCE_FILE);
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        record.touch();
+        assert_eq!(fs::metadata(&victim).unwrap().modified().unwrap(), old);
+        record.remove();
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), forged);
     }
 
     #[test]

@@ -9,12 +9,13 @@ mod nodes;
 mod serve;
 mod status;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use sessionlb::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use sessionlb::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LoadOptions};
 
 /// Exit code for configuration errors (sysexits `EX_CONFIG`).
 pub const EXIT_CONFIG: u8 = 78;
@@ -41,8 +42,14 @@ pub struct GlobalOpts {
     /// Also read an existing Workbench configuration directory
     /// (load-balancer, rserver.conf, database.conf, file-locks,
     /// secure-cookie-key); its settings override the native file's.
+    /// rserver.conf's www-address/www-port then describe the backend
+    /// (rserver, moved to an internal address), not where sessionlb listens.
     #[arg(long, global = true, value_name = "DIR")]
     pub rstudio_config: Option<PathBuf>,
+    /// Where sessionlb listens (ADDRESS:PORT, e.g. 0.0.0.0:8787), over
+    /// www-address/www-port of the native file.
+    #[arg(long, global = true, value_name = "ADDRESS:PORT")]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,10 +87,15 @@ impl GlobalOpts {
         }
     }
 
-    /// Load the configuration: `--config` (or the default file), then
-    /// `--rstudio-config` over it; built-in defaults for the rest.
+    /// What to load: `--config` (or the default file), `--rstudio-config`
+    /// over it, `--listen` over both; built-in defaults for the rest.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions { config_file: self.config_file(), rstudio_dir: self.rstudio_config.clone(), listen: self.listen }
+    }
+
+    /// Load the configuration (see [`load_options`](Self::load_options)).
     pub fn load_config(&self) -> Result<Config, ConfigError> {
-        Config::load(self.config_file().as_deref(), self.rstudio_config.as_deref())
+        Config::load_with(&self.load_options())
     }
 }
 

@@ -31,7 +31,7 @@ pub struct ModeArgs {
 
 async fn registry(config: &Config) -> anyhow::Result<Arc<dyn Registry>> {
     let database = config.registry_url().map_err(anyhow::Error::msg)?;
-    cluster::connect(&database, config.cluster.poll_interval)
+    cluster::connect_with(&database, &cluster::RegistryOptions::from_config(config))
         .await
         .with_context(|| format!("connecting to the registry at {}", config.cluster.database.redacted()))
 }
@@ -68,7 +68,8 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
     println!();
     println!("Nodes");
     println!("-----");
-    let header = ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Notes"];
+    let header =
+        ["ID", "Host", "IPv4", "Port", "Status", "Last Seen", "Version", "Clock Skew", "Sessions", "Pins", "Notes"];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes_seen = false;
     for n in &nodes {
@@ -86,6 +87,7 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
             notes.push("CLOCK SKEW over 1s".to_string());
         }
         notes_seen |= !notes.is_empty();
+        let sessions = r.count_sessions(n.id).await?;
         rows.push(vec![
             n.id.to_string(),
             n.host.clone(),
@@ -95,6 +97,8 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
             n.last_seen.map_or("never".into(), format_local),
             n.version.clone(),
             n.clock_skew_ms.map_or("-".into(), |s| format!("{s}ms")),
+            sessions.to_string(),
+            n.pins_recent.to_string(),
             notes.join("; "),
         ]);
     }
@@ -105,6 +109,11 @@ pub async fn list_nodes(config: &Config) -> anyhow::Result<()> {
     }
     if nodes.is_empty() {
         println!("(no nodes)");
+    } else {
+        println!();
+        println!(
+            "Sessions: registry sessions on the node (signed-in users and backend sessions). Pins: anonymous browsers the node pinned in the last 5 minutes, as of its last load report."
+        );
     }
     if notes_seen && majority.is_some() {
         println!();

@@ -35,7 +35,8 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_failure(&e),
     };
-    let file = global.config_file();
+    let options = global.load_options();
+    let file = options.config_file.clone();
     if args.quick_start {
         match apply_quick_start(&mut config, &args.state_dir, file.is_some()) {
             Ok(created) => print_quick_start(&config, created),
@@ -48,10 +49,12 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
     if let Some(diag) = sessionlb::telemetry::init_serve(&config.server) {
         tracing::info!(file = %diag.display(), "node-communication diagnostics are written to this file");
     }
-    let rstudio_dir = global.rstudio_config.clone();
+    for warning in &config.warnings {
+        tracing::warn!(file = %warning.file.display(), line = warning.line, key = warning.key, "{}", warning.message);
+    }
     let quick_start = args.quick_start.then_some(args.state_dir.clone());
     let reload: sessionlb::server::Reload = Box::new(move || {
-        let mut config = Config::load(file.as_deref(), rstudio_dir.as_deref())?;
+        let mut config = Config::load_with(&options)?;
         if let Some(dir) = &quick_start {
             // The state files exist already; this re-applies the paths.
             let _ = apply_quick_start(&mut config, dir, file.is_some());
@@ -79,9 +82,13 @@ fn apply_quick_start(config: &mut Config, state_dir: &Path, has_file: bool) -> R
     config.cluster.secure_cookie_key_file = dir.join("secure-cookie-key");
     config.cluster.shared_storage_path = dir.join("shared-storage");
     config.server.run_dir = dir.clone();
-    if !has_file {
+    // Without a file: loopback and the demo backend's port, unless a flag
+    // (--listen) or a Workbench directory said otherwise.
+    if !has_file && !config.sources.contains_key("www-address") {
         config.node.www_address = [127, 0, 0, 1].into();
         config.node.www_address_set = true;
+    }
+    if !has_file && !config.sources.contains_key("backend") {
         config.node.backend = Some("127.0.0.1:8788".into());
     }
     key::generate_if_missing(&config.cluster.secure_cookie_key_file).map_err(|e| {

@@ -1,8 +1,9 @@
-//! Which address this node is known by, in the four ordered strategies of
-//! the design (first that succeeds):
+//! Which address this node is known by, in the ordered strategies of the
+//! design (first that succeeds):
 //!
 //! 1. `www-host-name` (with `www-port` appended when it has no port),
-//!    resolved to an address;
+//!    resolved to an address; without it, the entry of a legacy Workbench
+//!    `[nodes]` list that is an address of this machine (same port rule);
 //! 2. `www-address` + `www-port`, when `www-address` is set to a specific address;
 //! 3. the first non-loopback, non-multicast address of the resolved host name;
 //! 4. the last non-loopback IPv4 address of the system's interfaces.
@@ -22,6 +23,11 @@ pub trait Resolver: Send + Sync {
     fn hostname(&self) -> io::Result<String>;
     /// Addresses of the system's network interfaces, in interface order.
     fn interface_addresses(&self) -> io::Result<Vec<IpAddr>>;
+    /// Whether `ip` is an address of this machine: one a socket can be
+    /// bound to (every 127.x address is, on Linux).
+    fn is_local(&self, ip: IpAddr) -> bool {
+        std::net::UdpSocket::bind((ip, 0)).is_ok()
+    }
 }
 
 /// The operating system's resolver (getaddrinfo, uname, getifaddrs).
@@ -49,6 +55,8 @@ impl Resolver for SystemResolver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressSource {
     WwwHostName,
+    /// The legacy `[nodes]` entry that is an address of this machine.
+    LegacyNodes,
     WwwAddress,
     HostName,
     Interfaces,
@@ -89,6 +97,9 @@ pub fn configured_host_port(node: &NodeConfig) -> Option<(String, u16)> {
     if let Some(name) = &node.www_host_name {
         return Some(split_host_port(name, node.www_port));
     }
+    if let Some(entry) = legacy_entry(node, &SystemResolver) {
+        return Some(split_host_port(&entry, node.www_port));
+    }
     if node.www_address_set && !node.www_address.is_unspecified() {
         return Some((node.www_address.to_string(), node.www_port));
     }
@@ -104,6 +115,20 @@ pub fn determine(node: &NodeConfig, resolver: &dyn Resolver) -> Result<NodeAddre
         let ips = resolver.lookup(&host).map_err(|e| fail(format!("www-host-name {host:?} does not resolve: {e}")))?;
         let ip = prefer_ipv4(&ips).ok_or_else(|| fail(format!("www-host-name {host:?} resolves to no address")))?;
         return Ok(NodeAddress { host, port, ip, source: AddressSource::WwwHostName });
+    }
+    // 1b. the legacy [nodes] entry that is this machine
+    if let Some(entry) = legacy_entry(node, resolver) {
+        let (host, port) = split_host_port(&entry, node.www_port);
+        if let Some(ip) = resolver.lookup(&host).ok().and_then(|ips| ips.into_iter().find(|ip| resolver.is_local(*ip)))
+        {
+            return Ok(NodeAddress { host, port, ip, source: AddressSource::LegacyNodes });
+        }
+    }
+    if !node.legacy_nodes.is_empty() {
+        tracing::warn!(
+            nodes = %node.legacy_nodes.join(", "),
+            "no entry of the legacy [nodes] list is an address of this machine; set www-host-name in the load-balancer file"
+        );
     }
     // 2. www-address + www-port
     if node.www_address_set && !node.www_address.is_unspecified() {
@@ -139,6 +164,29 @@ pub fn determine(node: &NodeConfig, resolver: &dyn Resolver) -> Result<NodeAddre
     })
 }
 
+/// The legacy `[nodes]` entry that is this node: of the entries whose host
+/// is an address of this machine, the one whose address is the listen
+/// address, else the first whose port is the listen port, else the first
+/// (several nodes on one machine tell themselves apart by where they listen).
+fn legacy_entry(node: &NodeConfig, resolver: &dyn Resolver) -> Option<String> {
+    let local: Vec<(&String, Vec<IpAddr>, u16)> = node
+        .legacy_nodes
+        .iter()
+        .filter_map(|entry| {
+            let (host, port) = split_host_port(entry, node.www_port);
+            let ips: Vec<IpAddr> = resolver.lookup(&host).ok()?;
+            ips.iter().any(|ip| !ip.is_unspecified() && resolver.is_local(*ip)).then_some((entry, ips, port))
+        })
+        .collect();
+    let listen_ip = (node.www_address_set && !node.www_address.is_unspecified()).then_some(node.www_address);
+    local
+        .iter()
+        .find(|(_, ips, port)| *port == node.www_port && listen_ip.is_some_and(|l| ips.contains(&l)))
+        .or_else(|| local.iter().find(|(_, _, port)| *port == node.www_port))
+        .or_else(|| local.first())
+        .map(|(entry, _, _)| (*entry).clone())
+}
+
 fn split_host_port(name: &str, default_port: u16) -> (String, u16) {
     match name.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') || host.ends_with(']') => match port.parse() {
@@ -166,6 +214,12 @@ mod tests {
         interfaces: Vec<IpAddr>,
     }
 
+    impl FakeResolver {
+        fn local(&self) -> Vec<IpAddr> {
+            self.interfaces.clone()
+        }
+    }
+
     impl Resolver for FakeResolver {
         fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
             if let Ok(ip) = host.parse() {
@@ -178,6 +232,9 @@ mod tests {
         }
         fn interface_addresses(&self) -> io::Result<Vec<IpAddr>> {
             Ok(self.interfaces.clone())
+        }
+        fn is_local(&self, ip: IpAddr) -> bool {
+            self.local().contains(&ip)
         }
     }
 
@@ -213,6 +270,47 @@ mod tests {
         // Loopback is fine when configured explicitly (several nodes on one machine).
         let c = determine(&node("www-host-name = \"127.0.0.3\""), &resolver()).unwrap();
         assert_eq!(c.host_port(), "127.0.0.3:8787");
+    }
+
+    #[test]
+    fn a_legacy_nodes_entry_of_this_machine_is_the_address_when_www_host_name_is_absent() {
+        let mut n = node("www-port = 8790");
+        n.legacy_nodes = vec!["10.9.9.9:8787".into(), "rsw1".into(), "10.2.0.1:8787".into()];
+        let mut r = resolver();
+        // 10.2.0.1 is an interface of this machine; rsw1 (10.0.0.7) is not.
+        let a = determine(&n, &r).unwrap();
+        assert_eq!(
+            (a.host_port(), a.ip, a.source),
+            ("10.2.0.1:8787".into(), ip("10.2.0.1"), AddressSource::LegacyNodes)
+        );
+        // A bare host takes the listen port.
+        r.interfaces.push(ip("10.0.0.7"));
+        n.legacy_nodes.remove(0);
+        let b = determine(&n, &r).unwrap();
+        assert_eq!((b.host_port(), b.source), ("rsw1:8790".into(), AddressSource::LegacyNodes));
+        // www-host-name wins; no matching entry falls through to the host name.
+        let mut with_name = n.clone();
+        with_name.www_host_name = Some("rsw1:9000".into());
+        assert_eq!(determine(&with_name, &r).unwrap().source, AddressSource::WwwHostName);
+        n.legacy_nodes = vec!["10.9.9.9:8787".into()];
+        assert_eq!(determine(&n, &r).unwrap().source, AddressSource::HostName);
+    }
+
+    #[test]
+    fn nodes_on_one_machine_pick_their_legacy_entry_by_listen_address_then_port() {
+        let r = resolver();
+        let mut n = node("www-address = \"10.1.0.1\"\nwww-port = 9002");
+        n.legacy_nodes = vec!["10.2.0.1:9001".into(), "10.1.0.1:9001".into(), "10.1.0.1:9002".into()];
+        assert_eq!(determine(&n, &r).unwrap().host_port(), "10.1.0.1:9002");
+        let mut n = node("www-port = 9001");
+        n.legacy_nodes = vec!["10.2.0.1:9002".into(), "10.1.0.1:9001".into()];
+        assert_eq!(determine(&n, &r).unwrap().host_port(), "10.1.0.1:9001");
+    }
+
+    #[test]
+    fn the_system_resolver_knows_loopback_addresses_as_local() {
+        assert!(SystemResolver.is_local(ip("127.0.0.3")));
+        assert!(!SystemResolver.is_local(ip("192.0.2.77")), "TEST-NET-1 is nobody's address");
     }
 
     #[test]

@@ -94,8 +94,8 @@ impl Registry for Instrumented {
     async fn check_in(&self, id: NodeId, clock_skew_ms: i64) -> Result<()> {
         timed("check_in", self.0.check_in(id, clock_skew_ms)).await
     }
-    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32) -> Result<()> {
-        timed("report_load", self.0.report_load(id, load, cpus)).await
+    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32, pins_recent: u64) -> Result<()> {
+        timed("report_load", self.0.report_load(id, load, cpus, pins_recent)).await
     }
     async fn set_offline_mode(&self, id: NodeId, offline: bool) -> Result<()> {
         timed("set_offline_mode", self.0.set_offline_mode(id, offline)).await

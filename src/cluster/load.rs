@@ -20,6 +20,18 @@ fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
     Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
+/// The load averages as fractions of total CPU (load ÷ CPUs), as the
+/// status page shows them and `system-load` compares them.
+pub fn per_cpu(load: [f64; 3], cpus: u32) -> [f64; 3] {
+    load.map(|l| l / f64::from(cpus.max(1)))
+}
+
+/// A fraction for the status page: at most three decimals, no trailing zeros.
+pub fn format_fraction(x: f64) -> String {
+    let rounded = (x * 1000.0).round() / 1000.0;
+    format!("{rounded}")
+}
+
 /// CPUs available to this process.
 pub fn cpu_count() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
@@ -36,5 +48,15 @@ mod tests {
         assert_eq!(parse_loadavg("x y z"), None);
         assert_eq!(parse_loadavg("-1 0 0"), None);
         assert!(read_loadavg(Path::new("/proc/loadavg")).is_ok());
+    }
+
+    #[test]
+    fn load_is_shown_as_a_fraction_of_total_cpu() {
+        assert_eq!(per_cpu([2.0, 1.0, 0.5], 4), [0.5, 0.25, 0.125]);
+        assert_eq!(per_cpu([1.0, 0.0, 0.0], 0), [1.0, 0.0, 0.0], "a node that reports no CPUs counts one");
+        let shown: Vec<String> = per_cpu([0.52, 0.58, 0.0034], 2).into_iter().map(format_fraction).collect();
+        assert_eq!(shown, ["0.26", "0.29", "0.002"]);
+        assert_eq!(format_fraction(0.0), "0");
+        assert_eq!(format_fraction(1.5), "1.5");
     }
 }

@@ -8,6 +8,7 @@ pub mod instrumented;
 pub mod load;
 pub mod model;
 pub mod node;
+pub mod pins;
 pub mod postgres;
 pub mod registry;
 mod sql;
@@ -16,5 +17,5 @@ pub mod sync;
 pub mod view;
 
 pub use model::*;
-pub use registry::{NewSession, Registry, RegistryError, connect};
+pub use registry::{NewSession, Registry, RegistryError, RegistryOptions, connect, connect_with};
 pub use view::ClusterView;

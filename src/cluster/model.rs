@@ -86,12 +86,22 @@ pub struct NodeRecord {
     /// Drain: serves its sessions, gets no new ones. Kept across restarts.
     pub offline_mode: bool,
     pub started_at: Option<Millis>,
+    /// Anonymous pins the node issued within its recent window, as it last
+    /// reported them with its load (an estimate; never a registry row).
+    pub pins_recent: u64,
 }
 
 impl NodeRecord {
     /// `host:port`, the address peers use.
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// Where the node is reached: its resolved IPv4, else its host if that
+    /// is an IP address.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        let ip = self.ipv4.or_else(|| self.host.parse().ok())?;
+        Some(std::net::SocketAddr::new(ip, self.port))
     }
 
     /// Online and checked in within `2 × checkin_interval` of `now`.
@@ -144,7 +154,10 @@ pub struct ClusterRecord {
 pub enum SessionKind {
     /// Minted by the IDE server, found in URLs by the session path pattern.
     Backend,
-    /// sessionlb's own signed affinity cookie.
+    /// A verified user bound to a node (key `user:<name>`).
+    User,
+    /// A version-1 affinity cookie (`aff:<id>`), from before anonymous
+    /// browsers were pinned instead; routed until the cookie expires, never created.
     Affinity,
 }
 
@@ -152,6 +165,7 @@ impl SessionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             SessionKind::Backend => "backend",
+            SessionKind::User => "user",
             SessionKind::Affinity => "affinity",
         }
     }
@@ -159,10 +173,19 @@ impl SessionKind {
     pub fn parse(s: &str) -> Option<SessionKind> {
         match s {
             "backend" => Some(SessionKind::Backend),
+            "user" => Some(SessionKind::User),
             "affinity" => Some(SessionKind::Affinity),
             _ => None,
         }
     }
+}
+
+/// Prefix of user session keys; `:` never occurs in backend keys.
+pub const USER_KEY_PREFIX: &str = "user:";
+
+/// The registry key of `user`'s session.
+pub fn user_session_key(user: &str) -> String {
+    format!("{USER_KEY_PREFIX}{user}")
 }
 
 /// A session: one key bound to one node.
@@ -280,6 +303,7 @@ mod tests {
             clock_skew_ms: None,
             offline_mode: false,
             started_at: None,
+            pins_recent: 0,
         };
         let interval = Duration::from_secs(300);
         assert_eq!(n.display_status(1_000_000 + 600_000, interval), "Online");

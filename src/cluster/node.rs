@@ -1,7 +1,8 @@
 //! The node lifecycle: `Starting` → key checks → address resolution →
 //! cluster check → `Online`; then periodic check-ins (with clock skew), load
-//! reports, activity write-back and idle-session expiry; `Offline` (or row
-//! removal with `delete-node-on-exit`) when it stops.
+//! reports (with the anonymous pins issued recently), activity write-back and
+//! idle-session expiry; `Offline` (or row removal with `delete-node-on-exit`)
+//! when it stops.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -85,7 +86,7 @@ pub async fn start(
         .await?;
     tracing::info!(node_id = id, node = %format!("{host}:{port}"), "node registered (Starting)");
 
-    let key = match SecureKey::load(&config.cluster.secure_cookie_key_file) {
+    let key = match config.secure_key() {
         Ok(key) => key,
         Err(source) => {
             let status = match source {
@@ -109,7 +110,7 @@ pub async fn start(
     // The first load report precedes `Online`: peers never see this node
     // eligible with the registry's default (zero) load.
     match load::read_loadavg(&config.node.loadavg_path) {
-        Ok(avg) => registry.report_load(id, avg, load::cpu_count()).await?,
+        Ok(avg) => registry.report_load(id, avg, load::cpu_count(), 0).await?,
         Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
     }
 
@@ -223,9 +224,11 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
     tasks.push(every(cfg.cluster.load_report_interval, shutdown.clone(), move || {
         let c = c.clone();
         async move {
+            let pins = c.view.pins().total(std::time::Instant::now());
+            crate::metrics::METRICS.pins_recent.set(pins as i64);
             match load::read_loadavg(&c.config.node.loadavg_path) {
                 Ok(avg) => {
-                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count()).await {
+                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count(), pins).await {
                         tracing::debug!(error = %e, "load report failed");
                     }
                 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::model::*;
-use crate::config::DatabaseUrl;
+use crate::config::{Config, DatabaseUrl};
 
 /// Registry failures.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,8 @@ pub enum RegistryError {
     SessionNotFound(String),
     #[error("registry row is corrupt: {0}")]
     Corrupt(String),
+    #[error("registry schema: {0}")]
+    Schema(String),
     #[error("cannot create the directory of the SQLite registry {path}: {source}")]
     SqliteDir {
         path: String,
@@ -97,7 +99,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Record a check-in: last seen = now (database clock) and the node's
     /// clock skew. `NodeNotFound` if the row was deleted.
     async fn check_in(&self, id: NodeId, clock_skew_ms: i64) -> Result<()>;
-    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32) -> Result<()>;
+    /// Record the node's load averages, CPU count and the anonymous pins it
+    /// issued recently (not announced: nodes re-read the table periodically).
+    async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32, pins_recent: u64) -> Result<()>;
     async fn set_offline_mode(&self, id: NodeId, offline: bool) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
     async fn get_node(&self, id: NodeId) -> Result<Option<NodeRecord>>;
@@ -143,10 +147,61 @@ pub trait Registry: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// Connect to the registry named by `url` and run its migrations.
+/// How to connect to the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// How often SQLite's change log is polled.
+    pub poll_interval: Duration,
+    /// PostgreSQL: most pooled connections for work (the LISTEN connection
+    /// comes on top).
+    pub pool_size: u32,
+    /// PostgreSQL: how long connecting, or waiting for a pooled connection, may take.
+    pub connect_timeout: Duration,
+    /// PostgreSQL: the schema of the registry's tables and bookkeeping.
+    pub schema: String,
+    /// PostgreSQL: a node seen within this long counts as live (a registry
+    /// left in `public` is moved only when none is).
+    pub freshness: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            poll_interval: Duration::from_millis(500),
+            pool_size: crate::config::schema::DEFAULT_POOL_SIZE,
+            connect_timeout: Duration::from_secs(10),
+            schema: crate::config::database::DEFAULT_SCHEMA.to_string(),
+            freshness: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RegistryOptions {
+    /// The options a configuration asks for.
+    pub fn from_config(config: &Config) -> RegistryOptions {
+        let c = &config.cluster;
+        RegistryOptions {
+            poll_interval: c.poll_interval,
+            pool_size: c.pool_size,
+            connect_timeout: c.database_connection_timeout,
+            schema: c.database_schema.clone(),
+            freshness: 2 * c.checkin_interval,
+        }
+    }
+}
+
+/// Connect to the registry named by `url` with the default options and run
+/// its migrations.
 pub async fn connect(url: &DatabaseUrl, poll_interval: Duration) -> Result<Arc<dyn Registry>> {
+    connect_with(url, &RegistryOptions { poll_interval, ..RegistryOptions::default() }).await
+}
+
+/// Connect to the registry named by `url` and run its migrations.
+pub async fn connect_with(url: &DatabaseUrl, options: &RegistryOptions) -> Result<Arc<dyn Registry>> {
     match url {
-        DatabaseUrl::Postgres(url) => Ok(Arc::new(super::postgres::PgRegistry::connect(url).await?)),
-        DatabaseUrl::Sqlite(path) => Ok(Arc::new(super::sqlite::SqliteRegistry::connect(path, poll_interval).await?)),
+        DatabaseUrl::Postgres(url) => Ok(Arc::new(super::postgres::PgRegistry::connect_with(url, options).await?)),
+        DatabaseUrl::Sqlite(path) => {
+            Ok(Arc::new(super::sqlite::SqliteRegistry::connect(path, options.poll_interval).await?))
+        }
     }
 }

@@ -11,7 +11,7 @@
 /// yielding the elements of the JSON array bound as `$1`.
 macro_rules! impl_registry {
     ($ty:ty, $db:ty, now = $now:literal, keys_in_json = $keys:literal) => {
-        const NODE_COLUMNS: &str = "id, host, port, ipv4, status, last_seen, load1, load5, load15, cpus, router, version, clock_skew_ms, offline_mode, started_at";
+        const NODE_COLUMNS: &str = "id, host, port, ipv4, status, last_seen, load1, load5, load15, cpus, router, version, clock_skew_ms, offline_mode, started_at, pins_recent";
 
         fn node_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::cluster::registry::Result<NodeRecord> {
             use sqlx::Row;
@@ -33,6 +33,7 @@ macro_rules! impl_registry {
                 clock_skew_ms: row.try_get("clock_skew_ms")?,
                 offline_mode: row.try_get("offline_mode")?,
                 started_at: row.try_get("started_at")?,
+                pins_recent: u64::try_from(row.try_get::<i64, _>("pins_recent")?).unwrap_or(0),
             })
         }
 
@@ -182,13 +183,14 @@ macro_rules! impl_registry {
                 Ok(())
             }
 
-            async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32) -> Result<()> {
-                let done = sqlx::query("UPDATE sessionlb_nodes SET load1 = $2, load5 = $3, load15 = $4, cpus = $5 WHERE id = $1")
+            async fn report_load(&self, id: NodeId, load: [f64; 3], cpus: u32, pins_recent: u64) -> Result<()> {
+                let done = sqlx::query("UPDATE sessionlb_nodes SET load1 = $2, load5 = $3, load15 = $4, cpus = $5, pins_recent = $6 WHERE id = $1")
                     .bind(id)
                     .bind(load[0])
                     .bind(load[1])
                     .bind(load[2])
                     .bind(i32::try_from(cpus).unwrap_or(i32::MAX))
+                    .bind(i64::try_from(pins_recent).unwrap_or(i64::MAX))
                     .execute(&self.pool)
                     .await?;
                 if done.rows_affected() == 0 {

@@ -92,7 +92,9 @@ pub async fn follow(
         }
         for ev in batch {
             match ev {
-                ChangeEvent::Session(record) => view.upsert_session(record),
+                ChangeEvent::Session(record) => {
+                    view.upsert_session(record);
+                }
                 ChangeEvent::SessionDelete { key } => view.remove_session(&key),
                 _ => {}
             }

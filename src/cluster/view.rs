@@ -5,25 +5,49 @@
 //! Kept fresh by `sync` from registry notifications; read on every request
 //! without touching the database. Local placements are inserted at once so
 //! that a node never waits for its own notification.
+//!
+//! Bounded: at most `max-sessions-in-memory` sessions are kept (updates and
+//! removals of known ones always apply; a new one past the cap is not kept,
+//! logged once and counted in `sessionlb_view_capacity_reached_total`). The
+//! anonymous pins this node issued recently are counted in [`RecentPins`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 
 use super::model::*;
+use super::pins::RecentPins;
+use crate::metrics::METRICS;
+
+/// Sessions kept in memory by default (`[sessions] max-sessions-in-memory`).
+pub const DEFAULT_SESSION_CAPACITY: usize = 250_000;
 
 /// All known nodes, sorted by id.
 #[derive(Debug, Default)]
 pub struct NodeSnapshot {
     pub nodes: Vec<NodeRecord>,
+    /// `host:port` of each node, in the order of `nodes` (built once per snapshot).
+    addresses: Vec<Arc<str>>,
 }
 
 impl NodeSnapshot {
+    /// A snapshot of `nodes` (sorted here by id).
+    pub fn new(mut nodes: Vec<NodeRecord>) -> NodeSnapshot {
+        nodes.sort_by_key(|n| n.id);
+        let addresses = nodes.iter().map(|n| Arc::from(n.address())).collect();
+        NodeSnapshot { nodes, addresses }
+    }
+
     pub fn get(&self, id: NodeId) -> Option<&NodeRecord> {
         self.nodes.binary_search_by_key(&id, |n| n.id).ok().map(|i| &self.nodes[i])
+    }
+
+    /// Every node with its `host:port` (shared, no allocation).
+    pub fn with_addresses(&self) -> impl Iterator<Item = (&NodeRecord, &Arc<str>)> {
+        self.nodes.iter().zip(&self.addresses)
     }
 }
 
@@ -79,10 +103,23 @@ struct SessionIndex {
 
 impl SessionIndex {
     /// Insert or replace a session; a replaced entry's activity carries over.
-    fn insert(&mut self, record: SessionRecord, activity: Option<Arc<Activity>>) {
+    /// A new key past `capacity` is not kept: the entry is returned detached
+    /// (it routes this request; its activity is not written back) and
+    /// `false` says so.
+    fn insert(
+        &mut self,
+        record: SessionRecord,
+        activity: Option<Arc<Activity>>,
+        capacity: usize,
+    ) -> (Arc<SessionEntry>, bool) {
         let key = record.key.clone();
-        let activity = activity.or_else(|| self.by_key.get(&key).map(|e| e.activity.clone())).unwrap_or_default();
+        let known = self.by_key.get(&key).map(|e| e.activity.clone());
+        let kept = known.is_some() || self.by_key.len() < capacity;
+        let activity = activity.or(known).unwrap_or_default();
         let fresh = Arc::new(SessionEntry { record, activity });
+        if !kept {
+            return (fresh, false);
+        }
         self.remove(&key);
         if let Some(node) = fresh.record.node_id {
             *self.per_node.entry(node).or_default() += 1;
@@ -90,7 +127,8 @@ impl SessionIndex {
         if let Some(user) = &fresh.record.user_name {
             self.by_user.entry(user.clone()).or_default().insert(key.clone());
         }
-        self.by_key.insert(key, fresh);
+        self.by_key.insert(key, fresh.clone());
+        (fresh, true)
     }
 
     fn remove(&mut self, key: &str) -> Option<Arc<SessionEntry>> {
@@ -148,10 +186,21 @@ pub struct ClusterView {
     sessions: RwLock<SessionIndex>,
     unreachable: RwLock<HashSet<NodeId>>,
     moves: parking_lot::Mutex<VecDeque<SessionMove>>,
+    /// Most sessions kept in memory.
+    session_capacity: usize,
+    /// Whether the capacity was reached (logged once per episode).
+    at_capacity: AtomicBool,
+    pins: RecentPins,
 }
 
 impl ClusterView {
+    /// A view keeping at most [`DEFAULT_SESSION_CAPACITY`] sessions.
     pub fn new(self_id: NodeId) -> ClusterView {
+        ClusterView::with_session_capacity(self_id, DEFAULT_SESSION_CAPACITY)
+    }
+
+    /// A view keeping at most `capacity` sessions in memory.
+    pub fn with_session_capacity(self_id: NodeId, capacity: usize) -> ClusterView {
         ClusterView {
             self_id,
             nodes: ArcSwap::from_pointee(NodeSnapshot::default()),
@@ -159,7 +208,20 @@ impl ClusterView {
             sessions: RwLock::new(SessionIndex::default()),
             unreachable: RwLock::new(HashSet::new()),
             moves: parking_lot::Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
+            session_capacity: capacity,
+            at_capacity: AtomicBool::new(false),
+            pins: RecentPins::new(),
         }
+    }
+
+    /// Anonymous pins this node issued recently.
+    pub fn pins(&self) -> &RecentPins {
+        &self.pins
+    }
+
+    /// The most sessions this view keeps.
+    pub fn session_capacity(&self) -> usize {
+        self.session_capacity
     }
 
     /// This node's id.
@@ -180,11 +242,12 @@ impl ClusterView {
     }
 
     /// Replace the node list; returns what changed.
-    pub fn set_nodes(&self, mut nodes: Vec<NodeRecord>) -> NodeChanges {
-        nodes.sort_by_key(|n| n.id);
+    pub fn set_nodes(&self, nodes: Vec<NodeRecord>) -> NodeChanges {
+        let new = NodeSnapshot::new(nodes);
+        let nodes = &new.nodes;
         let old = self.nodes.load_full();
         let mut changes = NodeChanges::default();
-        for n in &nodes {
+        for n in nodes {
             match old.get(n.id) {
                 None => changes.joined.push(n.address()),
                 Some(prev) => {
@@ -201,7 +264,6 @@ impl ClusterView {
                 }
             }
         }
-        let new = NodeSnapshot { nodes };
         for n in &old.nodes {
             if new.get(n.id).is_none() {
                 changes.removed.push(n.address());
@@ -220,7 +282,7 @@ impl ClusterView {
         let Ok(i) = old.nodes.binary_search_by_key(&id, |n| n.id) else { return };
         let mut nodes = old.nodes.clone();
         nodes[i].offline_mode = offline;
-        self.nodes.store(Arc::new(NodeSnapshot { nodes }));
+        self.nodes.store(Arc::new(NodeSnapshot::new(nodes)));
     }
 
     // --- cluster record
@@ -272,21 +334,37 @@ impl ClusterView {
 
     /// The user's most recently active session that has a node.
     pub fn latest_session_of(&self, user: &str) -> Option<Arc<SessionEntry>> {
+        self.latest_session_where(user, |_| true)
+    }
+
+    /// The user's most recently active session whose node passes `usable`.
+    pub fn latest_session_where(&self, user: &str, usable: impl Fn(NodeId) -> bool) -> Option<Arc<SessionEntry>> {
         let index = self.sessions.read();
         index
             .by_user
             .get(user)?
             .iter()
             .filter_map(|k| index.by_key.get(k))
-            .filter(|e| e.record.node_id.is_some())
-            .max_by_key(|e| (e.record.last_active.max(e.last_request()), e.record.created, e.record.key.clone()))
+            .filter(|e| e.record.node_id.is_some_and(&usable))
+            .max_by(|a, b| {
+                let recency = |e: &SessionEntry| (e.record.last_active.max(e.last_request()), e.record.created);
+                recency(a).cmp(&recency(b)).then_with(|| a.record.key.cmp(&b.record.key))
+            })
             .cloned()
     }
 
-    pub fn upsert_session(&self, record: SessionRecord) {
-        let mut index = self.sessions.write();
-        self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
-        index.insert(record, None);
+    /// Insert or update a session; returns its entry as inserted (detached,
+    /// not kept, when the view is full and the key is new).
+    pub fn upsert_session(&self, record: SessionRecord) -> Arc<SessionEntry> {
+        let (entry, kept) = {
+            let mut index = self.sessions.write();
+            self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
+            let result = index.insert(record, None, self.session_capacity);
+            METRICS.view_sessions.set(index.by_key.len() as i64);
+            result
+        };
+        self.note_capacity(kept, 1);
+        entry
     }
 
     /// Remember a session that changed node.
@@ -316,20 +394,58 @@ impl ClusterView {
     }
 
     pub fn remove_session(&self, key: &str) {
-        self.sessions.write().remove(key);
+        let mut index = self.sessions.write();
+        index.remove(key);
+        METRICS.view_sessions.set(index.by_key.len() as i64);
     }
 
-    /// Replace all sessions (after a full reload), keeping local activity.
-    pub fn set_sessions(&self, records: Vec<SessionRecord>) {
-        let mut index = self.sessions.write();
-        let mut fresh = SessionIndex::default();
-        for r in records {
-            let old = index.by_key.get(&r.key);
-            self.note_move(old.map(|e| &e.record), &r);
-            let activity = old.map(|e| e.activity.clone());
-            fresh.insert(r, activity);
+    /// Replace all sessions (after a full reload), keeping local activity;
+    /// past the capacity, the most recently active ones are kept.
+    pub fn set_sessions(&self, mut records: Vec<SessionRecord>) {
+        if records.len() > self.session_capacity {
+            records.sort_by_key(|r| std::cmp::Reverse(r.last_active));
         }
-        *index = fresh;
+        let mut dropped = 0;
+        {
+            let mut index = self.sessions.write();
+            let mut fresh = SessionIndex::default();
+            for r in records {
+                let old = index.by_key.get(&r.key);
+                self.note_move(old.map(|e| &e.record), &r);
+                let activity = old.map(|e| e.activity.clone());
+                if !fresh.insert(r, activity, self.session_capacity).1 {
+                    dropped += 1;
+                }
+            }
+            *index = fresh;
+            METRICS.view_sessions.set(index.by_key.len() as i64);
+        }
+        self.note_capacity(dropped == 0, dropped);
+    }
+
+    /// Log (once per episode) and count sessions that did not fit.
+    fn note_capacity(&self, kept: bool, not_kept: u64) {
+        if kept {
+            if self.at_capacity.load(Ordering::Relaxed) && self.session_count() < self.session_capacity {
+                self.at_capacity.store(false, Ordering::Relaxed);
+                tracing::info!(capacity = self.session_capacity, "sessions fit in memory again");
+            }
+            return;
+        }
+        METRICS.view_capacity_reached.inc_by(not_kept);
+        if !self.at_capacity.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                capacity = self.session_capacity,
+                "the in-memory session view is full: further new sessions are routed but not kept in memory \
+                 (their activity is not recorded and other nodes' sessions are looked up in the registry); \
+                 raise `max-sessions-in-memory` in [sessions]"
+            );
+        }
+    }
+
+    /// Calls `f` with the number of sessions on each node (under the read lock).
+    pub fn with_session_counts<R>(&self, f: impl FnOnce(&HashMap<NodeId, usize>) -> R) -> R {
+        f(&self.sessions.read().per_node)
     }
 
     /// Sessions per node.
@@ -494,6 +610,7 @@ mod tests {
             clock_skew_ms: None,
             offline_mode: false,
             started_at: None,
+            pins_recent: 0,
         };
         assert_eq!(v.set_nodes(vec![n.clone()]).joined, vec!["a:1"]);
         n.status = NodeStatus::Online;
@@ -504,5 +621,54 @@ mod tests {
         assert!(!v.is_eligible(&n), "offline mode takes no new sessions");
         assert!(v.can_serve(&n), "but still serves its own");
         assert_eq!(v.set_nodes(vec![]).removed, vec!["a:1"]);
+    }
+
+    #[test]
+    fn the_insert_returns_the_entry_it_inserted() {
+        let v = ClusterView::new(1);
+        let e = v.upsert_session(session("a", Some(1), Some("ann"), 1));
+        assert!(Arc::ptr_eq(&e, &v.session("a").unwrap()));
+        e.touch(5);
+        // An update returns the new entry, sharing the activity.
+        let moved = v.upsert_session(session("a", Some(2), Some("ann"), 1));
+        assert_eq!(moved.record.node_id, Some(2));
+        assert_eq!(moved.last_request(), 5);
+    }
+
+    #[test]
+    fn past_its_capacity_the_view_keeps_updates_but_not_new_keys() {
+        let v = ClusterView::with_session_capacity(1, 2);
+        let reached = METRICS.view_capacity_reached.get();
+        v.upsert_session(session("a", Some(1), None, 1));
+        v.upsert_session(session("b", Some(1), None, 1));
+        let c = v.upsert_session(session("c", Some(2), None, 1));
+        assert_eq!(c.record.key, "c", "a detached entry still routes its request");
+        assert!(v.session("c").is_none(), "but is not kept");
+        assert_eq!(v.session_count(), 2);
+        assert!(METRICS.view_capacity_reached.get() > reached, "counted");
+        // Known keys still move, and removals make room.
+        v.upsert_session(session("a", Some(3), None, 1));
+        assert_eq!(v.session("a").unwrap().record.node_id, Some(3));
+        v.remove_session("b");
+        v.upsert_session(session("c", Some(2), None, 1));
+        assert!(v.session("c").is_some());
+        // A full reload past the capacity keeps the most recently active.
+        v.set_sessions(vec![
+            session("old", Some(1), None, 10),
+            session("new", Some(1), None, 30),
+            session("mid", Some(1), None, 20),
+        ]);
+        let mut kept: Vec<String> = v.sessions().iter().map(|e| e.record.key.clone()).collect();
+        kept.sort();
+        assert_eq!(kept, ["mid", "new"]);
+    }
+
+    #[test]
+    fn a_users_latest_session_can_be_limited_to_usable_nodes() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("on-1", Some(1), Some("ann"), 100));
+        v.upsert_session(session("on-2", Some(2), Some("ann"), 200));
+        assert_eq!(v.latest_session_where("ann", |n| n != 2).unwrap().record.key, "on-1");
+        assert!(v.latest_session_where("ann", |_| false).is_none());
     }
 }

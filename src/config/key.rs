@@ -23,8 +23,13 @@ pub const RECOMMENDED_KEY_BYTES: usize = 32;
 /// Why a key file cannot be used. Each maps to a node status.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("secure cookie key file {path} does not exist (create it with: `uuidgen > {path} && chmod 0600 {path}`)")]
-    Missing { path: PathBuf },
+    #[error("{}", missing_message(path, tried))]
+    Missing {
+        path: PathBuf,
+        /// Every place looked at, in order, when the path came from a
+        /// lookup (Workbench's); empty when it was configured.
+        tried: Vec<PathBuf>,
+    },
     #[error(
         "secure cookie key file {path} has mode {mode:04o}; it must not be readable or writable by group or others (e.g. 0600: chmod 0600 {path})"
     )]
@@ -39,6 +44,16 @@ pub enum KeyError {
         #[source]
         source: io::Error,
     },
+}
+
+fn missing_message(path: &Path, tried: &[PathBuf]) -> String {
+    let create = format!("create it with: `uuidgen > {p} && chmod 0600 {p}`", p = path.display());
+    if tried.len() > 1 {
+        let places: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+        format!("no secure cookie key file found; looked at, in order: {} ({create})", places.join(", "))
+    } else {
+        format!("secure cookie key file {} does not exist ({create})", path.display())
+    }
 }
 
 /// The shared secret that signs cookies and node-to-node requests.
@@ -70,7 +85,7 @@ impl SecureKey {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(KeyError::Missing { path: path.to_path_buf() });
+                return Err(KeyError::Missing { path: path.to_path_buf(), tried: Vec::new() });
             }
             Err(source) => {
                 return Err(KeyError::Io { path: path.to_path_buf(), source });

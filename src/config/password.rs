@@ -12,10 +12,18 @@
 use aes::cipher::block_padding::Pkcs7;
 use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::alphabet;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as B64};
 
 type Encryptor = cbc::Encryptor<aes::Aes128>;
 type Decryptor = cbc::Decryptor<aes::Aes128>;
+
+/// Decodes with or without `=` padding (rskey has written both).
+const B64_DECODE: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Workbench's `OBFUSCATE_KEY` pad.
 const PAD: [u8; 10] = [223, 99, 111, 160, 122, 212, 223, 105, 37, 190];
@@ -30,6 +38,10 @@ pub enum PasswordError {
     WrongKey { found: String, expected: String },
     #[error("the encrypted password is corrupt")]
     Corrupt,
+    #[error(
+        "the password was encrypted with unsupported encryption version {0}; sessionlb reads version 0, Workbench's default: encrypt it again with `sessionlb encrypt-password` (or `rstudio-server encrypt-password` with the maximum encryption version at 0)"
+    )]
+    UnsupportedVersion(u8),
     #[error("the secure cookie key must be at least 16 bytes to encrypt passwords")]
     ShortKey,
 }
@@ -81,16 +93,26 @@ pub fn decrypt(key: &[u8], value: &str) -> Result<String, PasswordError> {
     if !found.eq_ignore_ascii_case(&expected) {
         return Err(PasswordError::WrongKey { found: found.to_string(), expected });
     }
-    let payload = B64.decode(&value[8..value.len() - 8]).map_err(|_| PasswordError::Corrupt)?;
-    if payload.len() <= IV_FIELD || !(payload.len() - IV_FIELD).is_multiple_of(16) {
+    let payload = B64_DECODE.decode(&value[8..value.len() - 8]).map_err(|_| PasswordError::Corrupt)?;
+    if payload.len() <= IV_FIELD {
         return Err(PasswordError::Corrupt);
+    }
+    let buffer = &payload[IV_FIELD..];
+    // Versions 1 and up start the buffer with their version byte; as
+    // Workbench does, a buffer that also decrypts as version 0 is version 0.
+    let unsupported = || match buffer[0] {
+        0 => PasswordError::Corrupt,
+        version => PasswordError::UnsupportedVersion(version),
+    };
+    if !buffer.len().is_multiple_of(16) {
+        return Err(unsupported());
     }
     let mut iv = [0u8; 16];
     iv.copy_from_slice(&payload[..16]);
     let plain = Decryptor::new(&aes_key(key)?.into(), &iv.into())
-        .decrypt_padded_vec_mut::<Pkcs7>(&payload[IV_FIELD..])
-        .map_err(|_| PasswordError::Corrupt)?;
-    String::from_utf8(plain).map_err(|_| PasswordError::Corrupt)
+        .decrypt_padded_vec_mut::<Pkcs7>(buffer)
+        .map_err(|_| unsupported())?;
+    String::from_utf8(plain).map_err(|_| unsupported())
 }
 
 #[cfg(test)]
@@ -119,5 +141,39 @@ mod tests {
         assert!(decrypt(KEY, &bad).is_err());
         assert_eq!(decrypt(KEY, "plain-password"), Err(PasswordError::NotEncrypted));
         assert_eq!(encrypt(b"short", "x"), Err(PasswordError::ShortKey));
+    }
+
+    /// A value framed as Workbench frames it: hash, base64(IV field ‖ buffer), hash.
+    fn framed(buffer: &[u8]) -> String {
+        let mut payload = vec![7u8; IV_FIELD];
+        payload.extend_from_slice(buffer);
+        let hash = key_hash(KEY);
+        format!("{hash}{}{hash}", B64.encode(payload))
+    }
+
+    #[test]
+    fn later_encryption_versions_are_named_not_decrypted_into_garbage() {
+        // Version 1: a version byte, then AES-128-CBC blocks (length 1 + 16k).
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&[0x5a; 32]);
+        assert_eq!(decrypt(KEY, &framed(&v1)), Err(PasswordError::UnsupportedVersion(1)));
+        // Version 2: a version byte, GCM ciphertext of the password's length, a 16-byte tag.
+        let mut v2 = vec![2u8];
+        v2.extend_from_slice(b"ciphertext");
+        v2.extend_from_slice(&[0xa5; 16]);
+        assert_eq!(decrypt(KEY, &framed(&v2)), Err(PasswordError::UnsupportedVersion(2)));
+        // ...also when its length happens to be a whole number of blocks.
+        let mut v2 = vec![2u8];
+        v2.extend_from_slice(&[0x33; 15 + 16]);
+        assert_eq!(decrypt(KEY, &framed(&v2)), Err(PasswordError::UnsupportedVersion(2)));
+        let message = PasswordError::UnsupportedVersion(2).to_string();
+        assert!(message.starts_with("the password was encrypted with unsupported encryption version 2;"), "{message}");
+        // Version 0 values decrypt whatever their first byte (here the rskey vector's).
+        let vector = "BFA25145OoPWwVZMdN/K7eDJUD5gLg916yildo6m+XG0+Sld7r+SuKXS3Rsi/TC0qbVZ5uCMBFA25145";
+        assert_eq!(decrypt(KEY, vector).unwrap(), "success");
+        // Without `=` padding (some rskey versions) it decodes too.
+        let padded = encrypt(KEY, "a twenty char secret").unwrap();
+        assert!(padded.contains("=="), "{padded}");
+        assert_eq!(decrypt(KEY, &padded.replace('=', "")).unwrap(), "a twenty char secret");
     }
 }

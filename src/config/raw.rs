@@ -10,18 +10,54 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Where a setting was written.
+use super::ConfigProblem;
+
+/// Where a setting came from: `check-config` prints it next to every value,
+/// and problems name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    /// The file the setting was read from.
-    pub file: PathBuf,
-    /// 1-based line number in that file.
-    pub line: usize,
+pub enum Origin {
+    /// Written in a file at a 1-based line (0: the file as a whole, for a
+    /// value derived from what it does not say). `via` names the Workbench
+    /// setting(s) it was derived from when they differ from the native key
+    /// (`backend` from rserver.conf's `www-address` and `www-port`).
+    File { file: PathBuf, line: usize, via: Option<String> },
+    /// A command-line flag, such as `--listen`.
+    Flag(String),
+    /// An environment variable.
+    Env(String),
+    /// Found by a search (Workbench's secure cookie key lookup); the text
+    /// says what was looked at.
+    Lookup(String),
+}
+
+impl Origin {
+    /// A setting written at `line` of `file`.
+    pub fn file(file: &Path, line: usize) -> Origin {
+        Origin::File { file: file.to_path_buf(), line, via: None }
+    }
+
+    /// The file and line, for problems (flags and variables have neither).
+    pub fn file_and_line(&self) -> (PathBuf, Option<usize>) {
+        match self {
+            Origin::File { file, line, .. } => (file.clone(), (*line > 0).then_some(*line)),
+            Origin::Flag(flag) => (PathBuf::from(format!("command line {flag}")), None),
+            Origin::Env(var) => (PathBuf::from(format!("environment {var}")), None),
+            Origin::Lookup(_) => (PathBuf::from("secure cookie key lookup"), None),
+        }
+    }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        match self {
+            Origin::File { file, line: 0, via: None } => write!(f, "{}", file.display()),
+            Origin::File { file, line: 0, via: Some(via) } => write!(f, "{} ({via})", file.display()),
+            Origin::File { file, line, via: None } => write!(f, "{}:{line}", file.display()),
+            Origin::File { file, line, via: Some(via) } => write!(f, "{}:{line} ({via})", file.display()),
+            Origin::Flag(flag) => write!(f, "command line {flag}"),
+            Origin::Env(var) => write!(f, "environment {var}"),
+            Origin::Lookup(text) => f.write_str(text),
+        }
     }
 }
 
@@ -63,8 +99,8 @@ impl RawValue {
         match (key, self) {
             ("database-password", RawValue::Str(_)) => RawValue::Str("***".into()),
             ("database-password", RawValue::Text(_)) => RawValue::Text("***".into()),
-            ("database", RawValue::Str(s)) => RawValue::Str(super::redact_url_password(s)),
-            ("database", RawValue::Text(s)) => RawValue::Text(super::redact_url_password(s)),
+            ("database", RawValue::Str(s)) => RawValue::Str(super::database::redact_url_password(s)),
+            ("database", RawValue::Text(s)) => RawValue::Text(super::database::redact_url_password(s)),
             _ => self.clone(),
         }
     }
@@ -84,6 +120,26 @@ pub struct RawConfig {
     pub entries: BTreeMap<String, RawEntry>,
     /// Every file that contributed, in the order read.
     pub files: Vec<PathBuf>,
+    /// Things worth telling that do not stop the node (a Workbench key
+    /// sessionlb does not use, a database.conf readable by others).
+    pub warnings: Vec<ConfigProblem>,
+    /// What a Workbench directory says beyond its settings, when one was read.
+    pub workbench: Option<WorkbenchFacts>,
+}
+
+/// Facts from a Workbench directory that are not settings of their own.
+#[derive(Debug, Default, Clone)]
+pub struct WorkbenchFacts {
+    /// The directory (`--rstudio-config`).
+    pub dir: PathBuf,
+    /// Why this directory describes a load-balanced cluster (the
+    /// load-balancer file, `load-balancing-enabled=1`, or a legacy `[nodes]`
+    /// list of several nodes), with where it says so.
+    pub cluster: Option<(Origin, String)>,
+    /// The entries of a legacy `[nodes]` list, in order.
+    pub legacy_nodes: Vec<String>,
+    /// Every place the secure cookie key was looked for, in order.
+    pub key_tried: Vec<PathBuf>,
 }
 
 impl fmt::Debug for RawConfig {
@@ -93,20 +149,34 @@ impl fmt::Debug for RawConfig {
             .iter()
             .map(|(k, e)| (k.as_str(), RawEntry { value: e.value.redacted(k), origin: e.origin.clone() }))
             .collect();
-        f.debug_struct("RawConfig").field("entries", &entries).field("files", &self.files).finish()
+        f.debug_struct("RawConfig")
+            .field("entries", &entries)
+            .field("files", &self.files)
+            .field("warnings", &self.warnings)
+            .field("workbench", &self.workbench)
+            .finish()
     }
 }
 
 impl RawConfig {
-    /// Insert or override one setting.
+    /// Insert or override one setting written at `line` of `file`.
     pub fn set(&mut self, key: impl Into<String>, value: RawValue, file: &Path, line: usize) {
-        self.entries.insert(key.into(), RawEntry { value, origin: Origin { file: file.to_path_buf(), line } });
+        self.set_from(key, value, Origin::file(file, line));
+    }
+
+    /// Insert or override one setting with its origin.
+    pub fn set_from(&mut self, key: impl Into<String>, value: RawValue, origin: Origin) {
+        self.entries.insert(key.into(), RawEntry { value, origin });
     }
 
     /// Merge `other` over `self` (its keys win).
     pub fn overlay(&mut self, other: RawConfig) {
         self.entries.extend(other.entries);
         self.files.extend(other.files);
+        self.warnings.extend(other.warnings);
+        if other.workbench.is_some() {
+            self.workbench = other.workbench;
+        }
     }
 }
 

@@ -1,316 +1,325 @@
-//! The typed schema: every key, its type, default and allowed values.
-//!
-//! [`Reader`] walks a [`RawConfig`], converts each known key and records a
-//! [`ConfigProblem`] (file, line, key, what is allowed) for every bad value,
-//! then reports every key nobody asked for as unknown. Nothing stops at the
-//! first error.
+//! The key-by-key schema: every key sessionlb reads, with its type, its
+//! default and what is allowed, turned into a [`Config`]. Cross-key rules of
+//! the drop-in layout are in `layout.rs`; printing it back is `render.rs`.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ConfigProblem;
-use super::raw::{RawConfig, RawEntry, RawValue};
+use ipnet::IpNet;
 
-/// Sections of the TOML file; any other table is an unknown key.
-pub const SECTIONS: &[&str] = &["sessions", "identity", "locks"];
+use super::database::{self, DatabaseUrl};
+use super::raw::RawConfig;
+use super::reader::{self, Reader, humanize};
+use super::settings::*;
+use super::{Config, ConfigError, layout};
 
-/// Converts raw settings to typed values, collecting problems.
-pub struct Reader {
-    raw: RawConfig,
-    used: BTreeSet<String>,
-    problems: Vec<ConfigProblem>,
-    /// Every key this schema knows, for "allowed keys" hints.
-    known: BTreeSet<String>,
+/// The default `pool-size`: an idle node keeps one pooled connection (plus
+/// the notification connection), a busy one at most this many.
+pub const DEFAULT_POOL_SIZE: u32 = 3;
+
+/// Validate raw settings, collecting every problem.
+pub(super) fn read(raw: RawConfig) -> Result<Config, ConfigError> {
+    let files = raw.files.clone();
+    let warnings = raw.warnings.clone();
+    let workbench = raw.workbench.clone();
+    let sources = raw.entries.iter().map(|(k, e)| (k.clone(), e.origin.clone())).collect();
+    let mut r = Reader::new(raw);
+    let mut config = read_keys(&mut r, files, warnings, sources, workbench.as_ref());
+    layout::check(&mut config, workbench.as_ref(), &mut r);
+    let (_, problems) = r.finish();
+    if problems.is_empty() { Ok(config) } else { Err(ConfigError::Invalid(problems)) }
 }
 
-impl Reader {
-    pub fn new(raw: RawConfig) -> Self {
-        Reader { raw, used: BTreeSet::new(), problems: Vec::new(), known: BTreeSet::new() }
-    }
+/// Every key the schema reads (for tests that keep the rendering, the
+/// example file and the documentation complete).
+pub fn known_keys() -> Vec<String> {
+    let mut r = Reader::new(RawConfig::default());
+    read_keys(&mut r, Vec::new(), Vec::new(), Default::default(), None);
+    r.known_keys().iter().cloned().collect()
+}
 
-    fn entry(&mut self, key: &str) -> Option<RawEntry> {
-        self.known.insert(key.to_string());
-        self.used.insert(key.to_string());
-        self.raw.entries.get(key).cloned()
+fn read_keys(
+    r: &mut Reader,
+    files: Vec<PathBuf>,
+    warnings: Vec<super::ConfigProblem>,
+    sources: std::collections::BTreeMap<String, super::raw::Origin>,
+    workbench: Option<&super::raw::WorkbenchFacts>,
+) -> Config {
+    // --- this node
+    let www_host_name = r.opt_string("www-host-name");
+    let www_address_set = r.is_set("www-address");
+    let www_address = r.ip("www-address", IpAddr::from([0, 0, 0, 0]));
+    let www_port = r.int("www-port", 8787, 1, 65535) as u16;
+    let backend = r.opt_string("backend");
+    if let Some(b) = &backend
+        && !valid_host_port(b)
+    {
+        r.problem_at("backend", format!(
+            "`backend` must be host:port of the local IDE server, such as 127.0.0.1:8788 (or absent for a router node); found {b:?}"
+        ));
     }
-
-    /// Whether the key was written at all.
-    pub fn is_set(&self, key: &str) -> bool {
-        self.raw.entries.contains_key(key)
-    }
-
-    fn bad(&mut self, key: &str, entry: &RawEntry, expected: &str) {
-        self.problems.push(ConfigProblem {
-            file: entry.origin.file.clone(),
-            line: Some(entry.origin.line),
-            key: Some(key.to_string()),
-            message: format!("`{key}` must be {expected}; found {}", entry.value.redacted(key).describe()),
-        });
-    }
-
-    /// Record a problem about a key's value that only a cross-key check can see.
-    pub fn problem_at(&mut self, key: &str, message: String) {
-        let (file, line) = match self.raw.entries.get(key) {
-            Some(e) => (e.origin.file.clone(), Some(e.origin.line)),
-            None => (self.raw.files.first().cloned().unwrap_or_default(), None),
-        };
-        self.problems.push(ConfigProblem { file, line, key: Some(key.to_string()), message });
-    }
-
-    /// Generic getter: `parse` returns `Err(expected)` to describe what is allowed.
-    pub fn get<T>(&mut self, key: &str, default: T, parse: impl FnOnce(&RawValue) -> Result<T, String>) -> T {
-        match self.entry(key) {
-            None => default,
-            Some(entry) => match parse(&entry.value) {
-                Ok(v) => v,
-                Err(expected) => {
-                    self.bad(key, &entry, &expected);
-                    default
-                }
-            },
-        }
-    }
-
-    pub fn string(&mut self, key: &str, default: &str) -> String {
-        self.get(key, default.to_string(), |v| text(v).map(str::to_string).ok_or_else(|| "a string".into()))
-    }
-
-    /// A string where the empty string means "not set".
-    pub fn opt_string(&mut self, key: &str) -> Option<String> {
-        let s = self.string(key, "");
-        (!s.is_empty()).then_some(s)
-    }
-
-    pub fn path(&mut self, key: &str, default: &str) -> PathBuf {
-        PathBuf::from(self.string(key, default))
-    }
-
-    pub fn bool(&mut self, key: &str, default: bool) -> bool {
-        self.get(key, default, |v| match v {
-            RawValue::Bool(b) => Ok(*b),
-            RawValue::Text(s) => match s.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err("a boolean (true/false, 1/0)".into()),
-            },
-            _ => Err("a boolean (true or false)".into()),
-        })
-    }
-
-    pub fn int(&mut self, key: &str, default: i64, min: i64, max: i64) -> i64 {
-        let expected = format!("an integer from {min} to {max}");
-        self.get(key, default, |v| {
-            let n = match v {
-                RawValue::Int(n) => Some(*n),
-                RawValue::Text(s) => s.parse::<i64>().ok(),
-                _ => None,
-            };
-            n.filter(|n| (min..=max).contains(n)).ok_or(expected)
-        })
-    }
-
-    pub fn float(&mut self, key: &str, default: f64, min: f64, max: f64) -> f64 {
-        let expected = format!("a number from {min} to {max}");
-        self.get(key, default, |v| {
-            let n = match v {
-                RawValue::Int(n) => Some(*n as f64),
-                RawValue::Float(x) => Some(*x),
-                RawValue::Text(s) => s.parse::<f64>().ok(),
-                _ => None,
-            };
-            n.filter(|n| n.is_finite() && *n >= min && *n <= max).ok_or(expected)
-        })
-    }
-
-    /// A duration: a number of seconds (`30`, `0.5`) or a string with a unit
-    /// (`"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`). `min` is inclusive.
-    pub fn duration(&mut self, key: &str, default: Duration, min: Duration) -> Duration {
-        let expected = format!(
-            "a duration of at least {} (seconds as a number, or a string like \"500ms\", \"30s\", \"5m\", \"2h\")",
-            humanize(min)
+    let backend_tls = r.bool("backend-tls", false);
+    if let Some(h) = &www_host_name
+        && !valid_host_or_host_port(h)
+    {
+        r.problem_at(
+            "www-host-name",
+            format!("`www-host-name` must be a host name or address, optionally with :port; found {h:?}"),
         );
-        self.get(key, default, |v| parse_duration(v).filter(|d| *d >= min).ok_or(expected))
     }
+    let loadavg_path = r.path("loadavg-path", "/proc/loadavg");
+    let delete_node_on_exit = r.bool("delete-node-on-exit", false);
 
-    /// A duration that is a whole number of seconds (for settings that
-    /// Pingora counts in seconds: a fraction would be silently dropped).
-    pub fn whole_seconds(&mut self, key: &str, default: Duration) -> Duration {
-        let expected = "a whole number of seconds (a number, or a string like \"5s\", \"2m\")".to_string();
-        self.get(key, default, |v| parse_duration(v).filter(|d| d.subsec_nanos() == 0).ok_or(expected))
+    // --- cluster
+    let database = r.get("database", DatabaseUrl::Sqlite(PathBuf::from("/var/lib/sessionlb/registry.db")), |v| {
+        reader::text(v)
+            .and_then(DatabaseUrl::parse)
+            .ok_or_else(|| "a database URL: sqlite:///path/to/file.db or postgres://user@host:5432/db".into())
+    });
+    let database_password = r.opt_string("database-password");
+    if database_password.is_some() && !database.is_postgres() {
+        r.problem_at(
+            "database-password",
+            "`database-password` goes with a postgres:// database; SQLite has no password".into(),
+        );
     }
-
-    /// One of a fixed set of names.
-    pub fn choice<T: Copy>(&mut self, key: &str, default: T, choices: &[(&str, T)]) -> T {
-        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-        let expected = format!("one of {}", names.join(", "));
-        self.get(key, default, |v| {
-            let s = text(v).ok_or_else(|| expected.clone())?;
-            choices.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)).map(|(_, t)| *t).ok_or(expected)
-        })
+    let database_schema = r.string("database-schema", database::DEFAULT_SCHEMA);
+    if !database::valid_schema_name(&database_schema) {
+        r.problem_at("database-schema", format!(
+            "`database-schema` must be a lower-case name of letters, digits and '_' (not starting with a digit or pg_, at most 48 characters), such as \"sessionlb\"; found {database_schema:?}"
+        ));
     }
-
-    pub fn ip(&mut self, key: &str, default: IpAddr) -> IpAddr {
-        self.get(key, default, |v| {
-            text(v)
-                .and_then(|s| s.parse::<IpAddr>().ok())
-                .ok_or_else(|| "an IP address such as 0.0.0.0 or 10.0.0.5".into())
-        })
+    let pool_size = r.int("pool-size", i64::from(DEFAULT_POOL_SIZE), 1, 100) as u32;
+    let database_connection_timeout =
+        r.duration("database-connection-timeout", Duration::from_secs(10), Duration::from_secs(1));
+    // (These three concern PostgreSQL only; the SQLite registry ignores them.)
+    let secure_cookie_key_file = r.path("secure-cookie-key-file", "/etc/sessionlb/secure-cookie-key");
+    let secure_cookie_key_tried = workbench.map(|w| w.key_tried.clone()).unwrap_or_default();
+    let shared_storage_path = r.path("server-shared-storage-path", "/var/lib/sessionlb/shared-storage");
+    let checkin_interval = r.duration("checkin-interval", Duration::from_secs(300), Duration::from_millis(100));
+    let load_report_interval = r.duration("load-report-interval", Duration::from_secs(5), Duration::from_millis(100));
+    let poll_interval = r.duration("poll-interval", Duration::from_millis(500), Duration::from_millis(10));
+    let health_check_interval = r.duration("health-check-interval", Duration::from_secs(2), Duration::from_millis(50));
+    let health_check_rise = r.int("health-check-rise", 1, 1, 100) as usize;
+    let health_check_fall = r.int("health-check-fall", 2, 1, 100) as usize;
+    let backend_check_http = r.choice("health-check-backend", false, &[("tcp", false), ("http", true)]);
+    let backend_check_path = r.string("health-check-backend-path", "/");
+    if !backend_check_path.starts_with('/') || http::uri::PathAndQuery::try_from(backend_check_path.as_str()).is_err() {
+        r.problem_at("health-check-backend-path", format!(
+            "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
+        ));
     }
-
-    /// An array of strings, each checked by `item`.
-    pub fn list<T>(&mut self, key: &str, item: impl Fn(&str) -> Option<T>, expected: &str) -> Vec<T> {
-        let expected = expected.to_string();
-        self.get(key, Vec::new(), |v| {
-            let items: Vec<&str> = match v {
-                RawValue::Array(items) => {
-                    items.iter().map(text).collect::<Option<_>>().ok_or_else(|| expected.clone())?
-                }
-                RawValue::Text(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
-                _ => return Err(expected.clone()),
-            };
-            items.into_iter().map(|s| item(s).ok_or_else(|| format!("{expected} (bad item {s:?})"))).collect()
-        })
-    }
-
-    /// Report unknown keys and return everything found.
-    pub fn finish(mut self) -> (RawConfig, Vec<ConfigProblem>) {
-        let unknown: Vec<(String, RawEntry)> = self
-            .raw
-            .entries
-            .iter()
-            .filter(|(k, _)| !self.used.contains(*k))
-            .map(|(k, e)| (k.clone(), e.clone()))
-            .collect();
-        for (key, entry) in unknown {
-            let section = key.rsplit_once('.').map(|(s, _)| s);
-            let allowed: Vec<String> = self
-                .known
-                .iter()
-                .filter(|k| k.rsplit_once('.').map(|(s, _)| s) == section)
-                .map(|k| k.rsplit_once('.').map_or(k.as_str(), |(_, n)| n).to_string())
-                .collect();
-            let mut message = format!("unknown key `{key}`");
-            if let Some(best) = closest(&key, &self.known) {
-                message.push_str(&format!(" (did you mean `{best}`?)"));
-            }
-            if section.is_none() {
-                message.push_str(&format!(
-                    "; allowed top-level keys: {}; sections: {}",
-                    allowed.join(", "),
-                    SECTIONS.iter().map(|s| format!("[{s}]")).collect::<Vec<_>>().join(", ")
-                ));
-            } else {
-                message.push_str(&format!("; allowed in this section: {}", allowed.join(", ")));
-            }
-            self.problems.push(ConfigProblem {
-                file: entry.origin.file.clone(),
-                line: Some(entry.origin.line),
-                key: Some(key.clone()),
-                message,
-            });
-        }
-        self.problems.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
-        (self.raw, self.problems)
-    }
-}
-
-/// The string inside a string-ish value.
-pub fn text(v: &RawValue) -> Option<&str> {
-    match v {
-        RawValue::Str(s) | RawValue::Text(s) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
-/// Parse a duration value (see [`Reader::duration`]).
-pub fn parse_duration(v: &RawValue) -> Option<Duration> {
-    let secs = |x: f64| (x.is_finite() && x >= 0.0).then(|| Duration::from_secs_f64(x));
-    match v {
-        RawValue::Int(n) => secs(*n as f64),
-        RawValue::Float(x) => secs(*x),
-        RawValue::Str(s) | RawValue::Text(s) => {
-            let s = s.trim();
-            let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-            let (num, unit) = s.split_at(split);
-            let n: f64 = num.trim().parse().ok()?;
-            let factor = match unit.trim() {
-                "" | "s" => 1.0,
-                "ms" => 0.001,
-                "m" | "min" => 60.0,
-                "h" => 3600.0,
-                "d" => 86400.0,
-                _ => return None,
-            };
-            secs(n * factor)
-        }
-        _ => None,
-    }
-}
-
-/// `1.5s`, `300ms`, `2h` — for messages and `check-config`.
-pub fn humanize(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        "0s".into()
-    } else if ms.is_multiple_of(86_400_000) {
-        format!("{}d", ms / 86_400_000)
-    } else if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
+    let backend_health_check = if backend_check_http {
+        BackendHealthCheck::Http { path: backend_check_path }
     } else {
-        format!("{ms}ms")
+        BackendHealthCheck::Tcp
+    };
+
+    // --- balancer
+    let kind = r.choice("balancer", BalancerKind::Sessions, BalancerKind::CHOICES);
+    let custom_command = r.path("custom-balancer-command", "/usr/lib/rstudio-server/bin/rserver-balancer");
+    let custom_timeout = r.duration("custom-balancer-timeout", Duration::from_secs(2), Duration::from_millis(1));
+    let custom_max_running = r.int("custom-balancer-max-running", 8, 1, 1024) as usize;
+    let user_hash_balance_factor = r.float("user-hash-balance-factor", 1.25, 1.0, 100.0);
+
+    // --- proxy
+    let timeout = r.duration("timeout", Duration::from_secs(10), Duration::ZERO);
+    let verify_ssl_certs = r.bool("verify-ssl-certs", true);
+    let ssl_enabled = r.bool("ssl-enabled", false);
+    let ssl_certificate = r.opt_string("ssl-certificate").map(PathBuf::from);
+    let ssl_certificate_key = r.opt_string("ssl-certificate-key").map(PathBuf::from);
+    let ssl_ca_file = r.opt_string("ssl-ca-file").map(PathBuf::from);
+    if ssl_enabled && (ssl_certificate.is_none() || ssl_certificate_key.is_none()) {
+        r.problem_at(
+            "ssl-enabled",
+            "`ssl-enabled = true` needs both `ssl-certificate` and `ssl-certificate-key`".into(),
+        );
     }
-}
+    let forwarding_window = r.duration("forwarding-window", Duration::from_secs(30), Duration::from_secs(1));
 
-/// The known key nearest to a misspelt one, if any is close.
-fn closest<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(key, k), k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min()
-        .map(|(_, k)| k.as_str())
-}
+    // --- sessions
+    let path_pattern =
+        r.get("sessions.session-path-pattern", SessionPathPattern { prefix: "/s/".into(), suffix: "/".into() }, |v| {
+            reader::text(v)
+                .and_then(SessionPathPattern::parse)
+                .ok_or_else(|| "a path with one `{key}` placeholder starting with `/`, such as \"/s/{key}/\"".into())
+        });
+    let idle_timeout =
+        r.duration("sessions.session-idle-timeout", Duration::from_secs(120 * 60), Duration::from_secs(1));
+    let affinity_cookie_name = r.string("sessions.affinity-cookie-name", "sessionlb-affinity");
+    if !affinity_cookie_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || affinity_cookie_name.is_empty()
+    {
+        r.problem_at(
+            "sessions.affinity-cookie-name",
+            format!(
+                "`sessions.affinity-cookie-name` must be letters, digits, '-', '_' or '.'; found {affinity_cookie_name:?}"
+            ),
+        );
+    }
+    let affinity_cookie_max_age =
+        r.duration("sessions.affinity-cookie-max-age", Duration::from_secs(24 * 3600), Duration::from_secs(1));
+    let touch_interval = r.duration("sessions.touch-interval", Duration::from_secs(30), Duration::from_millis(50));
+    let cookie_secure = r.bool("sessions.cookie-secure", ssl_enabled);
+    let max_sessions_in_memory = r.int(
+        "sessions.max-sessions-in-memory",
+        crate::cluster::view::DEFAULT_SESSION_CAPACITY as i64,
+        1000,
+        100_000_000,
+    ) as usize;
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+    // --- identity
+    let rstudio_user_cookie = r.bool("identity.rstudio-user-cookie", true);
+    let user_cookie_name = r.string("identity.user-cookie-name", "user-id");
+    let trusted_header = {
+        let h = r.string("identity.trusted-header", "X-Forwarded-User");
+        if !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            r.problem_at(
+                "identity.trusted-header",
+                format!("`identity.trusted-header` must be a valid HTTP header name; found {h:?}"),
+            );
         }
-        prev = cur;
+        (!h.is_empty()).then_some(h)
+    };
+    let trusted_cidrs = r.list(
+        "identity.trusted-cidrs",
+        |s| s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from)),
+        "a list of addresses or CIDR blocks, such as [\"10.0.0.0/8\", \"127.0.0.1\"]",
+    );
+
+    // --- locks
+    let defaults = LockSettings::default();
+    let lock_type = r.choice("locks.lock-type", defaults.lock_type, LockType::CHOICES);
+    let refresh_rate = r.duration("locks.refresh-rate", defaults.refresh_rate, Duration::from_millis(10));
+    let timeout_interval = r.duration("locks.timeout-interval", defaults.timeout_interval, Duration::from_millis(10));
+    if timeout_interval <= refresh_rate {
+        r.problem_at(
+            "locks.timeout-interval",
+            format!(
+                "`locks.timeout-interval` ({}) must be longer than `locks.refresh-rate` ({}), or live locks would be reaped",
+                humanize(timeout_interval),
+                humanize(refresh_rate)
+            ),
+        );
     }
-    prev[b.len()]
+    let enable_logging = r.bool("locks.enable-logging", false);
+    let log_file = r.opt_string("locks.log-file").map(PathBuf::from);
+    if r.bool("locks.use-symlinks", false) {
+        r.problem_at("locks.use-symlinks", "`use-symlinks = 1` is not supported: sessionlb uses hard links (linkbased) or advisory locks; remove the key or set it to 0".into());
+    }
+
+    // --- server
+    let threads = r.int("threads", 0, 0, 1024) as usize;
+    let grace_period = r.whole_seconds("grace-period", Duration::from_secs(5));
+    let shutdown_timeout = r.whole_seconds("shutdown-timeout", Duration::from_secs(5));
+    let diagnostics = r.choice("diagnostics", Diagnostics::Off, Diagnostics::CHOICES);
+    let log_level = r.string("log-level", "info");
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        r.problem_at(
+            "log-level",
+            format!(
+                "`log-level` must be a level (error, warn, info, debug, trace) or a filter like \"warn,sessionlb=debug\"; found {log_level:?}"
+            ),
+        );
+    }
+    let log_format = r.choice("log-format", LogFormat::Plain, LogFormat::CHOICES);
+    let run_dir = r.path("run-dir", "/run/sessionlb");
+    let metrics_address = r.get("metrics-address", Some(([127, 0, 0, 1], 9787).into()), |v| match reader::text(v) {
+        Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| "an address:port such as \"127.0.0.1:9787\" or \"0.0.0.0:9787\", or \"\" for none".into()),
+        None => Err("a string: address:port, or \"\" for none".into()),
+    });
+    let drain_timeout = r.duration("drain-timeout", Duration::from_secs(300), Duration::ZERO);
+
+    Config {
+        files,
+        sources,
+        warnings,
+        node: NodeConfig {
+            www_host_name,
+            www_address,
+            www_address_set,
+            www_port,
+            backend,
+            backend_tls,
+            loadavg_path,
+            delete_node_on_exit,
+            legacy_nodes: workbench.map(|w| w.legacy_nodes.clone()).unwrap_or_default(),
+        },
+        cluster: ClusterConfig {
+            database,
+            database_password,
+            database_schema,
+            pool_size,
+            database_connection_timeout,
+            secure_cookie_key_file,
+            secure_cookie_key_tried,
+            shared_storage_path,
+            checkin_interval,
+            load_report_interval,
+            poll_interval,
+            health_check_interval,
+            health_check_rise,
+            health_check_fall,
+            backend_health_check,
+        },
+        balancer: BalancerConfig { kind, custom_command, custom_timeout, custom_max_running, user_hash_balance_factor },
+        proxy: ProxyConfig {
+            timeout: (!timeout.is_zero()).then_some(timeout),
+            verify_ssl_certs,
+            ssl_enabled,
+            ssl_certificate,
+            ssl_certificate_key,
+            ssl_ca_file,
+            forwarding_window,
+        },
+        sessions: SessionsConfig {
+            path_pattern,
+            idle_timeout,
+            affinity_cookie_name,
+            affinity_cookie_max_age,
+            touch_interval,
+            cookie_secure,
+            max_sessions_in_memory,
+        },
+        identity: IdentityConfig { rstudio_user_cookie, user_cookie_name, trusted_header, trusted_cidrs },
+        locks: LockSettings { lock_type, refresh_rate, timeout_interval, enable_logging, log_file },
+        server: ServerSettings {
+            threads,
+            grace_period,
+            shutdown_timeout,
+            diagnostics,
+            log_level,
+            log_format,
+            run_dir,
+            metrics_address,
+            drain_timeout,
+        },
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_accept_numbers_and_units() {
-        assert_eq!(parse_duration(&RawValue::Int(30)), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration(&RawValue::Float(0.25)), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration(&RawValue::Str("500ms".into())), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration(&RawValue::Text("2h".into())), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration(&RawValue::Str("5 parsecs".into())), None);
-        assert_eq!(parse_duration(&RawValue::Int(-1)), None);
-        assert_eq!(humanize(Duration::from_secs(7200)), "2h");
-        assert_eq!(humanize(Duration::from_millis(1500)), "1500ms");
+/// `host:port` with a numeric port.
+pub fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && valid_host(host),
+        None => false,
     }
+}
 
-    #[test]
-    fn misspelt_key_gets_a_suggestion() {
-        let known: BTreeSet<String> = ["balancer".to_string(), "www-port".to_string()].into();
-        assert_eq!(closest("balncer", &known), Some("balancer"));
-        assert_eq!(closest("zzzzzzzz", &known), None);
-    }
+fn valid_host_or_host_port(s: &str) -> bool {
+    valid_host_port(s) || (valid_host(s) && !s.contains(':'))
+}
+
+fn valid_host(h: &str) -> bool {
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h.parse::<IpAddr>().is_ok()
+        || (!h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|label| {
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }))
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 
 use super::raw::{RawConfig, RawValue, line_of};
-use super::{ConfigProblem, schema::SECTIONS};
+use super::{ConfigProblem, reader::SECTIONS};
 
 /// Parse TOML text read from `file` into raw settings, or the list of syntax
 /// errors (each with its line).

@@ -57,13 +57,17 @@ impl Advisory {
 
     fn attempt(&self, path: &Path) -> Result<Option<(File, FileId)>, LockError> {
         for _ in 0..IMMEDIATE_RETRIES {
-            // Read-write: NFS needs a writable descriptor for an exclusive lock.
+            // Read-write: NFS needs a writable descriptor for an exclusive
+            // lock. O_NOFOLLOW: a symbolic link planted at the lock path
+            // (by anyone who can write the shared folder) must not make us
+            // open, create or lock the file it points to, as root perhaps.
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o644)
+                .custom_flags(fsutil::NOFOLLOW)
                 .open(path)
                 .map_err(|e| LockError::io("open", path, e))?;
             match lock_opened(&file, path)? {
@@ -198,6 +202,29 @@ mod tests {
         assert!(matches!(lock_opened(&current, &path).unwrap(), Locked::Yes(_)));
         let other = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         assert!(matches!(lock_opened(&other, &path).unwrap(), Locked::Busy));
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_lock_path_is_neither_followed_nor_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let missing = elsewhere.path().join("would-be-created");
+        std::os::unix::fs::symlink(&victim, dir.path().join("a.flock")).unwrap();
+        std::os::unix::fs::symlink(&missing, dir.path().join("b.flock")).unwrap();
+        let a = advisory(dir.path());
+        let err = a.clone().try_lock("a", "a").err().expect("a symlink at the lock path is an error");
+        assert!(matches!(&err, LockError::Io { action: "open", .. }), "{err}");
+        assert!(err.to_string().contains("a.flock"), "{err}");
+        // The file it points to was not locked (another description can
+        // take it) and not changed.
+        let f = OpenOptions::new().read(true).write(true).open(&victim).unwrap();
+        rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).expect("the victim is not locked");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A dangling link does not make us create its target.
+        assert!(a.try_lock("b", "b").is_err());
+        assert!(!missing.exists(), "the link's target was created");
     }
 
     #[test]

@@ -19,6 +19,10 @@ use rustix::io::Errno;
 /// Prefix of the probe files that read the file system's clock.
 pub(crate) const CLOCK_PREFIX: &str = ".sessionlb-clock-";
 
+/// `O_NOFOLLOW` for `OpenOptionsExt::custom_flags`: opening a symbolic link
+/// fails (`ELOOP`) instead of opening the file it points to.
+pub(crate) const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+
 /// Identity of a file: device and inode number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FileId {
@@ -101,7 +105,7 @@ pub(crate) fn meta_at(path: &Path) -> io::Result<Meta> {
 /// Open `path` read-only (revalidating the name on NFS) and return the file
 /// with its fresh metadata; `None` when nothing is there.
 pub(crate) fn open_meta(path: &Path) -> io::Result<Option<(File, Meta)>> {
-    let file = match OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path) {
+    let file = match OpenOptions::new().read(true).custom_flags(NOFOLLOW).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

@@ -405,7 +405,12 @@ impl Backoff {
 /// tools compare file ages without trusting this node's clock.
 pub fn filesystem_time(dir: &Path) -> Result<SystemTime, LockError> {
     let probe = dir.join(format!("{}{}-{}", fsutil::CLOCK_PREFIX, std::process::id(), fsutil::random_hex64()));
-    let file = std::fs::File::create(&probe).map_err(|e| LockError::io("create a probe file", &probe, e))?;
+    // A new file of our own (O_EXCL: never a planted file or link).
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| LockError::io("create a probe file", &probe, e))?;
     let meta = fsutil::meta(&file);
     drop(file);
     let _ = fsutil::remove_if_present(&probe);

@@ -157,6 +157,7 @@ mod tests {
             clock_skew_ms: None,
             offline_mode: false,
             started_at: None,
+            pins_recent: 0,
         }
     }
 

@@ -113,7 +113,7 @@ impl StopWatch {
     ) -> ShutdownSignal {
         let timeout = self.config.server.drain_timeout;
         tracing::info!(
-            drain_timeout = %crate::config::schema::humanize(timeout),
+            drain_timeout = %crate::config::reader::humanize(timeout),
             in_progress = super::traffic::in_progress(),
             "SIGTERM: draining (offline mode, /health 503) until open requests and tunnels end"
         );

@@ -7,9 +7,12 @@
 //! - `GET /metrics`: Prometheus text, to loopback and cluster node addresses
 //!   only (anyone else uses `metrics-address`).
 //! - `GET /load-balancer/status` (`?format=json` or `Accept: application/json`
-//!   for JSON, `Accept: text/html` for the page in `status_page`): every node
-//!   and its sessions, gathered from all nodes; readable only from loopback
-//!   and cluster node addresses (403 otherwise).
+//!   for JSON, `Accept: text/html` for the page in `status_page`): every
+//!   node, its sessions and, separately, the anonymous pins it issued
+//!   recently, gathered from all nodes; readable only from loopback and
+//!   cluster node addresses (403 otherwise).
+//!   Load is shown as a fraction of the node's total CPU (load average ÷
+//!   CPUs); the JSON form has the raw load averages and CPU count too.
 //! - `GET /load-balancer/node-info`: one node's own report, for the status
 //!   page of another node; requires a valid signed node-to-node header.
 
@@ -23,7 +26,6 @@ use pingora::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::forward::{self, BACKEND_DOWN_HEADER, RequestLine};
-use super::routing::{control_timeout, node_addr};
 use super::{RequestCtx, Router, now_ms};
 use crate::cluster::node::VERSION;
 use crate::cluster::{NodeId, NodeStatus, load};
@@ -103,6 +105,7 @@ async fn health(r: &Router, session: &mut Session) -> Result<()> {
         "offline_mode": me.as_ref().is_some_and(|n| n.offline_mode),
         "cluster_nodes": r.view.nodes().nodes.len(),
         "sessions": r.view.session_count(),
+        "pins_recent": r.view.pins().total(std::time::Instant::now()),
         "balancer": r.balancer.read().name(),
     });
     if draining {
@@ -130,6 +133,9 @@ pub struct NodeInfo {
     pub backend_up: bool,
     pub in_flight: i64,
     pub balancer: String,
+    /// Anonymous pins this node issued recently (absent from older versions).
+    #[serde(default)]
+    pub pins_recent: u64,
     pub counters: BTreeMap<String, u64>,
     /// Draining before it stops (absent from older nodes' reports).
     #[serde(default)]
@@ -150,6 +156,11 @@ fn counters() -> BTreeMap<String, u64> {
         ("lock_failures".into(), m.lock_failures.get()),
         ("connect_failures".into(), metrics::total(&m.connect_failures)),
         ("no_node_available".into(), m.no_node_available.get()),
+        ("pins_issued".into(), metrics::total(&m.pins_issued)),
+        ("degraded_placements".into(), m.degraded_placements.get()),
+        ("placements_cancelled".into(), m.placements_cancelled.get()),
+        ("custom_balancer_cap_reached".into(), m.custom_balancer_cap_reached.get()),
+        ("view_capacity_reached".into(), m.view_capacity_reached.get()),
     ])
 }
 
@@ -165,6 +176,7 @@ fn self_info(r: &Router) -> NodeInfo {
         backend_up: r.backend.is_none() || r.backend_up.load(Ordering::Relaxed),
         in_flight: METRICS.in_flight.get(),
         balancer: r.balancer.read().name().into(),
+        pins_recent: r.view.pins().total(std::time::Instant::now()),
         counters: counters(),
         draining: crate::ops::drain::is_draining(),
     }
@@ -202,13 +214,13 @@ async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
     let mut calls = Vec::new();
     // Peers known to be down are not asked, and no peer may hold the page up
     // for long: a frozen node answers nothing.
-    let wait = control_timeout(r).min(GATHER_TIMEOUT);
+    let wait = r.control_timeout().min(GATHER_TIMEOUT);
     for n in nodes
         .nodes
         .iter()
         .filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router && r.view.is_reachable(n.id))
     {
-        let Some(addr) = node_addr(n) else { continue };
+        let Some(addr) = n.socket_addr() else { continue };
         let scheme = if r.config.proxy.ssl_enabled { "https" } else { "http" };
         let host = addr.to_string();
         let line = RequestLine { method: "GET", host: &host, path_and_query: NODE_INFO };
@@ -291,10 +303,12 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
                     "version": n.version,
                     "load": info.map_or(n.load, |i| i.load),
                     "cpus": info.map_or(n.cpus, |i| i.cpus),
+                    "load_per_cpu": load::per_cpu(info.map_or(n.load, |i| i.load), info.map_or(n.cpus, |i| i.cpus)),
                     "backend_up": info.map(|i| i.backend_up),
                     "in_flight": info.map(|i| i.in_flight),
                     "counters": info.map(|i| &i.counters),
                     "sessions": node_sessions,
+                    "pins_recent": info.map_or(n.pins_recent, |i| i.pins_recent),
                 })
             })
             .collect();
@@ -342,14 +356,20 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         } else if n.offline_mode {
             marker = " (offline)";
         }
-        let l = info.map_or(n.load, |i| i.load);
-        text.push_str(&format!("{}{marker}  Load: {}, {}, {}\n", n.address(), l[0], l[1], l[2]));
+        // As the admin guide shows it: a fraction of the node's total CPU.
+        let l = load::per_cpu(info.map_or(n.load, |i| i.load), info.map_or(n.cpus, |i| i.cpus));
+        let [a, b, c] = l.map(load::format_fraction);
+        text.push_str(&format!("{}{marker}  Load: {a}, {b}, {c}\n", n.address()));
         for s in sessions.iter().filter(|s| s.record.node_id == Some(n.id)) {
             text.push_str(&format!(
                 "   {} - {}\n",
                 s.record.key,
                 s.record.user_name.as_deref().unwrap_or("(anonymous)")
             ));
+        }
+        let pins = info.map_or(n.pins_recent, |i| i.pins_recent);
+        if pins > 0 {
+            text.push_str(&format!("   ({pins} anonymous pins issued recently)\n"));
         }
         text.push('\n');
     }

@@ -28,7 +28,6 @@ use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use tokio::sync::watch;
 
-use super::routing::node_addr;
 use crate::cluster::{ClusterView, NodeId, NodeStatus};
 use crate::config::{BackendHealthCheck, Config};
 
@@ -212,7 +211,7 @@ impl ServiceDiscovery for PeerDiscovery {
             .filter_map(|n| {
                 let mut ext = Extensions::new();
                 ext.insert(n.id);
-                node_addr(n).map(|addr| inet_backend(addr, ext))
+                n.socket_addr().map(|addr| inet_backend(addr, ext))
             })
             .collect();
         Ok((peers, HashMap::new()))
@@ -305,6 +304,7 @@ mod tests {
             clock_skew_ms: None,
             offline_mode: false,
             started_at: None,
+            pins_recent: 0,
         }
     }
 

@@ -1,4 +1,4 @@
-//! The Pingora data path: built-in endpoints, identity, session keys,
+//! The Pingora data path: built-in endpoints, identity, the pin cookie,
 //! routing to the node that hosts a session, placement of new sessions,
 //! node-to-node forwarding and failover.
 //!
@@ -7,33 +7,39 @@
 //! ```text
 //! request_filter          built-in endpoints (/health, /metrics, /load-balancer/…)
 //!                         │ inbound node-to-node request? verify header → 403 | serve locally
-//!                         │ identity (user-id cookie, trusted header), session keys
-//!                         └ route: backend key → affinity key → user's latest → place new
-//! upstream_peer           local backend or the session's node; after a failure,
-//!                         re-place on the next eligible node (the session moves)
+//!                         └ routing: read the request, decide from memory, act:
+//!                           backend key → user's session → (user) place | (anonymous) pin
+//! upstream_peer           local backend or the chosen node; after a failure,
+//!                         routing::fail_over (the session moves, or the pin does)
 //! upstream_request_filter sign the forwarding header; X-Forwarded-*; strip untrusted identity
 //! fail_to_connect         passive health: mark the node (or own backend) down, retry
 //! upstream_response_filter peer's backend down (marker) → retry elsewhere;
-//!                         local backend answered a path key < 400 → register it here
+//!                         local backend answered a path key with 2xx/101 → register it here
 //! connected_to_upstream   upstream connect time
-//! response_filter         Set-Cookie for a new or refreshed affinity cookie; a 101 opens a tunnel
+//! response_filter         Set-Cookie for a new, moved or refreshed pin; a 101 opens a tunnel
 //! logging                 metrics; close the session's in-flight count
+//! ```
 //!
 //! `ctx.timing` ([`crate::ops::traffic`]) times each proxied request and
 //! counts it (and its tunnel) for the metrics and the drain on stop.
-//! ```
 //!
-//! Known sessions are routed from the in-memory [`ClusterView`] without a
-//! database round trip; only new or unknown keys reach the registry, through
-//! the control runtime.
+//! The request path is one-way: `routing` decides and answers (503s
+//! included) and uses `placement` (plain facts in, a placed entry or a typed
+//! error out), `backend_keys` (lookups and registrations), `breaker`,
+//! `degraded` and `cookie`; none of those know the request. Known sessions
+//! and pins are routed from the in-memory [`ClusterView`] without a database
+//! round trip; only placements of verified users, moves and unknown backend
+//! keys reach the registry, through the control runtime.
 
+pub mod backend_keys;
+pub mod breaker;
 pub mod cookie;
+pub mod degraded;
 mod endpoints;
 pub mod forward;
 pub mod health;
 pub mod identity;
 pub mod placement;
-pub mod registry_calls;
 pub mod routing;
 mod status_page;
 
@@ -50,6 +56,8 @@ use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use sha2::Sha256;
 
+use self::cookie::Pin;
+use self::degraded::DegradedPlacements;
 use crate::balancer::Balancer;
 use crate::cluster::view::SessionEntry;
 use crate::cluster::{ClusterView, NodeId, Registry};
@@ -96,17 +104,21 @@ pub struct Router {
     pub control: tokio::runtime::Handle,
     /// Client for node-to-node control calls.
     pub http: reqwest::Client,
-    /// Affinity cookies verified recently (saves an HMAC per request).
+    /// Signed cookies (pins) verified recently (saves an HMAC per request).
     pub cookies: cookie::VerifiedCookies,
     /// `[identity] trusted-header`, parsed once (validated by the configuration).
     trusted_header: Option<http::HeaderName>,
     /// Open while optional registry calls (lookups, registrations) recently
     /// failed or were slow: requests skip them.
-    pub optional_calls: registry_calls::RegistryBreaker,
-    /// Open while placements recently failed: new sessions get 503 at once.
-    pub placements: registry_calls::RegistryBreaker,
+    pub optional_calls: breaker::RegistryBreaker,
+    /// Open while placements recently failed: users are placed from memory at once.
+    pub placements: breaker::RegistryBreaker,
     /// Backend keys recently looked up and not found.
-    pub key_misses: registry_calls::MissCache,
+    pub key_misses: backend_keys::MissCache,
+    /// Backend-key lookups waiting for the registry.
+    pub lookups: backend_keys::LookupsInFlight,
+    /// Users placed from memory while the registry was unavailable.
+    pub degraded: Arc<DegradedPlacements>,
 }
 
 impl Router {
@@ -140,10 +152,58 @@ impl Router {
             http,
             cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
             trusted_header,
-            optional_calls: registry_calls::RegistryBreaker::new("backend key lookups and registrations"),
-            placements: registry_calls::RegistryBreaker::new("placements"),
-            key_misses: registry_calls::MissCache::default(),
+            optional_calls: breaker::RegistryBreaker::new("backend key lookups and registrations"),
+            placements: breaker::RegistryBreaker::new("placements"),
+            key_misses: backend_keys::MissCache::default(),
+            lookups: backend_keys::LookupsInFlight::default(),
+            degraded: Arc::new(DegradedPlacements::default()),
         }
+    }
+
+    /// How long the proxy waits for the control plane (placements, lookups).
+    pub fn control_timeout(&self) -> Duration {
+        self.config.proxy.timeout.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(1))
+    }
+
+    /// The longest a request waits for a whole placement (lock, balancer, writes).
+    pub fn placement_limit(&self) -> Duration {
+        self.control_timeout() * 2
+    }
+
+    /// What routing reads besides the request.
+    pub fn memory<'a>(&'a self, balancer: &'a dyn Balancer) -> routing::Memory<'a> {
+        routing::Memory {
+            view: &self.view,
+            here: self.self_id,
+            here_serves: self.serves_locally(),
+            balancer,
+            degraded: &self.degraded,
+        }
+    }
+
+    /// A placer with this node's registry, view, locks and `balancer`.
+    pub fn placer(&self, balancer: Arc<dyn Balancer>) -> placement::Placer {
+        placement::Placer {
+            registry: self.registry.clone(),
+            view: self.view.clone(),
+            balancer,
+            locks: self.locks.clone(),
+            lock_timeout: self.control_timeout(),
+            registry_wait: self.control_timeout().min(routing::PLACEMENT_CALL_WAIT),
+            self_id: self.self_id,
+            self_serves: self.serves_locally(),
+        }
+    }
+
+    /// The `Set-Cookie` value for `pin`.
+    pub fn pin_cookie(&self, pin: &Pin) -> String {
+        let s = &self.config.sessions;
+        cookie::set_cookie_header(
+            &s.affinity_cookie_name,
+            &pin.sign(&self.key),
+            s.affinity_cookie_max_age.as_secs(),
+            s.cookie_secure,
+        )
     }
 
     /// Whether this node can serve sessions itself right now.
@@ -263,6 +323,30 @@ pub enum Route {
     Peer { id: NodeId, addr: SocketAddr },
 }
 
+/// What a request was routed by.
+#[derive(Debug, Clone, Default)]
+pub enum Via {
+    #[default]
+    None,
+    /// A registry session (kept for activity accounting).
+    Session(Arc<SessionEntry>),
+    /// An anonymous browser's pin.
+    Pin(Pin),
+    /// A verified user placed from memory (registry unavailable); the user's session key.
+    Degraded { key: String },
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::None => f.write_str("-"),
+            Via::Session(e) => write!(f, "key={}", e.record.key),
+            Via::Pin(p) => write!(f, "pin={}", p.id),
+            Via::Degraded { key } => write!(f, "key={key} (from memory)"),
+        }
+    }
+}
+
 /// Per-request state.
 #[derive(Default)]
 pub struct RequestCtx {
@@ -270,17 +354,19 @@ pub struct RequestCtx {
     /// A verified node-to-node request: serve locally, never forward.
     pub inbound: Option<Forwarded>,
     pub user: Option<String>,
-    /// A backend key found in the path, to register here if our backend answers it below 400.
+    /// A backend key found in the path, to register here if our backend answers it with 2xx or 101.
     pub path_key: Option<String>,
     pub path_key_known: bool,
     /// `Set-Cookie` value to add to the response.
     pub set_cookie: Option<String>,
+    /// The pin the browser came with, if it verified.
+    pub browser_pin: Option<Pin>,
     /// Nodes that failed during this request (connect failure, backend down).
     pub failed: Vec<NodeId>,
     /// Set when a peer said its backend is down: the request may be retried elsewhere.
     pub peer_backend_down: bool,
-    /// The session, for activity accounting.
-    pub entry: Option<Arc<SessionEntry>>,
+    /// What the request was routed by.
+    pub via: Via,
     pub client: Option<IpAddr>,
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
@@ -288,12 +374,17 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    /// The session key this request is routed by (for a node-to-node request, the sender's).
+    /// The key this request is routed by, for the forwarding header and logs
+    /// (for a node-to-node request, the sender's; for a pin, its id).
     pub fn session_key(&self) -> Option<&str> {
-        match (&self.inbound, &self.entry) {
-            (Some(f), _) => Some(&f.key),
-            (None, Some(e)) => Some(&e.record.key),
-            (None, None) => None,
+        if let Some(f) = &self.inbound {
+            return Some(&f.key);
+        }
+        match &self.via {
+            Via::Session(e) => Some(&e.record.key),
+            Via::Pin(p) => Some(&p.id),
+            Via::Degraded { key } => Some(key),
+            Via::None => None,
         }
     }
 }
@@ -390,11 +481,12 @@ impl ProxyHttp for Router {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         if !ctx.failed.is_empty() && ctx.inbound.is_none() {
-            placement::fail_over(self, ctx).await?;
+            routing::fail_over(self, ctx).await?;
         }
         let (addr, tls, sni) = match ctx.route {
             Route::Local => match self.backend {
-                Some(b) => (b, false, String::new()),
+                // rustls needs a server name even unverified: the address.
+                Some(b) => (b, self.config.node.backend_tls, b.ip().to_string()),
                 None => return Err(status_error(503, "router node without a backend")),
             },
             // Peers are verified against their registered host (name or IP):
@@ -415,8 +507,11 @@ impl ProxyHttp for Router {
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.tcp_keepalive = Some(tcp_keepalive());
         if tls {
-            peer.options.verify_cert = self.config.proxy.verify_ssl_certs;
-            peer.options.verify_hostname = self.config.proxy.verify_ssl_certs;
+            // The local backend (rserver serving https) runs on this node:
+            // its certificate, made for the public name, is not checked.
+            let verify = matches!(ctx.route, Route::Peer { .. }) && self.config.proxy.verify_ssl_certs;
+            peer.options.verify_cert = verify;
+            peer.options.verify_hostname = verify;
         }
         ctx.timing.connecting(matches!(ctx.route, Route::Local));
         Ok(Box::new(peer))
@@ -523,7 +618,7 @@ impl ProxyHttp for Router {
         };
         ctx.failed.push(failed);
         // A node-to-node request is never retried by its target: the sender fails over.
-        e.set_retry(ctx.inbound.is_none() && ctx.failed.len() <= placement::MAX_FAILOVERS);
+        e.set_retry(ctx.inbound.is_none() && ctx.failed.len() <= routing::MAX_FAILOVERS);
         e
     }
 
@@ -540,7 +635,7 @@ impl ProxyHttp for Router {
             // The peer answered before touching any backend: safe to retry
             // any method, as long as the request body is still buffered.
             // (`fail_over` reads and clears the flag to count the move.)
-            let retry = !session.as_ref().retry_buffer_truncated() && ctx.failed.len() <= placement::MAX_FAILOVERS;
+            let retry = !session.as_ref().retry_buffer_truncated() && ctx.failed.len() <= routing::MAX_FAILOVERS;
             e.set_retry(retry);
         } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
@@ -568,9 +663,9 @@ impl ProxyHttp for Router {
                 ctx.peer_backend_down = true;
                 return Err(Error::explain(ErrorType::ConnectRefused, "peer's backend is down"));
             }
-            Route::Local if resp.status.as_u16() < 400 && !ctx.path_key_known => {
+            Route::Local if backend_keys::registers(resp.status.as_u16()) && !ctx.path_key_known => {
                 if let Some(key) = ctx.path_key.clone() {
-                    registry_calls::register_backend_key(self, &key, ctx.user.clone()).await;
+                    backend_keys::register(self, &key, ctx.user.clone()).await;
                     ctx.path_key_known = true;
                 }
             }
@@ -631,7 +726,7 @@ impl ProxyHttp for Router {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if ctx.in_flight {
             METRICS.in_flight.dec();
-            if let Some(entry) = &ctx.entry {
+            if let Via::Session(entry) = &ctx.via {
                 entry.stream_closed();
                 entry.touch(now_ms());
             }

@@ -1,29 +1,27 @@
-//! Placing and re-placing sessions, on the control runtime.
+//! Placing and re-placing registry sessions, on the control runtime.
 //!
-//! Under the cross-node lock for the key (shared storage): re-check the
-//! registry, choose a node with the balancer, write the placement
-//! (insert-if-absent, or a compare-and-set move: the database is the final
-//! guard), update the local view, release. A loser of a race uses the
-//! winner's placement. When the lock cannot be had in time the placement
-//! proceeds on the database guard alone (counted); when the database is down,
-//! a known session whose node failed is still routed (unrecorded) and a new
-//! one is refused with 503.
+//! Takes plain facts — the key, its kind, the user, the candidate nodes, the
+//! nodes to avoid and why the session moves — and returns the placed entry
+//! or a typed [`PlaceError`]; it knows no request. Under the cross-node lock
+//! for the key (shared storage): re-check the registry, choose a node with
+//! the balancer, write the placement (insert-if-absent, or a compare-and-set
+//! move: the database is the final guard), update the local view, release.
+//! A loser of a race uses the winner's placement. When the lock cannot be
+//! had in time the placement proceeds on the database guard alone (counted).
+//!
+//! Bounded: every registry call may take [`Placer::registry_wait`] at most
+//! (a stopped database fails fast instead of holding the request for the
+//! pool's connect timeout), and [`run`] cancels the placement when the
+//! request that waits for it goes away.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::prelude::*;
-
-use super::routing::{check, control_timeout, node_addr};
-use super::{RequestCtx, Route, Router, registry_calls, status_error};
 use crate::balancer::{Balancer, Candidate, PlacementRequest};
 use crate::cluster::view::SessionEntry;
 use crate::cluster::{ClusterView, NewSession, NodeId, Registry, RegistryError, SessionKind, SessionRecord};
 use crate::lock::LockManager;
 use crate::metrics::METRICS;
-
-/// A request fails over at most this many times.
-pub const MAX_FAILOVERS: usize = 3;
 
 /// Why a session leaves its node (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +36,8 @@ pub enum MoveReason {
     BackendDown,
     /// A connect to the node failed during this request.
     ConnectFailure,
+    /// The node is a router (no backend): it serves no sessions.
+    Router,
 }
 
 impl MoveReason {
@@ -48,75 +48,78 @@ impl MoveReason {
             MoveReason::Unreachable => "unreachable",
             MoveReason::BackendDown => "backend_down",
             MoveReason::ConnectFailure => "connect_failure",
+            MoveReason::Router => "router",
         }
+    }
+}
+
+/// What to place.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The registry key (`user:<name>`, a backend key, a legacy `aff:<id>`).
+    pub key: String,
+    pub kind: SessionKind,
+    /// The user, for the balancer (and the record, when it is new).
+    pub user: Option<String>,
+    /// The nodes that may take it (eligible now), sorted by id.
+    pub candidates: Vec<Candidate>,
+    /// Nodes that must not keep or take it (they failed during this request).
+    pub exclude: Vec<NodeId>,
+    /// Why, when the session exists and is leaving its node.
+    pub moving: Option<MoveReason>,
+}
+
+/// A placement's result.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    /// The session as the registry now has it, as the view holds it.
+    pub entry: Arc<SessionEntry>,
+    /// Whether this placement chose the node (rather than finding another's).
+    pub won: bool,
+}
+
+/// Why a placement did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// No candidate node (none eligible, or all excluded).
+    #[error("no eligible node")]
+    NoCandidate,
+    /// The registry answered with an error.
+    #[error("the registry is unavailable: {0}")]
+    RegistryDown(#[source] RegistryError),
+    /// A registry call, or the whole placement, took longer than allowed.
+    #[error("the placement did not finish within {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    /// The placement task panicked or was stopped.
+    #[error("the placement task failed: {0}")]
+    TaskFailed(String),
+}
+
+impl PlaceError {
+    /// Whether the registry (not the cluster's nodes) is to blame.
+    pub fn is_registry(&self) -> bool {
+        !matches!(self, PlaceError::NoCandidate)
     }
 }
 
 /// Everything a placement needs, owned, so it can run on the control runtime.
-struct Placer {
-    registry: Arc<dyn Registry>,
-    view: Arc<ClusterView>,
-    balancer: Arc<dyn Balancer>,
-    locks: LockManager,
-    self_id: NodeId,
-    self_serves: bool,
-    lock_timeout: Duration,
-}
-
-/// What to place.
-struct Job {
-    key: String,
-    kind: SessionKind,
-    user: Option<String>,
-    /// Nodes not to choose (failed during this request).
-    exclude: Vec<NodeId>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum PlaceError {
-    #[error("no eligible node for a new session")]
-    NoNode,
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// Placements failed moments ago (the breaker is open): not tried.
-    #[error("placements are failing; not tried for a moment")]
-    Skipped,
+#[derive(Clone)]
+pub struct Placer {
+    pub registry: Arc<dyn Registry>,
+    pub view: Arc<ClusterView>,
+    pub balancer: Arc<dyn Balancer>,
+    pub locks: LockManager,
+    /// The longest wait for the cross-node lock.
+    pub lock_timeout: Duration,
+    /// The longest wait for one registry call.
+    pub registry_wait: Duration,
+    /// This node, and whether it serves sessions itself right now.
+    pub self_id: NodeId,
+    pub self_serves: bool,
 }
 
 impl Placer {
-    fn new(r: &Router) -> Placer {
-        Placer {
-            registry: r.registry.clone(),
-            view: r.view.clone(),
-            balancer: r.balancer.read().clone(),
-            locks: r.locks.clone(),
-            self_id: r.self_id,
-            self_serves: r.serves_locally(),
-            lock_timeout: control_timeout(r),
-        }
-    }
-
-    /// Eligible nodes for a new session, minus `exclude`.
-    fn candidates(&self, exclude: &[NodeId]) -> Vec<Candidate> {
-        let counts = self.view.session_counts();
-        self.view
-            .nodes()
-            .nodes
-            .iter()
-            .filter(|n| {
-                self.view.is_eligible(n) && !exclude.contains(&n.id) && (n.id != self.self_id || self.self_serves)
-            })
-            .map(|n| Candidate {
-                id: n.id,
-                address: n.address(),
-                sessions: counts.get(&n.id).copied().unwrap_or(0),
-                load: n.load,
-                cpus: n.cpus,
-            })
-            .collect()
-    }
-
-    /// Whether an existing placement can be used as it is.
+    /// Whether an existing placement can be kept as it is.
     fn usable(&self, node: Option<NodeId>, exclude: &[NodeId]) -> bool {
         let Some(id) = node else { return false };
         if exclude.contains(&id) {
@@ -128,18 +131,15 @@ impl Placer {
         self.view.nodes().get(id).is_some_and(|n| self.view.can_serve(n))
     }
 
-    async fn choose(&self, job: &Job, candidates: &[Candidate]) -> Result<NodeId, PlaceError> {
-        let req = PlacementRequest { key: &job.key, user: job.user.as_deref(), candidates };
-        let choice = self.balancer.choose(&req).await.ok_or(PlaceError::NoNode)?;
-        if let Some(why) = &choice.fallback {
-            METRICS.balancer_fallbacks.inc();
-            tracing::warn!(balancer = self.balancer.name(), reason = %why, "balancer fell back to `sessions`");
+    async fn db<T>(&self, call: impl Future<Output = Result<T, RegistryError>>) -> Result<T, PlaceError> {
+        match tokio::time::timeout(self.registry_wait, call).await {
+            Ok(result) => result.map_err(PlaceError::RegistryDown),
+            Err(_) => Err(PlaceError::TimedOut(self.registry_wait)),
         }
-        Ok(choice.node)
     }
 
     /// Lock, re-check, choose, write, release.
-    async fn place(&self, job: Job) -> Result<SessionRecord, PlaceError> {
+    pub async fn place(&self, job: &Job) -> Result<Placed, PlaceError> {
         let started = Instant::now();
         let lock_name = format!("session:{}", job.key);
         let guard = match self.locks.acquire(&lock_name, started + self.lock_timeout).await {
@@ -156,7 +156,7 @@ impl Placer {
                 None
             }
         };
-        let result = self.place_locked(&job).await;
+        let result = self.place_locked(job).await;
         if let Some(g) = guard
             && let Err(e) = g.release().await
         {
@@ -166,198 +166,287 @@ impl Placer {
         result
     }
 
-    async fn place_locked(&self, job: &Job) -> Result<SessionRecord, PlaceError> {
-        let current = self.registry.get_session(&job.key).await?;
-        if let Some(rec) = &current
-            && self.usable(rec.node_id, &job.exclude)
-        {
+    async fn place_locked(&self, job: &Job) -> Result<Placed, PlaceError> {
+        let current = self.db(self.registry.get_session(&job.key)).await?;
+        if let Some(rec) = current.as_ref().filter(|rec| self.usable(rec.node_id, &job.exclude)) {
             // Placed (or moved) by someone else meanwhile: use it.
             METRICS.placement_races_lost.inc();
-            self.view.upsert_session(rec.clone());
-            return Ok(rec.clone());
+            return Ok(Placed { entry: self.view.upsert_session(rec.clone()), won: false });
         }
-        let candidates = self.candidates(&job.exclude);
+        let candidates: Vec<Candidate> =
+            job.candidates.iter().filter(|c| !job.exclude.contains(&c.id)).cloned().collect();
         if candidates.is_empty() {
-            return Err(PlaceError::NoNode);
+            return Err(PlaceError::NoCandidate);
         }
-        let node = self.choose(job, &candidates).await?;
-        let rec = match current {
+        let req = PlacementRequest { key: &job.key, user: job.user.as_deref(), candidates: &candidates };
+        let choice = self.balancer.choose(&req).await.ok_or(PlaceError::NoCandidate)?;
+        if let Some(why) = &choice.fallback {
+            METRICS.balancer_fallbacks.inc();
+            tracing::warn!(balancer = self.balancer.name(), reason = %why, "balancer fell back to `sessions`");
+        }
+        let node = choice.node;
+        let rec: SessionRecord = match current {
             None => {
-                self.registry
-                    .place_session(&NewSession {
-                        key: &job.key,
-                        node_id: node,
-                        user_name: job.user.as_deref(),
-                        kind: job.kind,
-                    })
-                    .await?
+                self.db(self.registry.place_session(&NewSession {
+                    key: &job.key,
+                    node_id: node,
+                    user_name: job.user.as_deref(),
+                    kind: job.kind,
+                }))
+                .await?
             }
-            Some(rec) => self.registry.move_session(&job.key, rec.node_id, node).await?,
+            Some(rec) => self.db(self.registry.move_session(&job.key, rec.node_id, node)).await?,
         };
-        if rec.node_id == Some(node) {
+        let won = rec.node_id == Some(node);
+        if won {
             METRICS.placements.with_label_values(&[self.balancer.name()]).inc();
         } else {
             METRICS.placement_races_lost.inc();
         }
-        if rec.user_name.is_none()
-            && let Some(user) = &job.user
-        {
-            self.registry.set_session_user(&job.key, user).await?;
-        }
-        self.view.upsert_session(rec.clone());
-        Ok(rec)
+        Ok(Placed { entry: self.view.upsert_session(rec), won })
     }
 }
 
-/// Run `job` on the control runtime.
-async fn run(r: &Router, job: Job) -> Result<SessionRecord, PlaceError> {
-    let started = registry_calls::mono_ms();
-    if r.placements.is_open(started) {
-        // The registry failed moments ago: answer now rather than wait it out.
-        return Err(PlaceError::Skipped);
+/// Aborts the placement task when the request waiting for it goes away.
+struct AbortOnDrop {
+    task: tokio::task::AbortHandle,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed && !self.task.is_finished() {
+            self.task.abort();
+            METRICS.placements_cancelled.inc();
+            tracing::debug!("placement cancelled: its request has gone");
+        }
     }
-    let placer = Placer::new(r);
-    let deadline = control_timeout(r) * 2;
-    let result = match tokio::time::timeout(deadline, r.control.spawn(async move { placer.place(job).await })).await {
+}
+
+/// Run `job` with `placer` on `control`, waiting `limit` at most. If the
+/// returned future is dropped before it finishes (the client went away), the
+/// placement is cancelled: the task is aborted at its next await point,
+/// releasing its lock; a write it already sent is insert-if-absent or
+/// compare-and-set, so a half-done placement leaves a consistent registry.
+pub async fn run(
+    placer: Placer,
+    job: Job,
+    control: &tokio::runtime::Handle,
+    limit: Duration,
+) -> Result<Placed, PlaceError> {
+    let task = control.spawn(async move { placer.place(&job).await });
+    let mut guard = AbortOnDrop { task: task.abort_handle(), armed: true };
+    let result = match tokio::time::timeout(limit, task).await {
         Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(PlaceError::Registry(RegistryError::Corrupt(format!("placement task failed: {join}")))),
-        Err(_) => Err(PlaceError::Registry(RegistryError::Db(sqlx::Error::PoolTimedOut))),
+        Ok(Err(join)) => Err(PlaceError::TaskFailed(join.to_string())),
+        Err(_) => {
+            guard.task.abort();
+            Err(PlaceError::TimedOut(limit))
+        }
     };
-    match &result {
-        Err(PlaceError::Registry(RegistryError::Db(_))) => r.placements.trip(registry_calls::mono_ms()),
-        Ok(_) => r.placements.succeeded(started),
-        Err(_) => {}
-    }
+    guard.armed = false;
     result
 }
 
-/// Set `ctx.route` for `entry` or fail with 503.
-fn route_to(r: &Router, ctx: &mut RequestCtx, entry: &SessionEntry) -> Result<()> {
-    match check(r, entry) {
-        Ok(route) => {
-            ctx.route = route;
-            Ok(())
-        }
-        Err(_) => {
-            METRICS.no_node_available.inc();
-            Err(status_error(503, "the session's node cannot serve it"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::SessionsBalancer;
+    use crate::cluster::{NodeRecord, NodeStatus};
+
+    fn node(id: NodeId) -> NodeRecord {
+        NodeRecord {
+            id,
+            host: format!("10.0.0.{id}"),
+            port: 8787,
+            ipv4: None,
+            status: NodeStatus::Online,
+            last_seen: Some(0),
+            load: [0.0; 3],
+            cpus: 1,
+            router: false,
+            version: String::new(),
+            clock_skew_ms: None,
+            offline_mode: false,
+            started_at: None,
+            pins_recent: 0,
         }
     }
-}
 
-fn entry_of(r: &Router, rec: &SessionRecord) -> Arc<SessionEntry> {
-    r.view.session(&rec.key).unwrap_or_else(|| {
-        r.view.upsert_session(rec.clone());
-        r.view.session(&rec.key).expect("just inserted")
-    })
-}
-
-/// Place a new session under `key`.
-pub async fn place_new(r: &Router, ctx: &mut RequestCtx, key: String, kind: SessionKind) -> Result<Arc<SessionEntry>> {
-    let job = Job { key, kind, user: ctx.user.clone(), exclude: Vec::new() };
-    match run(r, job).await {
-        Ok(rec) => {
-            let entry = entry_of(r, &rec);
-            route_to(r, ctx, &entry)?;
-            Ok(entry)
-        }
-        Err(PlaceError::NoNode) => {
-            METRICS.no_node_available.inc();
-            Err(status_error(503, "no node can take a new session"))
-        }
-        Err(PlaceError::Skipped) => {
-            // Logged once, when the breaker opened.
-            tracing::debug!("new session refused: placements are failing");
-            Err(status_error(503, "cannot place a new session: registry unavailable"))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot place a new session: the registry is unavailable");
-            Err(status_error(503, "cannot place a new session: registry unavailable"))
-        }
+    fn candidate(id: NodeId, sessions: usize) -> Candidate {
+        Candidate { id, address: format!("10.0.0.{id}:8787").into(), sessions, recent_pins: 0, load: [0.0; 3], cpus: 1 }
     }
-}
 
-/// Re-place a session whose node cannot serve it.
-pub async fn replace(
-    r: &Router,
-    ctx: &mut RequestCtx,
-    entry: Arc<SessionEntry>,
-    reason: MoveReason,
-) -> Result<Arc<SessionEntry>> {
-    let job = Job {
-        key: entry.record.key.clone(),
-        kind: entry.record.kind,
-        user: ctx.user.clone().or(entry.record.user_name.clone()),
-        exclude: Vec::new(),
-    };
-    moved(r, ctx, job, entry, reason).await
-}
+    struct Fixture {
+        placer: Placer,
+        registry: Arc<dyn Registry>,
+        _dir: tempfile::TempDir,
+    }
 
-/// After a failure during this request: re-place on the next eligible node.
-pub async fn fail_over(r: &Router, ctx: &mut RequestCtx) -> Result<()> {
-    let Some(entry) = ctx.entry.clone() else {
-        return Err(status_error(503, "no node could take the request"));
-    };
-    let reason =
-        if std::mem::take(&mut ctx.peer_backend_down) { MoveReason::BackendDown } else { MoveReason::ConnectFailure };
-    let job = Job {
-        key: entry.record.key.clone(),
-        kind: entry.record.kind,
-        user: ctx.user.clone().or(entry.record.user_name.clone()),
-        exclude: ctx.failed.clone(),
-    };
-    let new_entry = moved(r, ctx, job, entry.clone(), reason).await?;
-    // Move the in-flight count to the new entry.
-    entry.stream_closed();
-    new_entry.stream_opened();
-    ctx.entry = Some(new_entry);
-    Ok(())
-}
-
-async fn moved(
-    r: &Router,
-    ctx: &mut RequestCtx,
-    job: Job,
-    old: Arc<SessionEntry>,
-    reason: MoveReason,
-) -> Result<Arc<SessionEntry>> {
-    let from = old.record.node_id;
-    let key = job.key.clone();
-    let exclude = job.exclude.clone();
-    match run(r, job).await {
-        Ok(rec) => {
-            if rec.node_id != from {
-                METRICS.session_moves.with_label_values(&[reason.as_str()]).inc();
-                tracing::info!(key = %rec.key, from = ?from, to = ?rec.node_id, reason = reason.as_str(), "session moved");
-            }
-            let entry = entry_of(r, &rec);
-            route_to(r, ctx, &entry)?;
-            Ok(entry)
-        }
-        Err(PlaceError::NoNode) => {
-            METRICS.no_node_available.inc();
-            Err(status_error(503, "no node can take this session"))
-        }
-        Err(e) => {
-            // The registry is down: route a known session anyway, unrecorded.
-            let placer = Placer::new(r);
-            let candidates = placer.candidates(&exclude);
-            let fallback = Job { key, kind: SessionKind::Affinity, user: ctx.user.clone(), exclude };
-            let node = placer
-                .choose(&fallback, &candidates)
+    /// A SQLite registry with nodes 1..=3 Online, a view of them, node 1 being us.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = crate::cluster::connect(
+            &crate::config::DatabaseUrl::Sqlite(dir.path().join("r.db")),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            let id = registry
+                .register_node(&crate::cluster::NodeRegistration {
+                    host: format!("10.0.0.{i}"),
+                    port: 8787,
+                    router: false,
+                    version: String::new(),
+                })
                 .await
-                .map_err(|_| status_error(503, "no node can take this session"))?;
-            tracing::warn!(error = %e, key = %fallback.key, node, "registry unavailable: routing the session to a new node without recording the move");
-            let target = r.view.nodes().get(node).cloned();
-            ctx.route = if node == r.self_id {
-                Route::Local
-            } else {
-                match target.as_ref().and_then(node_addr) {
-                    Some(addr) => Route::Peer { id: node, addr },
-                    None => return Err(status_error(503, "no node can take this session")),
-                }
-            };
-            Ok(old)
+                .unwrap();
+            registry.set_node_status(id, NodeStatus::Online).await.unwrap();
+            nodes.push(node(id));
         }
+        let view = Arc::new(ClusterView::new(1));
+        view.set_nodes(nodes);
+        let locks = LockManager::new(dir.path().join("locks"), &crate::config::LockSettings::default()).unwrap();
+        let placer = Placer {
+            registry: registry.clone(),
+            view,
+            balancer: Arc::new(SessionsBalancer),
+            locks,
+            lock_timeout: Duration::from_secs(5),
+            registry_wait: Duration::from_secs(5),
+            self_id: 1,
+            self_serves: true,
+        };
+        Fixture { placer, registry, _dir: dir }
+    }
+
+    fn user_job(user: &str, candidates: Vec<Candidate>) -> Job {
+        Job {
+            key: crate::cluster::user_session_key(user),
+            kind: SessionKind::User,
+            user: Some(user.into()),
+            candidates,
+            exclude: Vec::new(),
+            moving: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_user_session_is_written_and_inserted_in_the_view() {
+        let f = fixture().await;
+        let placed = f.placer.place(&user_job("ann", vec![candidate(1, 2), candidate(2, 0), candidate(3, 1)])).await;
+        let placed = placed.unwrap();
+        assert!(placed.won);
+        assert_eq!(placed.entry.record.node_id, Some(2), "the balancer's choice");
+        assert_eq!(placed.entry.record.user_name.as_deref(), Some("ann"));
+        let row = f.registry.get_session("user:ann").await.unwrap().unwrap();
+        assert_eq!((row.node_id, row.kind), (Some(2), SessionKind::User));
+        let in_view = f.placer.view.session("user:ann").unwrap();
+        assert!(Arc::ptr_eq(&in_view, &placed.entry), "the entry returned is the one inserted");
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_uses_the_winners_node() {
+        let f = fixture().await;
+        // Another node placed ann on node 3 meanwhile (its notification not yet here).
+        f.registry
+            .place_session(&NewSession { key: "user:ann", node_id: 3, user_name: Some("ann"), kind: SessionKind::User })
+            .await
+            .unwrap();
+        let placed = f.placer.place(&user_job("ann", vec![candidate(1, 0), candidate(2, 0)])).await.unwrap();
+        assert!(!placed.won);
+        assert_eq!(placed.entry.record.node_id, Some(3));
+        assert_eq!(f.placer.view.session("user:ann").unwrap().record.node_id, Some(3));
+    }
+
+    #[tokio::test]
+    async fn excluded_nodes_neither_keep_nor_take_the_session() {
+        let f = fixture().await;
+        f.registry
+            .place_session(&NewSession { key: "k1", node_id: 2, user_name: None, kind: SessionKind::Backend })
+            .await
+            .unwrap();
+        let job = Job {
+            key: "k1".into(),
+            kind: SessionKind::Backend,
+            user: None,
+            // Node 3 would win on sessions, but failed during this request.
+            candidates: vec![candidate(1, 5), candidate(2, 0), candidate(3, 0)],
+            exclude: vec![2, 3],
+            moving: Some(MoveReason::ConnectFailure),
+        };
+        let placed = f.placer.place(&job).await.unwrap();
+        assert!(placed.won);
+        assert_eq!(placed.entry.record.node_id, Some(1), "moved off the failed node, not onto another failed one");
+        assert_eq!(f.registry.get_session("k1").await.unwrap().unwrap().node_id, Some(1));
+    }
+
+    #[tokio::test]
+    async fn no_candidate_is_its_own_error_and_writes_nothing() {
+        let f = fixture().await;
+        let err = f.placer.place(&user_job("ann", Vec::new())).await.unwrap_err();
+        assert!(matches!(err, PlaceError::NoCandidate), "{err}");
+        assert!(!err.is_registry());
+        let job = Job { exclude: vec![2], ..user_job("bob", vec![candidate(2, 0)]) };
+        assert!(matches!(f.placer.place(&job).await, Err(PlaceError::NoCandidate)));
+        assert!(f.registry.list_sessions().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_registry_is_registry_down_not_a_made_up_error() {
+        let f = fixture().await;
+        f.registry.close().await;
+        let err = f.placer.place(&user_job("ann", vec![candidate(2, 0)])).await.unwrap_err();
+        assert!(matches!(err, PlaceError::RegistryDown(_)), "{err:?}");
+        assert!(err.is_registry());
+        assert!(f.placer.view.session("user:ann").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_registry_call_times_out_within_the_registry_wait() {
+        let mut f = fixture().await;
+        let wait = Duration::from_millis(200);
+        f.placer.registry_wait = wait;
+        let started = Instant::now();
+        // A call that never answers (a database that accepts but says nothing).
+        let err = f.placer.db(std::future::pending::<Result<(), RegistryError>>()).await.unwrap_err();
+        assert!(matches!(err, PlaceError::TimedOut(w) if w == wait), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_placement_whose_request_went_away_is_cancelled_and_releases_its_lock() {
+        let f = fixture().await;
+        // Someone holds ann's lock: the placement waits for it.
+        let held = f.placer.locks.acquire("session:user:ann", Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let handle = tokio::runtime::Handle::current();
+        let cancelled_before = METRICS.placements_cancelled.get();
+        let job = user_job("ann", vec![candidate(2, 0)]);
+        let waiting = run(f.placer.clone(), job.clone(), &handle, Duration::from_secs(30));
+        // The request gives up (its client disconnected) while the placement waits.
+        assert!(tokio::time::timeout(Duration::from_millis(200), waiting).await.is_err());
+        assert!(METRICS.placements_cancelled.get() > cancelled_before);
+        held.release().await.unwrap();
+        // Nothing was written, and the lock is free for the next placement at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(f.registry.get_session("user:ann").await.unwrap().is_none(), "the cancelled placement wrote nothing");
+        let again =
+            tokio::time::timeout(Duration::from_secs(5), run(f.placer.clone(), job, &handle, Duration::from_secs(30)))
+                .await
+                .expect("the lock was released");
+        assert_eq!(again.unwrap().entry.record.node_id, Some(2));
+    }
+
+    #[tokio::test]
+    async fn the_whole_placement_is_bounded() {
+        let f = fixture().await;
+        let _held = f.placer.locks.acquire("session:user:ann", Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let handle = tokio::runtime::Handle::current();
+        let err = run(f.placer.clone(), user_job("ann", vec![candidate(2, 0)]), &handle, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PlaceError::TimedOut(_)), "{err:?}");
     }
 }

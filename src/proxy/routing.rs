@@ -1,25 +1,53 @@
 //! The routing decision for a request that is not a built-in endpoint and
-//! not a node-to-node request: identity, session keys, and the order
-//! registered backend key → affinity key → the user's most recent session →
-//! place a new one. Known sessions are decided from the in-memory view.
+//! not a node-to-node request. One way, in three steps:
+//!
+//! 1. [`read_request`] — what the request carries, without I/O: the
+//!    verified user, the verified signed cookie (a pin, or a legacy v1
+//!    affinity cookie), the backend key in the path;
+//! 2. [`decide`] — where it goes, from memory only, in this order:
+//!    a registered backend key → the verified user's most recent session on
+//!    a node that can serve it → a legacy affinity cookie's session → for a
+//!    verified user: place the user (or the node it was placed on from
+//!    memory during a registry outage); for an anonymous browser: its pin,
+//!    or a new pin chosen by the balancer from memory;
+//! 3. [`route`] — acts on it: looks up an unknown backend key first (bounded,
+//!    `backend_keys`), places or moves registry sessions (`placement`),
+//!    places a user from memory when the registry is unavailable
+//!    (`degraded`), sets the pin cookie, and answers 503 when no node can
+//!    take the request.
+//!
+//! State is created only for something worth remembering: a verified user
+//! (a `user:<name>` session, under the per-user cross-node lock) or a
+//! backend key its backend answered. An anonymous browser costs no lock, no
+//! database round trip and no notification: its pin cookie is the only record.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
-use super::cookie::{self, Affinity};
-use super::placement::{self, MoveReason};
-use super::{RequestCtx, Route, Router, identity, now_ms, now_secs, registry_calls};
+use super::backend_keys;
+use super::breaker::mono_ms;
+use super::cookie::{self, AffinityCookie, Pin};
+use super::degraded::DegradedPlacements;
+use super::placement::{self, Job, MoveReason, PlaceError};
+use super::{RequestCtx, Route, Router, Via, identity, now_secs, status_error};
+use crate::balancer::{Balancer, Candidate, PlacementRequest};
 use crate::cluster::view::SessionEntry;
-use crate::cluster::{NodeRecord, NodeStatus, SessionKind};
+use crate::cluster::{ClusterView, NodeId, NodeStatus, SessionKind, user_session_key};
 use crate::config::SessionPathPattern;
 use crate::metrics::METRICS;
 
 /// Longest session key accepted from a path.
 pub const MAX_KEY_LEN: usize = 128;
+/// The longest one registry call of a placement may take: a database that
+/// is down fails the placement this fast (then the user is placed from
+/// memory), not after the pool's connect timeout.
+pub const PLACEMENT_CALL_WAIT: Duration = Duration::from_millis(500);
+/// A request fails over at most this many times.
+pub const MAX_FAILOVERS: usize = 3;
 
 /// The backend key in `path`, if the path matches the pattern: the text
 /// after the prefix up to the suffix (or the end of the path), made of
@@ -67,172 +95,558 @@ pub(crate) fn cookie_headers(req: &RequestHeader) -> impl Iterator<Item = &[u8]>
     req.headers.get_all(http::header::COOKIE).iter().map(|v| v.as_bytes())
 }
 
-/// Where a node is reached.
-pub fn node_addr(node: &NodeRecord) -> Option<SocketAddr> {
-    let ip = node.ipv4.or_else(|| node.host.parse().ok())?;
-    Some(SocketAddr::new(ip, node.port))
-}
-
-/// Whether the session's node can serve it now, and how to reach it.
-pub fn check(r: &Router, entry: &SessionEntry) -> Result<Route, MoveReason> {
-    let Some(id) = entry.record.node_id else {
-        return Err(MoveReason::Deleted);
-    };
-    if id == r.self_id {
-        return if r.serves_locally() { Ok(Route::Local) } else { Err(MoveReason::BackendDown) };
-    }
-    let nodes = r.view.nodes();
-    let Some(node) = nodes.get(id) else {
-        return Err(MoveReason::Deleted);
-    };
-    match node.status {
-        NodeStatus::Online if !node.router => {}
-        NodeStatus::Deleting => return Err(MoveReason::Deleted),
-        _ => return Err(MoveReason::Stopped),
-    }
-    if !r.view.is_reachable(id) {
-        return Err(MoveReason::Unreachable);
-    }
-    node_addr(node).map(|addr| Route::Peer { id, addr }).ok_or(MoveReason::Unreachable)
-}
-
-/// What the request carries, and the session it belongs to as far as the
-/// in-memory view knows — computed without I/O.
-#[derive(Debug)]
-pub struct Decision {
+/// What a request carries, verified.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFacts {
+    /// The verified user, if any.
     pub user: Option<String>,
-    /// The verified affinity cookie, or a fresh one.
-    pub affinity: Arc<Affinity>,
-    /// `Set-Cookie` value when the cookie is new or refreshed.
-    pub set_cookie: Option<String>,
+    /// The signed cookie, if it verified (a rejected one counts as absent).
+    pub cookie: Option<Arc<AffinityCookie>>,
     /// A backend key in the path.
     pub path_key: Option<String>,
-    /// Whether the view knows the path key.
-    pub path_key_known: bool,
-    /// The session found, in routing order: path key, affinity key, the user's latest.
-    pub found: Option<Arc<SessionEntry>>,
+    /// The path key's session as a registry lookup found it, for when the
+    /// view could not keep it (see `max-sessions-in-memory`).
+    pub path_session: Option<Arc<SessionEntry>>,
 }
 
-/// The routing decision's pure part: identity, cookies, keys, lookups in
-/// the view. Counts rejected cookies.
-pub fn decide(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now: u64) -> Decision {
+impl RequestFacts {
+    /// The pin the browser carries, if any.
+    pub fn pin(&self) -> Option<&Pin> {
+        self.cookie.as_deref().and_then(AffinityCookie::pin)
+    }
+}
+
+/// Read identity, the signed cookie and the path key. Counts cookies that
+/// do not verify (they are then ignored, never trusted).
+pub fn read_request(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now_secs: u64) -> RequestFacts {
     let cfg = &r.config.sessions;
-    let [affinity_cookie, user_cookie] = cookie::find_cookies(
+    let [signed, user_cookie] = cookie::find_cookies(
         cookie_headers(req),
         [cfg.affinity_cookie_name.as_str(), r.config.identity.user_cookie_name.as_str()],
     );
     let user = identify(r, req, user_cookie, client);
-
-    // The affinity cookie: verified, refreshed when old, replaced when bad or absent.
-    let max_age = cfg.affinity_cookie_max_age.as_secs();
-    let verified = affinity_cookie.and_then(|value| {
+    let cookie = signed.and_then(|value| {
         r.cookies
-            .verify(&r.key, value, now, max_age)
+            .verify(&r.key, value, now_secs, cfg.affinity_cookie_max_age.as_secs())
             .map_err(|reason| {
-                METRICS.rejected_cookies.with_label_values(&["affinity", reason.as_str()]).inc();
-                tracing::debug!(reason = reason.as_str(), client = ?client, "ignored an affinity cookie that does not verify");
+                let kind = cookie::rejection_kind(value);
+                METRICS.rejected_cookies.with_label_values(&[kind, reason.as_str()]).inc();
+                tracing::debug!(kind, reason = reason.as_str(), client = ?client, "ignored a cookie that does not verify");
             })
             .ok()
     });
-    let set =
-        |value: &str| Some(cookie::set_cookie_header(&cfg.affinity_cookie_name, value, max_age, cfg.cookie_secure));
-    let (affinity, set_cookie) = match verified {
-        Some(a) if now.saturating_sub(a.issued) > max_age / 2 => {
-            let refreshed = cookie::sign(&r.key, &a.id, now);
-            (Arc::new(a.reissued(now)), set(&refreshed))
-        }
-        Some(a) => (a, None),
-        None => {
-            let (a, value) = cookie::issue(&r.key, now);
-            (Arc::new(a), set(&value))
-        }
-    };
-
-    // 1. a registered backend key; 2. the affinity key; 3. the user's most recent session.
-    let path_key = path_key(&cfg.path_pattern, req.uri.path());
-    let by_path = path_key.as_deref().and_then(|k| r.view.session(k));
-    let path_key_known = by_path.is_some();
-    let found = by_path
-        .or_else(|| r.view.session(affinity.session_key()))
-        .or_else(|| user.as_deref().and_then(|u| r.view.latest_session_of(u)));
-    Decision { user, affinity, set_cookie, path_key, path_key_known, found }
+    RequestFacts { user, cookie, path_key: path_key(&cfg.path_pattern, req.uri.path()), path_session: None }
 }
 
-/// Decide where the request goes (placing or re-placing its session when needed).
-pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    let d = decide(r, session.req_header(), ctx.client, now_secs());
-    ctx.user = d.user;
-    ctx.set_cookie = d.set_cookie;
-    ctx.path_key_known = d.path_key_known;
-    let mut found = d.found;
-    // A backend key this node has not heard of yet (its notification may
-    // still be on the way): one registry lookup before routing otherwise.
-    if let Some(pk) = &d.path_key
-        && !d.path_key_known
-        && let Some(entry) = registry_calls::lookup(r, pk).await
-    {
-        ctx.path_key_known = true;
-        found = Some(entry);
+/// Where `node` is reached from `here` if it can serve sessions now, else why not.
+pub fn route_to(view: &ClusterView, here: NodeId, here_serves: bool, node: NodeId) -> Result<Route, MoveReason> {
+    if node == here {
+        return if here_serves { Ok(Route::Local) } else { Err(MoveReason::BackendDown) };
     }
-    ctx.path_key = d.path_key;
-
-    let entry = match found {
-        Some(entry) => match check(r, &entry) {
-            Ok(route) => {
-                ctx.route = route;
-                entry
-            }
-            Err(reason) => placement::replace(r, ctx, entry, reason).await?,
-        },
-        // 4. a new session under the affinity key
-        None => placement::place_new(r, ctx, d.affinity.session_key().to_string(), SessionKind::Affinity).await?,
+    let nodes = view.nodes();
+    let Some(n) = nodes.get(node) else {
+        return Err(MoveReason::Deleted);
     };
+    match n.status {
+        NodeStatus::Online if n.router => return Err(MoveReason::Router),
+        NodeStatus::Online => {}
+        NodeStatus::Deleting => return Err(MoveReason::Deleted),
+        _ => return Err(MoveReason::Stopped),
+    }
+    if !view.is_reachable(node) {
+        return Err(MoveReason::Unreachable);
+    }
+    n.socket_addr().map(|addr| Route::Peer { id: node, addr }).ok_or(MoveReason::Unreachable)
+}
+
+/// Whether the session's node can serve it now, and how to reach it.
+pub fn check(r: &Router, entry: &SessionEntry) -> Result<Route, MoveReason> {
+    let node = entry.record.node_id.ok_or(MoveReason::Deleted)?;
+    route_to(&r.view, r.self_id, r.serves_locally(), node)
+}
+
+/// The nodes that may take a new session or pin, minus `exclude`: eligible
+/// (Online, reachable, not in offline mode, not a router; this node only
+/// while its backend is up), with their session counts and the pins this
+/// node issued to them recently. Sorted by id.
+pub fn candidates(
+    view: &ClusterView,
+    here: NodeId,
+    here_serves: bool,
+    exclude: &[NodeId],
+    now: Instant,
+) -> Vec<Candidate> {
+    let nodes = view.nodes();
+    let mut out: Vec<Candidate> = view.with_session_counts(|counts| {
+        nodes
+            .with_addresses()
+            .filter(|(n, _)| view.is_eligible(n) && !exclude.contains(&n.id) && (n.id != here || here_serves))
+            .map(|(n, address)| Candidate {
+                id: n.id,
+                address: address.clone(),
+                sessions: counts.get(&n.id).copied().unwrap_or(0),
+                recent_pins: 0,
+                load: n.load,
+                cpus: n.cpus,
+            })
+            .collect()
+    });
+    if !out.is_empty() {
+        view.pins().each(now, |id, pins| {
+            if let Ok(i) = out.binary_search_by_key(&id, |c| c.id) {
+                out[i].recent_pins = pins as usize;
+            }
+        });
+    }
+    out
+}
+
+/// What routing reads besides the request: this node's memory.
+pub struct Memory<'a> {
+    pub view: &'a ClusterView,
+    pub here: NodeId,
+    /// Whether this node serves sessions itself right now.
+    pub here_serves: bool,
+    pub balancer: &'a dyn Balancer,
+    pub degraded: &'a DegradedPlacements,
+}
+
+impl Memory<'_> {
+    fn route_to(&self, node: NodeId) -> Result<Route, MoveReason> {
+        route_to(self.view, self.here, self.here_serves, node)
+    }
+
+    fn candidates(&self, exclude: &[NodeId], now: Instant) -> Vec<Candidate> {
+        candidates(self.view, self.here, self.here_serves, exclude, now)
+    }
+
+    /// The balancer's choice from memory for `key` (a pin id) or `user`.
+    fn choose_now(&self, key: &str, user: Option<&str>, exclude: &[NodeId], now: Instant) -> Option<(NodeId, Route)> {
+        let candidates = self.candidates(exclude, now);
+        let node = self.balancer.choose_now(&PlacementRequest { key, user, candidates: &candidates })?;
+        self.route_to(node).ok().map(|route| (node, route))
+    }
+}
+
+/// How a registered session was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// The backend key in the path.
+    PathKey,
+    /// The verified user's most recent session.
+    User,
+    /// A legacy (v1) affinity cookie's session.
+    Legacy,
+}
+
+/// Why a new pin is issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    /// The browser had no valid pin.
+    New,
+    /// Its pin's node can no longer take it.
+    Replaced(MoveReason),
+}
+
+/// Where a request goes, decided from memory.
+#[derive(Debug)]
+pub enum Decision {
+    /// A registered session on a node that can serve it.
+    Session { entry: Arc<SessionEntry>, route: Route, found: Found },
+    /// A registered session whose node cannot serve it: re-place it.
+    Move { entry: Arc<SessionEntry>, reason: MoveReason, found: Found },
+    /// A verified user with no session a node can serve: place one.
+    PlaceUser { user: String },
+    /// A verified user placed from memory while the registry was unavailable.
+    Degraded { user: String, node: NodeId, route: Route },
+    /// An anonymous browser following its pin.
+    Pinned { pin: Pin, route: Route },
+    /// An anonymous browser pinned now (its cookie is to be set).
+    NewPin { pin: Pin, route: Route, reason: PinReason },
+    /// No node can take the request.
+    NoNode,
+}
+
+fn by_session(m: &Memory<'_>, entry: Arc<SessionEntry>, found: Found) -> Decision {
+    match entry.record.node_id.ok_or(MoveReason::Deleted).and_then(|node| m.route_to(node)) {
+        Ok(route) => Decision::Session { entry, route, found },
+        Err(reason) => Decision::Move { entry, reason, found },
+    }
+}
+
+/// Decide where a request goes, from memory only (see the module doc for
+/// the order). A new pin is chosen by the balancer over the candidates,
+/// with the pins this node issued recently; it keeps the id of a pin it
+/// replaces.
+pub fn decide(m: &Memory<'_>, facts: &RequestFacts, now: Instant, now_secs: u64) -> Decision {
+    // 1. A registered backend key.
+    if let Some(entry) =
+        facts.path_key.as_deref().and_then(|k| m.view.session(k)).or_else(|| facts.path_session.clone())
+    {
+        return by_session(m, entry, Found::PathKey);
+    }
+    let legacy = facts.cookie.as_deref().and_then(AffinityCookie::legacy).and_then(|a| m.view.session(a.session_key()));
+    if let Some(user) = &facts.user {
+        // 2. The user's most recent session on a node that can serve it.
+        if let Some(entry) = m.view.latest_session_where(user, |node| m.route_to(node).is_ok()) {
+            return by_session(m, entry, Found::User);
+        }
+        // 3. A legacy cookie's session, while its node serves it.
+        if let Some(entry) = legacy.filter(|e| e.record.node_id.is_some_and(|n| m.route_to(n).is_ok())) {
+            return by_session(m, entry, Found::Legacy);
+        }
+        // 4. Placed from memory during a registry outage, not registered yet.
+        if let Some(node) = m.degraded.node_of(user)
+            && let Ok(route) = m.route_to(node)
+        {
+            return Decision::Degraded { user: user.clone(), node, route };
+        }
+        return Decision::PlaceUser { user: user.clone() };
+    }
+    // Anonymous: a legacy cookie's session (re-placed if its node failed), else the pin.
+    if let Some(entry) = legacy {
+        return by_session(m, entry, Found::Legacy);
+    }
+    let (id, reason) = match facts.pin() {
+        Some(pin) => match m.route_to(pin.node) {
+            Ok(route) => return Decision::Pinned { pin: pin.clone(), route },
+            Err(why) => (pin.id.clone(), PinReason::Replaced(why)),
+        },
+        None => (cookie::new_pin_id(), PinReason::New),
+    };
+    match m.choose_now(&id, None, &[], now) {
+        Some((node, route)) => Decision::NewPin { pin: Pin { id, node, issued: now_secs }, route, reason },
+        None => Decision::NoNode,
+    }
+}
+
+/// Decide where the request goes and prepare it: look up an unknown backend
+/// key, place or move sessions, set the pin cookie. Fails with 503 when no
+/// node can take the request.
+pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let now_secs = now_secs();
+    let mut facts = read_request(r, session.req_header(), ctx.client, now_secs);
+    // A backend key this node has not heard of yet (its notification may
+    // still be on the way): one bounded registry lookup before deciding.
+    if let Some(key) = &facts.path_key
+        && r.view.session(key).is_none()
+    {
+        facts.path_session = backend_keys::lookup(r, key).await;
+    }
+    ctx.user = facts.user.clone();
+    ctx.browser_pin = facts.pin().cloned();
+    ctx.path_key_known =
+        facts.path_session.is_some() || facts.path_key.as_deref().is_some_and(|k| r.view.session(k).is_some());
+    ctx.path_key = facts.path_key.clone();
+    let balancer = r.balancer.read().clone();
+    let memory = r.memory(balancer.as_ref());
+    let now = Instant::now();
+    // The node a signed-in user's browser is pinned to, or a browser
+    // without a pin that found a session.
+    let mut pin_to: Option<(NodeId, &'static str)> = None;
+    match decide(&memory, &facts, now, now_secs) {
+        Decision::Session { entry, route, found } => {
+            ctx.route = route;
+            if let Some(node) = entry.record.node_id
+                && (found == Found::User || (facts.user.is_none() && facts.cookie.is_none()))
+            {
+                pin_to = Some((node, if found == Found::User { "user" } else { "new" }));
+            }
+            ctx.via = Via::Session(entry);
+        }
+        Decision::Move { entry, reason, found } => {
+            let moved = move_session(r, ctx, &memory, balancer.clone(), entry, reason, Vec::new()).await?;
+            if found == Found::User
+                && let Some(node) = moved.record.node_id
+            {
+                pin_to = Some((node, "user"));
+            }
+            ctx.via = Via::Session(moved);
+        }
+        Decision::PlaceUser { user } => {
+            let node = place_user(r, ctx, &memory, balancer.clone(), &user).await?;
+            pin_to = Some((node, "user"));
+        }
+        Decision::Degraded { user, node, route } => {
+            ctx.route = route;
+            ctx.via = Via::Degraded { key: user_session_key(&user) };
+            pin_to = Some((node, "user"));
+        }
+        Decision::Pinned { pin, route } => {
+            ctx.route = route;
+            let max_age = r.config.sessions.affinity_cookie_max_age.as_secs();
+            if now_secs.saturating_sub(pin.issued) > max_age / 2 {
+                let refreshed = pin.moved_to(pin.node, now_secs);
+                ctx.set_cookie = Some(r.pin_cookie(&refreshed));
+                ctx.via = Via::Pin(refreshed);
+            } else {
+                ctx.via = Via::Pin(pin);
+            }
+        }
+        Decision::NewPin { pin, route, reason } => {
+            ctx.route = route;
+            let label = match reason {
+                PinReason::New => "new",
+                PinReason::Replaced(why) => {
+                    tracing::debug!(pin = %pin.id, reason = why.as_str(), node = pin.node, "pin replaced");
+                    "replaced"
+                }
+            };
+            issue_anonymous_pin(r, ctx, pin, label, now);
+        }
+        Decision::NoNode => {
+            METRICS.no_node_available.inc();
+            return Err(status_error(503, "no node can take the request"));
+        }
+    }
+    if let Some((node, reason)) = pin_to {
+        repin(r, ctx, facts.pin(), node, reason, now_secs);
+    }
     tracing::debug!(
         target: crate::telemetry::DIAGNOSTICS_TARGET,
-        key = %entry.record.key,
-        node = ?entry.record.node_id,
+        via = %ctx.via,
         route = ?ctx.route,
         user = ?ctx.user,
-        path = %req_path(session),
+        path = %session.req_header().uri.path(),
         "routed"
     );
-    entry.touch(now_ms());
-    entry.stream_opened();
+    if let Via::Session(entry) = &ctx.via {
+        entry.touch(super::now_ms());
+        entry.stream_opened();
+    }
     ctx.in_flight = true;
     METRICS.in_flight.inc();
-    ctx.entry = Some(entry);
     Ok(())
 }
 
-fn req_path(session: &Session) -> &str {
-    session.req_header().uri.path()
+/// Set the cookie of a new anonymous pin and count it.
+fn issue_anonymous_pin(r: &Router, ctx: &mut RequestCtx, pin: Pin, reason: &'static str, now: Instant) {
+    let recent = r.view.pins().record(pin.node, now);
+    METRICS.pins_recent.set(recent as i64);
+    METRICS.pins_issued.with_label_values(&[reason]).inc();
+    ctx.set_cookie = Some(r.pin_cookie(&pin));
+    ctx.via = Via::Pin(pin);
 }
 
-/// How long the proxy waits for the control plane (placements, lookups).
-pub(crate) fn control_timeout(r: &Router) -> Duration {
-    r.config.proxy.timeout.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(1))
+/// Point the browser's pin at `node` (a signed-in user's node), unless it
+/// already points there and is fresh. Keeps the pin's id.
+fn repin(r: &Router, ctx: &mut RequestCtx, current: Option<&Pin>, node: NodeId, reason: &'static str, now_secs: u64) {
+    let max_age = r.config.sessions.affinity_cookie_max_age.as_secs();
+    let pin = match current {
+        Some(p) if p.node == node && now_secs.saturating_sub(p.issued) <= max_age / 2 => return,
+        Some(p) if p.node == node => p.moved_to(node, now_secs),
+        Some(p) => {
+            METRICS.pins_issued.with_label_values(&[reason]).inc();
+            p.moved_to(node, now_secs)
+        }
+        None => {
+            METRICS.pins_issued.with_label_values(&[reason]).inc();
+            Pin { id: cookie::new_pin_id(), node, issued: now_secs }
+        }
+    };
+    ctx.set_cookie = Some(r.pin_cookie(&pin));
+}
+
+/// Place `user`'s session under the per-user lock; when the registry is
+/// unavailable, place the user from memory instead. Returns the node.
+async fn place_user(
+    r: &Router,
+    ctx: &mut RequestCtx,
+    m: &Memory<'_>,
+    balancer: Arc<dyn Balancer>,
+    user: &str,
+) -> Result<NodeId> {
+    let started = mono_ms();
+    if r.placements.is_open(started) {
+        return place_from_memory(r, ctx, m, user, &[]);
+    }
+    let candidates = m.candidates(&[], Instant::now());
+    if candidates.is_empty() {
+        METRICS.no_node_available.inc();
+        return Err(status_error(503, "no node can take a new session"));
+    }
+    let job = Job {
+        key: user_session_key(user),
+        kind: SessionKind::User,
+        user: Some(user.to_string()),
+        candidates,
+        exclude: Vec::new(),
+        moving: None,
+    };
+    match placement::run(r.placer(balancer), job, &r.control, r.placement_limit()).await {
+        Ok(placed) => {
+            r.placements.succeeded(started);
+            let node = placed.entry.record.node_id.ok_or(MoveReason::Deleted);
+            match node.and_then(|n| m.route_to(n).map(|route| (n, route))) {
+                Ok((node, route)) => {
+                    ctx.route = route;
+                    ctx.via = Via::Session(placed.entry);
+                    Ok(node)
+                }
+                Err(_) => {
+                    METRICS.no_node_available.inc();
+                    Err(status_error(503, "the user's node cannot serve the request"))
+                }
+            }
+        }
+        Err(PlaceError::NoCandidate) => {
+            METRICS.no_node_available.inc();
+            Err(status_error(503, "no node can take a new session"))
+        }
+        Err(e) => {
+            r.placements.trip(mono_ms());
+            tracing::warn!(error = %e, user, "cannot place the user in the registry; placing from memory");
+            place_from_memory(r, ctx, m, user, &[])
+        }
+    }
+}
+
+/// Place `user` from memory (the registry is unavailable): the balancer's
+/// choice now, remembered until it can be registered.
+fn place_from_memory(
+    r: &Router,
+    ctx: &mut RequestCtx,
+    m: &Memory<'_>,
+    user: &str,
+    exclude: &[NodeId],
+) -> Result<NodeId> {
+    let key = user_session_key(user);
+    // Users placed from memory count as the sessions they will be.
+    let waiting = m.degraded.per_node();
+    let mut candidates = m.candidates(exclude, Instant::now());
+    for c in &mut candidates {
+        c.sessions += waiting.get(&c.id).copied().unwrap_or(0);
+    }
+    let chosen = m.balancer.choose_now(&PlacementRequest { key: &key, user: Some(user), candidates: &candidates });
+    let Some((node, route)) = chosen.and_then(|node| m.route_to(node).ok().map(|route| (node, route))) else {
+        METRICS.no_node_available.inc();
+        return Err(status_error(503, "no node can take a new session"));
+    };
+    if !r.degraded.remember(user, node) {
+        tracing::warn!(user, "too many users placed from memory are waiting; this one is not remembered");
+    }
+    METRICS.degraded_placements.inc();
+    tracing::debug!(user, node, "user placed from memory (registry unavailable); registered when it answers");
+    ctx.route = route;
+    ctx.via = Via::Degraded { key };
+    Ok(node)
+}
+
+/// Move a registered session off a node that cannot serve it (or that
+/// failed during this request). When the registry is unavailable the
+/// request is routed to a node chosen from memory and the move is not recorded.
+async fn move_session(
+    r: &Router,
+    ctx: &mut RequestCtx,
+    m: &Memory<'_>,
+    balancer: Arc<dyn Balancer>,
+    entry: Arc<SessionEntry>,
+    reason: MoveReason,
+    exclude: Vec<NodeId>,
+) -> Result<Arc<SessionEntry>> {
+    let from = entry.record.node_id;
+    let user = ctx.user.clone().or_else(|| entry.record.user_name.clone());
+    let job = Job {
+        key: entry.record.key.clone(),
+        kind: entry.record.kind,
+        user: user.clone(),
+        candidates: m.candidates(&exclude, Instant::now()),
+        exclude: exclude.clone(),
+        moving: Some(reason),
+    };
+    let started = mono_ms();
+    let failure = if r.placements.is_open(started) {
+        // Placements failed moments ago: do not wait for the registry.
+        None
+    } else {
+        match placement::run(r.placer(balancer), job, &r.control, r.placement_limit()).await {
+            Ok(placed) => {
+                r.placements.succeeded(started);
+                let rec = &placed.entry.record;
+                if rec.node_id != from {
+                    METRICS.session_moves.with_label_values(&[reason.as_str()]).inc();
+                    tracing::info!(key = %rec.key, from = ?from, to = ?rec.node_id, reason = reason.as_str(), "session moved");
+                }
+                return match rec.node_id.ok_or(MoveReason::Deleted).and_then(|n| m.route_to(n)) {
+                    Ok(route) => {
+                        ctx.route = route;
+                        Ok(placed.entry)
+                    }
+                    Err(_) => {
+                        METRICS.no_node_available.inc();
+                        Err(status_error(503, "the session's node cannot serve it"))
+                    }
+                };
+            }
+            Err(PlaceError::NoCandidate) => {
+                METRICS.no_node_available.inc();
+                return Err(status_error(503, "no node can take this session"));
+            }
+            Err(e) => {
+                r.placements.trip(mono_ms());
+                Some(e)
+            }
+        }
+    };
+    // The registry is unavailable: route the known session anyway, unrecorded.
+    let Some((node, route)) = m.choose_now(&entry.record.key, user.as_deref(), &exclude, Instant::now()) else {
+        METRICS.no_node_available.inc();
+        return Err(status_error(503, "no node can take this session"));
+    };
+    match failure {
+        Some(e) => {
+            tracing::warn!(error = %e, key = %entry.record.key, node, "registry unavailable: routing the session to a new node without recording the move")
+        }
+        None => {
+            tracing::debug!(key = %entry.record.key, node, "placements are failing: routing the session to a new node without recording the move")
+        }
+    }
+    ctx.route = route;
+    Ok(entry)
+}
+
+/// After a failure during this request (a connect failure, or the peer's
+/// backend is down): route to the next node that can take it.
+pub async fn fail_over(r: &Router, ctx: &mut RequestCtx) -> Result<()> {
+    let reason =
+        if std::mem::take(&mut ctx.peer_backend_down) { MoveReason::BackendDown } else { MoveReason::ConnectFailure };
+    let balancer = r.balancer.read().clone();
+    let memory = r.memory(balancer.as_ref());
+    let failed = ctx.failed.clone();
+    let now = Instant::now();
+    match std::mem::take(&mut ctx.via) {
+        Via::Session(entry) => {
+            let moved = move_session(r, ctx, &memory, balancer.clone(), entry.clone(), reason, failed).await?;
+            // The in-flight count moves with the request.
+            entry.stream_closed();
+            moved.stream_opened();
+            if ctx.user.is_some()
+                && let Some(node) = moved.record.node_id
+            {
+                let pin = ctx.browser_pin.clone();
+                repin(r, ctx, pin.as_ref(), node, "failover", super::now_secs());
+            }
+            ctx.via = Via::Session(moved);
+        }
+        Via::Pin(pin) => {
+            let Some((node, route)) = memory.choose_now(&pin.id, None, &failed, now) else {
+                METRICS.no_node_available.inc();
+                return Err(status_error(503, "no node could take the request"));
+            };
+            tracing::debug!(pin = %pin.id, from = pin.node, to = node, reason = reason.as_str(), "pin moved");
+            ctx.route = route;
+            issue_anonymous_pin(r, ctx, pin.moved_to(node, now_secs()), "failover", now);
+        }
+        Via::Degraded { .. } => {
+            let user = ctx.user.clone().unwrap_or_default();
+            let node = place_from_memory(r, ctx, &memory, &user, &failed)?;
+            let pin = ctx.browser_pin.clone();
+            repin(r, ctx, pin.as_ref(), node, "failover", super::now_secs());
+        }
+        Via::None => return Err(status_error(503, "no node could take the request")),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pattern(s: &str) -> SessionPathPattern {
-        SessionPathPattern::parse(s).unwrap()
-    }
-
-    #[test]
-    fn backend_keys_come_from_the_path_pattern() {
-        let p = pattern("/s/{key}/");
-        assert_eq!(path_key(&p, "/s/3a9e1f00c2b1a4d5e6f70/").as_deref(), Some("3a9e1f00c2b1a4d5e6f70"));
-        assert_eq!(path_key(&p, "/s/abc/rpc/console_input").as_deref(), Some("abc"));
-        assert_eq!(path_key(&p, "/s/abc").as_deref(), Some("abc"));
-        assert_eq!(path_key(&p, "/s/"), None);
-        assert_eq!(path_key(&p, "/s/../etc/passwd"), None);
-        assert_eq!(path_key(&p, "/s/ab%2Fc/"), None, "no encoded separators");
-        assert_eq!(path_key(&p, "/x/abc/"), None);
-        assert_eq!(path_key(&p, &format!("/s/{}/", "a".repeat(129))), None);
-        let jupyter = pattern("/user/{key}/");
-        assert_eq!(path_key(&jupyter, "/user/alice/lab").as_deref(), Some("alice"));
-    }
-}
+mod tests;

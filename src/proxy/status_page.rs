@@ -1,7 +1,7 @@
 //! The HTML form of `/load-balancer/status` (for `Accept: text/html`): every
 //! node with its state, offline mode, reachability, load as a fraction of its
-//! CPUs, version and clock skew; sessions per node and per user; the recent
-//! session moves. It refreshes itself (`<meta http-equiv="refresh">`, no
+//! CPUs, version and clock skew, and the anonymous pins it issued recently;
+//! sessions per node and per user; the recent session moves. It refreshes itself (`<meta http-equiv="refresh">`, no
 //! script) and loads nothing from anywhere (inline CSS), so it works on an
 //! air-gapped cluster. Every value from the registry or a request is
 //! escaped, and the page is served with a CSP that allows no script at all:
@@ -189,7 +189,8 @@ fn load_cell(n: &NodeView<'_>) -> String {
 fn nodes_table(h: &mut String, page: &Page<'_>) {
     h.push_str(
         "<section id=\"nodes\"><h2>Nodes</h2><table><thead><tr><th>Node</th><th>ID</th><th>State</th>\
-         <th>Load (of CPUs)</th><th>Version</th><th>Clock skew</th><th>In flight</th><th>Sessions</th></tr></thead><tbody>",
+         <th>Load (of CPUs)</th><th>Version</th><th>Clock skew</th><th>In flight</th><th>Sessions</th>\
+         <th title=\"anonymous pin cookies issued in the last 5 minutes (no registry session)\">Pins (5 min)</th></tr></thead><tbody>",
     );
     for n in &page.nodes {
         let version = if n.node.version == page.viewer_version {
@@ -209,17 +210,18 @@ fn nodes_table(h: &mut String, page: &Page<'_>) {
         let _ = write!(
             h,
             "<tr data-node=\"{addr}\"><td><a href=\"#node-{id}\"><code>{addr}</code></a></td><td class=\"num\">{id}</td><td>{state}</td>\
-             <td>{load}</td><td>{version}</td><td class=\"num\">{skew}</td><td class=\"num\">{in_flight}</td><td class=\"num\">{count}</td></tr>",
+             <td>{load}</td><td>{version}</td><td class=\"num\">{skew}</td><td class=\"num\">{in_flight}</td><td class=\"num\">{count}</td><td class=\"num\">{pins}</td></tr>",
             addr = escape(&n.node.address()),
             id = n.node.id,
             state = state_badges(n),
             load = load_cell(n),
             in_flight = n.info.map_or("-".to_string(), |i| i.in_flight.to_string()),
             count = n.sessions.len(),
+            pins = n.info.map_or(n.node.pins_recent, |i| i.pins_recent),
         );
     }
     if page.nodes.is_empty() {
-        h.push_str("<tr><td colspan=\"8\" class=\"empty\">no nodes</td></tr>");
+        h.push_str("<tr><td colspan=\"9\" class=\"empty\">no nodes</td></tr>");
     }
     h.push_str("</tbody></table></section>");
 }
@@ -343,6 +345,7 @@ mod tests {
             clock_skew_ms: Some(2500),
             offline_mode,
             started_at: None,
+            pins_recent: 7,
         }
     }
 
@@ -378,6 +381,7 @@ mod tests {
         assert!(html.contains("offline mode") && html.contains("Online · unreachable"));
         assert!(html.contains("38%"), "1.5 load on 4 CPUs: {html}");
         assert!(html.contains("title=\"over a second\""));
+        assert!(html.contains("<td class=\"num\">1</td><td class=\"num\">7</td></tr>"), "sessions, then pins: {html}");
         assert!(html.contains("(deleted node)") && html.contains("<code>10.0.0.2:8787</code>"));
         assert!(!html.contains("http://") && !html.contains("https://"), "no external assets");
     }
