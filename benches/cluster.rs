@@ -74,10 +74,11 @@ async fn start_node(dir: &std::path::Path, db: &str, ip: &str, extra: &str) -> (
         format!(
             "www-address = \"{ip}\"\nwww-port = {port}\nbackend = \"127.0.0.1:{backend_port}\"\ndatabase = \"{db}\"\n\
              secure-cookie-key-file = \"{}\"\nserver-shared-storage-path = \"{}\"\nrun-dir = \"{}\"\n\
-             grace-period = 0\nthreads = 1\nlog-level = \"warn\"\n{extra}\n",
+             grace-period = 0\nthreads = 1\nlog-level = \"warn\"\nmetrics-address = \"{ip}:{}\"\n{extra}\n",
             key.display(),
             dir.join("shared").display(),
-            dir.display()
+            dir.display(),
+            free_port(ip)
         ),
     )
     .unwrap();

@@ -9,26 +9,12 @@ use rustix::process::Signal;
 use sessionlb::cluster::{NewSession, SessionKind};
 use sessionlb::proxy::{cookie, forward};
 
-use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK};
+use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK, session_on};
 use crate::common::db::ThrowawayPostgres;
 use crate::common::eventually;
 use crate::common::netns::Netns;
 use crate::common::node::{ClusterFixture, free_port};
 use crate::routing::sessionlb_now;
-
-/// A signed-in user's browser whose session lives on node `want` (0 = A),
-/// made by placing fresh users until one lands there (the cluster must
-/// trust the user header: [`TRUST_LOOPBACK`]).
-async fn session_on(c: &Cluster, want: usize) -> Browser {
-    for _ in 0..60 {
-        let mut b = Browser::new_user();
-        let reply = b.get(&c.nodes[0].url("/")).await;
-        if reply.backend() == Some(NAMES[want]) {
-            return b;
-        }
-    }
-    panic!("no session landed on {}", NAMES[want]);
-}
 
 /// Cluster options trusting the test client's user header.
 fn users() -> ClusterOptions {

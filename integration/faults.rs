@@ -714,7 +714,9 @@ async fn postgres_unreachable_for_30s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "recorded fault run: scripts/faults.sh"]
 async fn rolling_restart() {
-    let mut cluster = start_cluster(None, "").await;
+    // The drain waits for open tunnels, and the load holds a WebSocket: a
+    // short drain-timeout keeps each stop within wait_exit's 30 s.
+    let mut cluster = start_cluster(None, "drain-timeout = \"10s\"").await;
     let mut load = Load::prepare(&cluster).await;
     load.start();
     tokio::time::sleep(span(3, 10)).await;

@@ -37,6 +37,8 @@ on_both!(
     changes_are_announced,
     measurements_are_not_announced,
     reset_cluster_clears_the_record,
+    an_upgrade_takes_over_an_online_row_without_leaving_online,
+    notifications_carry_the_database_time_of_the_change,
 );
 
 fn reg(host: &str, port: u16) -> NodeRegistration {
@@ -335,4 +337,47 @@ async fn reset_cluster_clears_the_record(b: Backend) {
     assert!(!r.reset_cluster().await.unwrap());
     let c = r.register_node(&reg("c", 1)).await.unwrap();
     assert_eq!(r.join_cluster(c, "sha256:bb", "http", FRESH).await.unwrap(), JoinOutcome::Defined);
+}
+
+async fn an_upgrade_takes_over_an_online_row_without_leaving_online(b: Backend) {
+    let db = TestDb::new(b).await;
+    let r = db.registry().await;
+    let new_version = NodeRegistration { version: "2.0.0".into(), ..reg("127.0.0.2", 8787) };
+    assert_eq!(r.take_over_node(&new_version).await.unwrap(), None, "no row: nothing to take over");
+    let id = online_node(&r, "127.0.0.2", "sha256:aa").await;
+    let before = r.get_node(id).await.unwrap().unwrap();
+    r.set_offline_mode(id, true).await.unwrap();
+    let mut changes = r.subscribe().await.unwrap();
+    assert_eq!(r.take_over_node(&new_version).await.unwrap(), Some(id));
+    let after = r.get_node(id).await.unwrap().unwrap();
+    assert_eq!(after.status, NodeStatus::Online, "the row never leaves Online");
+    assert_eq!(after.version, "2.0.0");
+    assert!(after.offline_mode, "offline mode is kept");
+    assert!(after.started_at >= before.started_at);
+    // Peers hear of it (the version changed).
+    let event = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap();
+    assert_eq!(event, ChangeEvent::Node { id });
+    r.set_node_status(id, NodeStatus::Offline).await.unwrap();
+    assert_eq!(r.take_over_node(&new_version).await.unwrap(), None, "a stopped node is not taken over");
+    assert_eq!(r.get_node(id).await.unwrap().unwrap().status, NodeStatus::Offline);
+}
+
+async fn notifications_carry_the_database_time_of_the_change(b: Backend) {
+    use sessionlb::metrics::METRICS;
+    let db = TestDb::new(b).await;
+    let r = db.registry().await;
+    let a = online_node(&r, "a", "sha256:aa").await;
+    let mut rx = r.subscribe().await.unwrap();
+    let (count, sum) = (METRICS.notification_lag.get_sample_count(), METRICS.notification_lag.get_sample_sum());
+    for key in ["k1", "k2", "k3"] {
+        r.place_session(&NewSession { key, node_id: a, user_name: None, kind: SessionKind::Affinity }).await.unwrap();
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    }
+    // Each arrival was measured against the time of its change (one machine: no clock skew).
+    let observed = METRICS.notification_lag.get_sample_count() - count;
+    assert!(observed >= 3, "{observed} notifications measured");
+    let mean = (METRICS.notification_lag.get_sample_sum() - sum) / observed as f64;
+    assert!((0.0..5.0).contains(&mean), "mean lag {mean}s");
 }

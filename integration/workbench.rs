@@ -190,15 +190,18 @@ fn demo_backend(site: &Site, name: &str, listen: &str, tls: Option<(&Path, &Path
     Proc::spawn(&format!("backend {name}"), cmd, site.path().join(format!("backend-{name}.log")))
 }
 
-/// A node's native file: process settings only (the Workbench directory says the rest).
+/// A node's native file: process settings only (the Workbench directory
+/// says the rest), and a metrics listener of its own (tests run side by side).
 fn native_toml(site: &Site, node: &str, extra: &str) -> PathBuf {
     let run = site.path().join(node);
     let path = run.join("sessionlb.toml");
     fs::write(
         &path,
         format!(
-            "{extra}run-dir = \"{}\"\nthreads = 2\ngrace-period = 0\nshutdown-timeout = 1\nlog-level = \"info,sessionlb=debug\"\n",
-            run.display()
+            "{extra}run-dir = \"{}\"\nthreads = 2\ngrace-period = 0\nshutdown-timeout = 1\nlog-level = \"info,sessionlb=debug\"\n\
+             metrics-address = \"127.0.0.1:{}\"\n",
+            run.display(),
+            free_port("127.0.0.1")
         ),
     )
     .unwrap();

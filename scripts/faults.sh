@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-bench/results/faults-$(date -u +%Y%m%dT%H%M%SZ).md}
 mkdir -p "$(dirname "$out")"
 SESSIONLB_TEST_SH_FUNCTIONS_ONLY=1 source scripts/test.sh
-install_build_prerequisites
+install_prerequisites
 choose_pg
 command -v faketime >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq faketime >/dev/null; }
 table=$(mktemp)

@@ -28,7 +28,9 @@ database = "$database"
 secure-cookie-key-file = "$key"
 server-shared-storage-path = "$state/shared"
 run-dir = "$state"
+metrics-address = "$ip:9787"
 grace-period = 0
+drain-timeout = 0
 TOML
   target/release/sessionlb --config "$state/node-$name.toml" serve 2>"$state/node-$name.log" &
   pids+=($!)
@@ -38,7 +40,8 @@ target/release/sessionlb --config "$state/node-A.toml" list-nodes
 cat <<TXT
 
 Try:  curl -si http://127.0.0.2:8787/            (note the pin cookie sessionlb-affinity and x-backend: no session is created)
-      curl -s  http://127.0.0.3:8787/load-balancer/status
+      curl -s  http://127.0.0.3:8787/load-balancer/status   (or open it in a browser)
+      curl -s  http://127.0.0.2:9787/metrics
       target/release/sessionlb --config $state/node-B.toml offline
 Logs: $state/*.log — Ctrl-C stops the cluster.
 TXT

@@ -3,7 +3,8 @@
 # and SQLite, and the multi-process integration tests.
 #
 # Works on a fresh Debian machine with the `postgresql` package installed:
-# - installs what the build needs but a fresh machine lacks (cmake, for Pingora);
+# - installs what the build needs but a fresh machine lacks (cmake, for Pingora),
+#   and what the tests use (curl, iproute2, Debian's chromium for the status page);
 # - uses the PostgreSQL server at $SESSIONLB_TEST_PG (default: the local one,
 #   postgres://postgres@127.0.0.1:5432/postgres) if it can log in there and run
 #   a query; with the default URL it otherwise starts a throwaway server (initdb
@@ -13,26 +14,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-log() { printf '[test.sh] %s\n' "$*" >&2; }
-
-as_root() {
-  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-    log "need root to run: $*"; return 1; fi
-}
-
-# --- build prerequisites -----------------------------------------------------
-install_build_prerequisites() {
-  local missing=()
-  command -v cmake >/dev/null || missing+=(cmake)
-  command -v cc >/dev/null || missing+=(build-essential)
-  command -v curl >/dev/null || missing+=(curl)
-  command -v ip >/dev/null || missing+=(iproute2)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-}
+# --- build and test prerequisites (log, as_root, install_prerequisites) --------
+source scripts/prerequisites.sh
 
 # --- PostgreSQL ----------------------------------------------------------------
 # A server that merely runs is not enough: a stock Debian cluster `main` wants a
@@ -110,7 +93,7 @@ choose_pg() {
 # `SESSIONLB_TEST_SH_FUNCTIONS_ONLY=1 source scripts/test.sh` defines the
 # functions above without running anything (to test them by hand).
 if [ -n "${SESSIONLB_TEST_SH_FUNCTIONS_ONLY:-}" ]; then return 0 2>/dev/null || exit 0; fi
-install_build_prerequisites
+install_prerequisites tests
 choose_pg
 
 # --- tests -------------------------------------------------------------------------

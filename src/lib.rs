@@ -10,6 +10,7 @@
 //! - [`lock`]: cross-node locks on shared storage.
 //! - [`proxy`]: the Pingora data path.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`ops`]: metrics listener, drain, zero-downtime upgrade, stop sequence, systemd.
 //! - [`server`]: `serve` — the control runtime, the Pingora server, shutdown order.
 //! - [`telemetry`]: logging and diagnostics.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod config;
 pub mod lock;
 pub mod metrics;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All of sessionlb's metrics.
@@ -37,10 +37,6 @@ pub struct Metrics {
     pub lock_failures: IntCounter,
     /// Requests in flight through this node (long-lived ones included).
     pub in_flight: IntGauge,
-    /// 1 when this node sees the peer as reachable.
-    pub node_up: IntGaugeVec,
-    /// Active sessions per node, as this node's view counts them.
-    pub node_sessions: IntGaugeVec,
     /// Connect failures to nodes (passive health), by node.
     pub connect_failures: IntCounterVec,
     /// Requests answered 503 because no node could take them.
@@ -62,6 +58,29 @@ pub struct Metrics {
     /// Placements that did not run the custom plug-in because
     /// `custom-balancer-max-running` plug-ins were already running.
     pub custom_balancer_cap_reached: IntCounter,
+    // --- operations (issue 10). Per-node gauges (`sessionlb_node_up`,
+    // `sessionlb_node_sessions`, `sessionlb_offline_mode`) are read from the
+    // cluster view at scrape time: see `ops::cluster_metrics`.
+    /// Proxied request duration (head in to last byte out), by route and status class; tunnels excluded.
+    pub request_duration: HistogramVec,
+    /// Time to open a new connection to the local backend or a peer, by upstream.
+    pub upstream_connect: HistogramVec,
+    /// Time from a connection to the upstream's first response byte, by upstream.
+    pub upstream_ttfb: HistogramVec,
+    /// Upgraded connections (tunnels) open through this node, by kind (`websocket`, `other`).
+    pub open_tunnels: IntGaugeVec,
+    /// Always 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+    /// 1 while this node drains before stopping.
+    pub draining: IntGauge,
+    /// Registry round trips, by operation.
+    pub registry_seconds: HistogramVec,
+    /// Registry operations that failed, by operation.
+    pub registry_errors: IntCounterVec,
+    /// Time from a registry change (database clock) to its arrival at this node.
+    pub notification_lag: Histogram,
+    /// This node's clock minus the database's, measured at check-in.
+    pub clock_skew: Gauge,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -87,6 +106,19 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+/// Buckets for whole requests (an IDE's long polls run for tens of seconds).
+const REQUEST_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+/// Buckets for connects, database round trips and notification delays.
+const CONNECT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -150,8 +182,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         lock_wait_seconds,
         lock_failures: counter(&r, "sessionlb_lock_failures_total", "Placements made without the shared-storage lock"),
         in_flight,
-        node_up: gauge_vec(&r, "sessionlb_node_up", "1 when this node sees the peer as reachable", &["node"]),
-        node_sessions: gauge_vec(&r, "sessionlb_node_sessions", "Active sessions per node", &["node"]),
         connect_failures: counter_vec(
             &r,
             "sessionlb_connect_failures_total",
@@ -196,6 +226,65 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "sessionlb_custom_balancer_cap_reached_total",
             "Placements that fell back to `sessions` because custom-balancer-max-running plug-ins were running",
         ),
+        request_duration: histogram_vec(
+            &r,
+            "sessionlb_request_duration_seconds",
+            "Proxied request duration, from the request head to the last response byte (tunnels excluded)",
+            &["route", "class"],
+            REQUEST_BUCKETS,
+        ),
+        upstream_connect: histogram_vec(
+            &r,
+            "sessionlb_upstream_connect_seconds",
+            "Time to open a new connection to the local backend or a peer node",
+            &["upstream"],
+            CONNECT_BUCKETS,
+        ),
+        upstream_ttfb: histogram_vec(
+            &r,
+            "sessionlb_upstream_ttfb_seconds",
+            "Time from sending a request upstream to the first byte of its response",
+            &["upstream"],
+            REQUEST_BUCKETS,
+        ),
+        open_tunnels: gauge_vec(
+            &r,
+            "sessionlb_open_tunnels",
+            "Upgraded connections (WebSocket or other) open through this node",
+            &["kind"],
+        ),
+        build_info: {
+            let g = gauge_vec(&r, "sessionlb_build_info", "Always 1; the version of this sessionlb", &["version"]);
+            g.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+            g
+        },
+        draining: gauge(&r, "sessionlb_draining", "1 while this node drains before stopping"),
+        registry_seconds: histogram_vec(
+            &r,
+            "sessionlb_registry_seconds",
+            "Registry database round trips, by operation",
+            &["op"],
+            CONNECT_BUCKETS,
+        ),
+        registry_errors: counter_vec(&r, "sessionlb_registry_errors_total", "Registry operations that failed", &["op"]),
+        notification_lag: {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(
+                    "sessionlb_notification_lag_seconds",
+                    "Time from a registry change (database clock) to its arrival at this node",
+                )
+                .buckets(CONNECT_BUCKETS.to_vec()),
+            )
+            .expect("valid metric");
+            r.register(Box::new(h.clone())).expect("unique metric");
+            h
+        },
+        clock_skew: {
+            let g = Gauge::new("sessionlb_clock_skew_seconds", "This node's clock minus the database's, at check-in")
+                .expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        },
         registry: r,
     }
 });
@@ -211,9 +300,9 @@ static REQUEST_COUNTERS: LazyLock<Vec<prometheus::IntCounter>> = LazyLock::new(|
     ROUTES.iter().flat_map(|r| CLASSES.iter().map(move |c| METRICS.requests.with_label_values(&[r, c]))).collect()
 });
 
-/// Count one proxied request: `route` indexes [`ROUTES`], `status` is the response status (0 = none).
-pub fn count_request(route: usize, status: u16) {
-    let class = match status {
+/// The index in [`CLASSES`] of a response status (0 = none).
+fn class_index(status: u16) -> usize {
+    match status {
         0 => 0,
         100..=199 => 1,
         200..=299 => 2,
@@ -221,8 +310,43 @@ pub fn count_request(route: usize, status: u16) {
         400..=499 => 4,
         500..=599 => 5,
         _ => 6,
-    };
-    REQUEST_COUNTERS[route * CLASSES.len() + class].inc();
+    }
+}
+
+/// Count one proxied request: `route` indexes [`ROUTES`], `status` is the response status (0 = none).
+pub fn count_request(route: usize, status: u16) {
+    REQUEST_COUNTERS[route * CLASSES.len() + class_index(status)].inc();
+}
+
+/// `sessionlb_request_duration_seconds` children, resolved once like [`REQUEST_COUNTERS`].
+static REQUEST_DURATIONS: LazyLock<Vec<Histogram>> = LazyLock::new(|| {
+    ROUTES
+        .iter()
+        .flat_map(|r| CLASSES.iter().map(move |c| METRICS.request_duration.with_label_values(&[r, c])))
+        .collect()
+});
+
+/// Record a finished request's duration (`route` indexes [`ROUTES`]).
+pub fn observe_request(route: usize, status: u16, seconds: f64) {
+    REQUEST_DURATIONS[route * CLASSES.len() + class_index(status)].observe(seconds);
+}
+
+/// Upstreams of the connect and time-to-first-byte histograms.
+pub const UPSTREAMS: [&str; 2] = ["backend", "peer"];
+
+static UPSTREAM_CONNECT: LazyLock<[Histogram; 2]> =
+    LazyLock::new(|| UPSTREAMS.map(|u| METRICS.upstream_connect.with_label_values(&[u])));
+static UPSTREAM_TTFB: LazyLock<[Histogram; 2]> =
+    LazyLock::new(|| UPSTREAMS.map(|u| METRICS.upstream_ttfb.with_label_values(&[u])));
+
+/// Record a new upstream connection's connect time (`upstream` indexes [`UPSTREAMS`]).
+pub fn observe_connect(upstream: usize, seconds: f64) {
+    UPSTREAM_CONNECT[upstream].observe(seconds);
+}
+
+/// Record an upstream's time to first byte (`upstream` indexes [`UPSTREAMS`]).
+pub fn observe_ttfb(upstream: usize, seconds: f64) {
+    UPSTREAM_TTFB[upstream].observe(seconds);
 }
 
 /// Sum of a counter vector over all label values.
@@ -236,4 +360,26 @@ pub fn render() -> String {
     let mut buf = Vec::new();
     TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf).expect("text encoding");
     String::from_utf8(buf).expect("prometheus text is UTF-8")
+}
+
+/// Record a registry notification's arrival: `at_db_ms` is the database
+/// time of the change; this node's clock is corrected by its measured skew.
+pub fn observe_notification_lag(at_db_ms: i64) {
+    let skew_ms = (METRICS.clock_skew.get() * 1000.0).round() as i64;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let lag_ms = (now_ms - skew_ms - at_db_ms).max(0);
+    METRICS.notification_lag.observe(lag_ms as f64 / 1000.0);
+}
+
+/// Create the series of known label values at zero, so that they are
+/// scraped (and alerts on `increase()` see their first change) before
+/// anything happened.
+pub fn init_series() {
+    LazyLock::force(&REQUEST_COUNTERS);
+    LazyLock::force(&REQUEST_DURATIONS);
+    LazyLock::force(&UPSTREAM_CONNECT);
+    LazyLock::force(&UPSTREAM_TTFB);
+    for kind in ["websocket", "other"] {
+        METRICS.open_tunnels.with_label_values(&[kind]);
+    }
 }

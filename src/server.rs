@@ -4,18 +4,17 @@
 //! Threads: a small "control" tokio runtime owns every database connection
 //! (start-up checks, check-ins, notifications, placements); Pingora runs the
 //! proxy on its own runtimes and reads the in-memory [`ClusterView`].
-//! On SIGTERM/SIGINT (or when an admin deletes this node) the node is marked
-//! `Offline` *first*, so peers stop sending it new work, then Pingora drains.
+//! On SIGTERM the node drains, is marked `Offline`, then Pingora stops; on
+//! SIGQUIT it hands its sockets to an upgraded process (see [`crate::ops`]).
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora::listeners::TcpSocketOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -24,11 +23,12 @@ use parking_lot::RwLock;
 use crate::balancer::{self, Balancer};
 use crate::cluster::address::{Resolver, SystemResolver};
 use crate::cluster::node::{self, NodeContext, StartError};
-use crate::cluster::{self, ClusterView, Registry, RegistryError};
+use crate::cluster::{self, ClusterView, RegistryError};
 use crate::config::{Config, ConfigError};
 use crate::lock::{LockError, LockManager};
+use crate::ops::{self, stop::StopWatch, upgrade};
 use crate::proxy::Router;
-use crate::proxy::health::Prober;
+use crate::proxy::health::HealthChecks;
 
 /// Re-reads the configuration (on SIGHUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
@@ -64,20 +64,42 @@ pub enum ServeError {
     Database(String),
     #[error("cannot resolve the backend {backend}: {reason}")]
     Backend { backend: String, reason: String },
+    #[error(transparent)]
+    Upgrade(#[from] upgrade::UpgradeError),
+}
+
+/// How `serve` starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Take the listening sockets (and the node's `Online` row) over from the
+    /// running process for the same address: a zero-downtime upgrade.
+    pub upgrade: bool,
 }
 
 /// Run a node until it is told to stop. `reload` re-reads the
 /// configuration on SIGHUP (the balancer changes without a restart).
-pub fn serve(config: Config, reload: Option<Reload>) -> Result<(), ServeError> {
-    serve_with(config, Arc::new(SystemResolver), reload)
+pub fn serve(config: Config, reload: Option<Reload>, options: ServeOptions) -> Result<(), ServeError> {
+    serve_with(config, Arc::new(SystemResolver), reload, options)
 }
 
 /// [`serve`] with an injected resolver.
-pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Reload>) -> Result<(), ServeError> {
+pub fn serve_with(
+    config: Config,
+    resolver: Arc<dyn Resolver>,
+    reload: Option<Reload>,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let listen = config.listen_address().to_string();
-    // Fail early and clearly if the port is taken (Pingora would exit later).
-    TcpListener::bind(&listen).map_err(|source| ServeError::Listen { address: listen.clone(), source })?;
+    // An upgrade takes the sockets the running process holds; otherwise fail
+    // early and clearly if a port is taken (Pingora would exit later).
+    let predecessor = if options.upgrade { Some(upgrade::running_process(&config)?) } else { None };
+    if predecessor.is_none() {
+        check_free(&listen)?;
+        if let Some(metrics) = config.server.metrics_address {
+            check_free(&metrics.to_string())?;
+        }
+    }
     let backend = resolve_backend(config.node.backend.as_deref())?;
     let shared = &config.cluster.shared_storage_path;
     let locks = LockManager::new(shared.clone(), &config.locks)
@@ -99,14 +121,23 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
     let database = config.registry_url().map_err(ServeError::Database)?;
     let registry = control
         .block_on(cluster::connect_with(&database, &cluster::RegistryOptions::from_config(&config)))
+        .map(cluster::instrumented::instrumented)
         .map_err(|source| ServeError::Registry { url: url.clone(), source })?;
     tracing::info!(registry = registry.kind(), database = %url, "registry connected");
 
-    let started = control.block_on(node::start(&config, registry.as_ref(), resolver.as_ref()))?;
+    let started = control.block_on(node::start(&config, registry.as_ref(), resolver.as_ref(), options.upgrade))?;
     let node_address = started.address.host_port();
     tracing::info!(node_id = started.id, node = %node_address, listen = %listen, "node online");
+    // What this process recorded: after handing over, a newer start time
+    // means the new process owns the row.
+    let started_at = control.block_on(registry.get_node(started.id)).ok().flatten().and_then(|n| n.started_at);
+    if !options.upgrade {
+        control.block_on(ops::drain::clear_interrupted(registry.as_ref(), started.id, &upgrade::drain_marker(&config)));
+    }
 
     let view = Arc::new(ClusterView::with_session_capacity(started.id, config.sessions.max_sessions_in_memory));
+    crate::metrics::init_series();
+    ops::process_metrics::register();
     let (self_deleted_tx, self_deleted_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = control.block_on(async {
@@ -153,19 +184,11 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         control.handle().clone(),
         http,
     );
-    let probe_timeout =
-        config.proxy.timeout.unwrap_or(Duration::from_secs(10)).min(config.cluster.health_check_interval * 2);
-    let prober = Prober {
-        view: view.clone(),
-        http: router.http.clone(),
-        backend,
-        backend_up: router.backend_up.clone(),
-        interval: config.cluster.health_check_interval,
-        timeout: probe_timeout,
-        tls: config.proxy.ssl_enabled,
-    };
+    let backend_up = backend.map(|_| router.backend_up.clone());
+    ops::cluster_metrics::register(view.clone(), config.cluster.checkin_interval, backend_up);
+    let checks = HealthChecks::new(&config, view.clone(), router.http.clone(), backend, router.backend_up.clone());
     let mut tasks = tasks;
-    tasks.push(control.spawn(prober.run(shutdown_rx.clone())));
+    tasks.push(control.spawn(checks.run(shutdown_rx.clone())));
     tasks.push(control.spawn(crate::proxy::degraded::run(
         router.degraded.clone(),
         registry.clone(),
@@ -177,8 +200,15 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         tasks.push(control.spawn(reload_on_sighup(reload, config.clone(), balancer, shutdown_rx.clone())));
     }
 
-    let mut server = Server::new_with_opt_and_conf(None, pingora_conf(&config));
+    let opt = pingora::server::configuration::Opt { upgrade: options.upgrade, ..Default::default() };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), pingora_conf(&config));
+    if let Some(old) = predecessor {
+        upgrade::request_handover(&config, old);
+    }
+    // With --upgrade, this waits for the running process's sockets.
     server.bootstrap();
+    let pid_file = upgrade::pid_file(&config);
+    upgrade::write_pid_file(&pid_file);
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, router);
     // Unbounded tunnels and bodies (see the proxy) need TCP keepalive to end
     // when a client vanishes without closing (sleep, NAT drop).
@@ -199,29 +229,75 @@ pub fn serve_with(config: Config, resolver: Arc<dyn Resolver>, reload: Option<Re
         None => service.add_tcp_with_settings(&listen, socket),
     }
     server.add_service(service);
+    if let Some(address) = config.server.metrics_address {
+        server.add_service(ops::metrics_listener::service(address));
+        tracing::info!(address = %address, "serving /metrics");
+    }
+    tasks.push(control.spawn(notify_when_ready(server.watch_execution_phase(), listen.clone())));
+    tasks.push(control.spawn(upgrade::start_successor_on_sigusr2(shutdown_rx.clone())));
 
+    let handed_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = StopWatch {
+        config: config.clone(),
         registry: registry.clone(),
+        view: view.clone(),
         node_id: started.id,
         control: control.handle().clone(),
         self_deleted: self_deleted_rx,
+        handed_over: handed_over.clone(),
     };
     server.run(RunArgs { shutdown_signal: Box::new(watch) });
 
-    // Pingora has drained; stop the control plane and record the stop.
+    // Pingora has stopped; stop the control plane and record the stop
+    // (unless a new process took the node over).
     let _ = shutdown_tx.send(true);
     control.block_on(async {
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        if let Err(e) = node::stop(registry.as_ref(), started.id, config.node.delete_node_on_exit).await {
+        let taken_over = handed_over.load(std::sync::atomic::Ordering::SeqCst)
+            && matches!(registry.get_node(started.id).await, Ok(Some(n)) if n.started_at != started_at);
+        if taken_over {
+            tracing::info!("the new process took this node over; leaving it Online");
+        } else if let Err(e) = node::stop(registry.as_ref(), started.id, config.node.delete_node_on_exit).await {
             tracing::error!(error = %e, "could not record this node as stopped");
         }
         registry.close().await;
     });
     control.shutdown_timeout(Duration::from_secs(1));
+    upgrade::remove_pid_file_if_ours(&pid_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Fail early and clearly when `address` cannot be listened on.
+fn check_free(address: &str) -> Result<(), ServeError> {
+    TcpListener::bind(address).map(drop).map_err(|source| ServeError::Listen { address: address.to_string(), source })
+}
+
+/// Tell systemd (`Type=notify`) that the node is ready once Pingora runs and
+/// the public port accepts connections (the node is Online by then).
+async fn notify_when_ready(mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>, listen: String) {
+    loop {
+        match phases.recv().await {
+            Ok(ExecutionPhase::Running) => break,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(_) => return,
+        }
+    }
+    let Ok(mut address) = listen.parse::<SocketAddr>() else { return };
+    if address.ip().is_unspecified() {
+        address.set_ip(if address.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            tracing::info!(listen = %listen, "ready");
+            ops::systemd::ready();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(listen = %listen, "the public port does not accept connections");
 }
 
 /// With `ssl-enabled`: the certificate chain and key paths, once they are
@@ -291,48 +367,13 @@ async fn reload_on_sighup(
 
 fn pingora_conf(config: &Config) -> ServerConf {
     let s = &config.server;
-    let port = config.node.www_port;
-    let address = config.node.www_address;
     ServerConf {
         threads: if s.threads == 0 { crate::cluster::load::cpu_count() as usize } else { s.threads },
         grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
-        pid_file: s.run_dir.join(format!("sessionlb-{address}-{port}.pid")).display().to_string(),
+        pid_file: upgrade::pid_file(config).display().to_string(),
         ca_file: config.proxy.ssl_ca_file.as_ref().map(|p| p.display().to_string()),
-        upgrade_sock: s.run_dir.join(format!("sessionlb-{address}-{port}.upgrade.sock")).display().to_string(),
+        upgrade_sock: upgrade::upgrade_socket(config).display().to_string(),
         ..ServerConf::default()
-    }
-}
-
-/// Waits for a stop request (SIGTERM: graceful; SIGINT: fast; deletion by
-/// an admin: graceful) and marks the node `Offline` before Pingora drains.
-struct StopWatch {
-    registry: Arc<dyn Registry>,
-    node_id: cluster::NodeId,
-    control: tokio::runtime::Handle,
-    self_deleted: watch::Receiver<bool>,
-}
-
-#[async_trait]
-impl ShutdownSignalWatch for StopWatch {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut deleted = self.self_deleted.clone();
-        let (kind, why) = tokio::select! {
-            _ = term.recv() => (ShutdownSignal::GracefulTerminate, "SIGTERM"),
-            _ = int.recv() => (ShutdownSignal::FastShutdown, "SIGINT"),
-            _ = deleted.wait_for(|d| *d) => (ShutdownSignal::GracefulTerminate, "node deleted by an admin"),
-        };
-        tracing::info!(reason = why, "stopping: marking this node Offline");
-        let registry = self.registry.clone();
-        let id = self.node_id;
-        let marked = self.control.spawn(async move {
-            tokio::time::timeout(Duration::from_secs(5), node::stop(registry.as_ref(), id, false)).await
-        });
-        if !matches!(marked.await, Ok(Ok(Ok(())))) {
-            tracing::warn!("could not mark this node Offline before draining");
-        }
-        kind
     }
 }

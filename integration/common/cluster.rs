@@ -197,6 +197,20 @@ impl Cluster {
     }
 }
 
+/// A signed-in user's browser whose session lives on node `want` (0 = A),
+/// made by placing fresh users until one lands there, through A (the
+/// cluster must trust the user header: [`TRUST_LOOPBACK`]).
+pub async fn session_on(c: &Cluster, want: usize) -> Browser {
+    for _ in 0..60 {
+        let mut b = Browser::new_user();
+        let reply = b.get(&c.nodes[0].url("/")).await;
+        if reply.backend() == Some(NAMES[want]) {
+            return b;
+        }
+    }
+    panic!("no session landed on {}", NAMES[want]);
+}
+
 /// The sum of every series of metric `name` in Prometheus text (0 when absent).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()

@@ -136,6 +136,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// The node serves TLS (`ssl-enabled` in `extra`): its URLs are https.
     pub tls: bool,
+    /// The port of its own `metrics-address` (on `ip`), unless `extra` sets one.
+    pub metrics_port: u16,
     /// Extra environment of the process (e.g. `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
     /// Run the node inside this network namespace (`ip netns exec`).
@@ -171,6 +173,7 @@ impl ClusterFixture {
             key_file: self.key_file.clone(),
             extra: String::new(),
             tls: false,
+            metrics_port: free_port(ip),
             env: Vec::new(),
             netns: None,
         }
@@ -182,10 +185,23 @@ impl ClusterFixture {
             Some(i) => (&spec.extra[..i], &spec.extra[i..]),
             None => (spec.extra.as_str(), ""),
         };
+        // Test defaults, unless `extra` sets the key itself.
+        let metrics = format!("\"{}:{}\"", spec.ip, spec.metrics_port);
+        let defaults: String = [
+            ("metrics-address", metrics.as_str()),
+            ("grace-period", "0"),
+            ("shutdown-timeout", "1"),
+            ("threads", "2"),
+            ("poll-interval", "\"50ms\""),
+            ("log-level", "\"info,sessionlb=debug\""),
+        ]
+        .iter()
+        .filter(|(key, _)| !top.lines().any(|l| l.trim_start().starts_with(&format!("{key} ="))))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
         format!(
             "www-address = \"{ip}\"\nwww-port = {port}\n{backend}database = \"{db}\"\nsecure-cookie-key-file = \"{key}\"\n\
-             server-shared-storage-path = \"{shared}\"\nrun-dir = \"{run}\"\ngrace-period = 0\nshutdown-timeout = 1\nthreads = 2\n\
-             poll-interval = \"50ms\"\nlog-level = \"info,sessionlb=debug\"\n{top}\n{sections}\n",
+             server-shared-storage-path = \"{shared}\"\nrun-dir = \"{run}\"\n{defaults}{top}\n{sections}\n",
             ip = spec.ip,
             port = spec.port,
             backend = spec.backend.map_or(String::new(), |b| format!("backend = \"{b}\"\n")),
@@ -205,6 +221,11 @@ impl ClusterFixture {
 
     /// Start `sessionlb serve` for `spec` (without waiting for it).
     pub fn spawn(&self, spec: &NodeSpec) -> Node {
+        self.spawn_serve(spec, &[])
+    }
+
+    /// Start `sessionlb serve <serve_args>` for `spec` (without waiting for it).
+    pub fn spawn_serve(&self, spec: &NodeSpec, serve_args: &[&str]) -> Node {
         let config = self.write_config(spec);
         let mut cmd = match &spec.netns {
             // `ip netns exec` execs the command: the child's pid is the node's.
@@ -215,7 +236,7 @@ impl ClusterFixture {
             }
             None => Command::new(SESSIONLB),
         };
-        cmd.arg("--config").arg(&config).arg("serve").env("NO_COLOR", "1");
+        cmd.arg("--config").arg(&config).arg("serve").args(serve_args).env("NO_COLOR", "1");
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let log = self.path().join(format!("node-{}-{}.{}.log", spec.ip, spec.port, rand::random::<u32>()));
         let proc = Proc::spawn(&format!("node {}:{}", spec.ip, spec.port), cmd, log);
@@ -245,6 +266,11 @@ pub struct Node {
 impl Node {
     pub fn address(&self) -> String {
         format!("{}:{}", self.spec.ip, self.spec.port)
+    }
+
+    /// `/metrics` on the node's own metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}:{}/metrics", self.spec.ip, self.spec.metrics_port)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -3,6 +3,7 @@
 //! file; this is the only place that uses `anyhow`.
 mod check_config;
 mod encrypt_password;
+mod health;
 mod locktester;
 mod nodes;
 mod serve;
@@ -73,6 +74,8 @@ pub enum Command {
     EncryptPassword,
     /// Check which lock types the shared storage supports (run on two nodes).
     Locktester(locktester::LocktesterArgs),
+    /// Ask the node running here for /health; exit 0 only if it is healthy (for container health checks).
+    Health,
 }
 
 impl GlobalOpts {
@@ -125,6 +128,7 @@ pub fn main() -> ExitCode {
             Command::CheckConfig => check_config::run(&config, &cli.global),
             Command::EncryptPassword => encrypt_password::run(&config),
             Command::Locktester(args) => locktester::run(args, &config).await,
+            Command::Health => health::run(&config).await,
         }
     });
     match result {

@@ -22,6 +22,12 @@ pub struct ServeArgs {
     /// Where --quick-start keeps its registry, key and shared storage.
     #[arg(long, default_value = "sessionlb-quickstart", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// Zero-downtime upgrade: take the listening sockets over from the
+    /// running sessionlb with the same configuration (found through its pid
+    /// file in run-dir, and told with SIGQUIT); the node stays Online, the
+    /// old process finishes its open requests for grace-period and exits.
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
@@ -55,7 +61,8 @@ pub fn run(args: ServeArgs, global: &GlobalOpts) -> ExitCode {
         }
         Ok(config)
     });
-    match sessionlb::server::serve(config, Some(reload)) {
+    let options = sessionlb::server::ServeOptions { upgrade: args.upgrade };
+    match sessionlb::server::serve(config, Some(reload), options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sessionlb cannot start");

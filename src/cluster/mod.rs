@@ -4,6 +4,7 @@
 //! sessions that routing reads. It knows no HTTP.
 
 pub mod address;
+pub mod instrumented;
 pub mod load;
 pub mod model;
 pub mod node;

@@ -228,6 +228,16 @@ impl ChangeEvent {
     }
 }
 
+/// The database time (ms) at which the change a notification announces was
+/// made, when the payload carries it (`at`).
+pub fn payload_time(payload: &str) -> Option<Millis> {
+    #[derive(Deserialize)]
+    struct At {
+        at: Option<Millis>,
+    }
+    serde_json::from_str::<At>(payload).ok()?.at
+}
+
 /// What a starting node tells the registry about itself.
 #[derive(Debug, Clone)]
 pub struct NodeRegistration {
@@ -311,5 +321,10 @@ mod tests {
         );
         assert!(matches!(ev, ChangeEvent::Session(SessionRecord { node_id: None, .. })));
         assert_eq!(ChangeEvent::from_payload("garbage"), ChangeEvent::Resync);
+        // Payloads carry the time of the change; older ones do not.
+        assert_eq!(ChangeEvent::from_payload(r#"{"t":"cluster","at":1700000000123}"#), ChangeEvent::Cluster);
+        assert_eq!(ChangeEvent::from_payload(r#"{"t":"node","id":7,"at":5}"#), ChangeEvent::Node { id: 7 });
+        assert_eq!(payload_time(r#"{"t":"node","id":7,"at":1700000000123}"#), Some(1_700_000_000_123));
+        assert_eq!(payload_time(r#"{"t":"node","id":7}"#), None);
     }
 }

@@ -47,6 +47,10 @@ pub enum StartError {
         live_nodes.join(", ")
     )]
     Rejected { reason: String, live_nodes: Vec<String> },
+    #[error(
+        "nothing to upgrade: no Online node is registered for {node} (`serve --upgrade` takes over a running node; start it without --upgrade)"
+    )]
+    NotRunning { node: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -56,13 +60,18 @@ pub fn local_now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Run the start-up checks and come online.
+/// Run the start-up checks and come online; with `takeover` (a
+/// zero-downtime upgrade), take over the running node's `Online` row instead.
 pub async fn start(
     config: &Config,
     registry: &dyn Registry,
     resolver: &dyn Resolver,
+    takeover: bool,
 ) -> Result<StartedNode, StartError> {
     let address = address::determine(&config.node, resolver);
+    if takeover {
+        return take_over(config, registry, address?).await;
+    }
     let (host, port) = match &address {
         Ok(a) => (a.host.clone(), a.port),
         Err(e) => (e.host.clone(), e.port),
@@ -124,12 +133,54 @@ pub async fn start(
     Ok(StartedNode { id, address, key, outcome })
 }
 
+/// `serve --upgrade`: the same checks as a start, but nothing is written
+/// unless they pass, and the row stays `Online` throughout (peers keep
+/// routing to the address, which the old and then the new process serve).
+async fn take_over(config: &Config, registry: &dyn Registry, address: NodeAddress) -> Result<StartedNode, StartError> {
+    let key = SecureKey::load(&config.cluster.secure_cookie_key_file).map_err(|source| {
+        let status = match source {
+            KeyError::Missing { .. } => NodeStatus::MissingSecureCookieKey,
+            KeyError::BadPermissions { .. } => NodeStatus::InvalidPermissionsOnSecureCookieKey,
+            KeyError::TooShort { .. } | KeyError::Io { .. } => NodeStatus::InvalidSecureCookieKey,
+        };
+        StartError::Key { status, source }
+    })?;
+    let node = address.host_port();
+    if let Some(cluster) = registry.cluster().await? {
+        let same_key: bool =
+            subtle::ConstantTimeEq::ct_eq(cluster.key_fingerprint.as_bytes(), key.fingerprint().as_bytes()).into();
+        let reason = if !same_key {
+            Some("its secure cookie key differs from the cluster's".to_string())
+        } else if cluster.protocol != config.protocol() {
+            Some(format!("its protocol {} differs from the cluster's {}", config.protocol(), cluster.protocol))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(StartError::Rejected { reason, live_nodes: vec![node] });
+        }
+    }
+    let registration = NodeRegistration {
+        host: address.host.clone(),
+        port: address.port,
+        router: config.is_router(),
+        version: VERSION.into(),
+    };
+    let Some(id) = registry.take_over_node(&registration).await? else {
+        return Err(StartError::NotRunning { node });
+    };
+    registry.set_node_ipv4(id, Some(address.ip)).await?;
+    tracing::info!(node_id = id, node = %node, "took over the running node's registry row (it stays Online)");
+    Ok(StartedNode { id, address, key, outcome: JoinOutcome::Joined })
+}
+
 /// Measure this node's clock against the database's and check in.
 pub async fn check_in(registry: &dyn Registry, id: NodeId) -> Result<i64, RegistryError> {
     let t0 = local_now_ms();
     let db = registry.now_ms().await?;
     let t1 = local_now_ms();
     let skew = (t0 + t1) / 2 - db;
+    crate::metrics::METRICS.clock_skew.set(skew as f64 / 1000.0);
     registry.check_in(id, skew).await?;
     Ok(skew)
 }

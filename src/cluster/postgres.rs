@@ -109,6 +109,9 @@ impl PgRegistry {
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) => {
+                        if let Some(at) = payload_time(n.payload()) {
+                            crate::metrics::observe_notification_lag(at);
+                        }
                         if tx.send(ChangeEvent::from_payload(n.payload())).await.is_err() {
                             return;
                         }

@@ -78,6 +78,10 @@ pub trait Registry: Send + Sync + 'static {
     /// Insert or reuse the row for `host:port`, set it `Starting` with this
     /// version and role. Offline mode is kept. Returns the node id.
     async fn register_node(&self, reg: &NodeRegistration) -> Result<NodeId>;
+    /// A zero-downtime upgrade: the `Online` row for `host:port` records the
+    /// new process's version, role and start time and stays `Online`.
+    /// `None` (nothing written) when there is no such row.
+    async fn take_over_node(&self, reg: &NodeRegistration) -> Result<Option<NodeId>>;
     async fn set_node_status(&self, id: NodeId, status: NodeStatus) -> Result<()>;
     async fn set_node_ipv4(&self, id: NodeId, ipv4: Option<std::net::IpAddr>) -> Result<()>;
     /// Check the key fingerprint and protocol against the cluster record,

@@ -76,6 +76,20 @@ macro_rules! impl_registry {
                 .await?)
             }
 
+            #[tracing::instrument(skip(self), fields(registry = Self::KIND))]
+            async fn take_over_node(&self, reg: &NodeRegistration) -> Result<Option<NodeId>> {
+                Ok(sqlx::query_scalar(concat!(
+                    "UPDATE sessionlb_nodes SET router = $3, version = $4, started_at = ", $now, " ",
+                    "WHERE host = $1 AND port = $2 AND status = 'Online' RETURNING id"
+                ))
+                .bind(&reg.host)
+                .bind(i32::from(reg.port))
+                .bind(reg.router)
+                .bind(&reg.version)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
             async fn set_node_status(&self, id: NodeId, status: NodeStatus) -> Result<()> {
                 let done = sqlx::query("UPDATE sessionlb_nodes SET status = $2 WHERE id = $1")
                     .bind(id)

@@ -97,7 +97,7 @@ impl SqliteRegistry {
                     }
                 }
                 let rows =
-                    sqlx::query("SELECT id, payload FROM sessionlb_changes WHERE id > $1 ORDER BY id LIMIT 1000")
+                    sqlx::query("SELECT id, payload, at FROM sessionlb_changes WHERE id > $1 ORDER BY id LIMIT 1000")
                         .bind(last_id)
                         .fetch_all(&pool)
                         .await;
@@ -129,6 +129,9 @@ impl SqliteRegistry {
                         continue;
                     };
                     last_id = id;
+                    if let Ok(at) = row.try_get::<i64, _>("at") {
+                        crate::metrics::observe_notification_lag(at);
+                    }
                     if tx.send(ChangeEvent::from_payload(&payload)).await.is_err() {
                         return;
                     }

@@ -11,7 +11,7 @@
 //! logged once and counted in `sessionlb_view_capacity_reached_total`). The
 //! anonymous pins this node issued recently are counted in [`RecentPins`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
@@ -153,6 +153,22 @@ impl SessionIndex {
     }
 }
 
+/// A session that changed node, as this node learned it (its own moves and
+/// peers' alike), for the status page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMove {
+    pub key: String,
+    pub user: Option<String>,
+    /// `None`: its node had been deleted.
+    pub from: Option<NodeId>,
+    pub to: NodeId,
+    /// When this node learned it (ms, local clock).
+    pub at_ms: i64,
+}
+
+/// How many recent moves the view keeps.
+pub const RECENT_MOVES: usize = 20;
+
 /// What changed between two node snapshots, for logs and reactions.
 #[derive(Debug, Default, PartialEq)]
 pub struct NodeChanges {
@@ -169,6 +185,7 @@ pub struct ClusterView {
     cluster: RwLock<Option<ClusterRecord>>,
     sessions: RwLock<SessionIndex>,
     unreachable: RwLock<HashSet<NodeId>>,
+    moves: parking_lot::Mutex<VecDeque<SessionMove>>,
     /// Most sessions kept in memory.
     session_capacity: usize,
     /// Whether the capacity was reached (logged once per episode).
@@ -190,6 +207,7 @@ impl ClusterView {
             cluster: RwLock::new(None),
             sessions: RwLock::new(SessionIndex::default()),
             unreachable: RwLock::new(HashSet::new()),
+            moves: parking_lot::Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
             session_capacity: capacity,
             at_capacity: AtomicBool::new(false),
             pins: RecentPins::new(),
@@ -254,6 +272,17 @@ impl ClusterView {
         }
         self.nodes.store(Arc::new(new));
         changes
+    }
+
+    /// Apply a change of offline mode made by this process at once (its
+    /// notification confirms it later): a draining node stops placing new
+    /// sessions on itself without waiting for the database.
+    pub fn set_offline_mode_locally(&self, id: NodeId, offline: bool) {
+        let old = self.nodes.load_full();
+        let Ok(i) = old.nodes.binary_search_by_key(&id, |n| n.id) else { return };
+        let mut nodes = old.nodes.clone();
+        nodes[i].offline_mode = offline;
+        self.nodes.store(Arc::new(NodeSnapshot::new(nodes)));
     }
 
     // --- cluster record
@@ -329,12 +358,39 @@ impl ClusterView {
     pub fn upsert_session(&self, record: SessionRecord) -> Arc<SessionEntry> {
         let (entry, kept) = {
             let mut index = self.sessions.write();
+            self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
             let result = index.insert(record, None, self.session_capacity);
             METRICS.view_sessions.set(index.by_key.len() as i64);
             result
         };
         self.note_capacity(kept, 1);
         entry
+    }
+
+    /// Remember a session that changed node.
+    fn note_move(&self, old: Option<&SessionRecord>, new: &SessionRecord) {
+        let (Some(old), Some(to)) = (old, new.node_id) else { return };
+        if old.node_id == Some(to) {
+            return;
+        }
+        let mut moves = self.moves.lock();
+        if moves.len() == RECENT_MOVES {
+            moves.pop_front();
+        }
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        moves.push_back(SessionMove {
+            key: new.key.clone(),
+            user: new.user_name.clone(),
+            from: old.node_id,
+            to,
+            at_ms,
+        });
+    }
+
+    /// The most recent session moves, newest first.
+    pub fn recent_moves(&self) -> Vec<SessionMove> {
+        self.moves.lock().iter().rev().cloned().collect()
     }
 
     pub fn remove_session(&self, key: &str) {
@@ -354,7 +410,9 @@ impl ClusterView {
             let mut index = self.sessions.write();
             let mut fresh = SessionIndex::default();
             for r in records {
-                let activity = index.by_key.get(&r.key).map(|e| e.activity.clone());
+                let old = index.by_key.get(&r.key);
+                self.note_move(old.map(|e| &e.record), &r);
+                let activity = old.map(|e| e.activity.clone());
                 if !fresh.insert(r, activity, self.session_capacity).1 {
                     dropped += 1;
                 }
@@ -516,6 +574,23 @@ mod tests {
         assert_eq!(v.session("a").unwrap().open_streams(), 1);
         held.stream_closed();
         assert_eq!(v.session("a").unwrap().open_streams(), 0, "the session can go idle again");
+    }
+
+    #[test]
+    fn moves_are_remembered_newest_first_and_bounded() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("a", Some(1), Some("ann"), 1));
+        v.upsert_session(session("a", Some(1), Some("ann"), 2));
+        assert!(v.recent_moves().is_empty(), "a new session or an update in place is no move");
+        v.upsert_session(session("a", Some(2), Some("ann"), 3));
+        v.upsert_session(session("b", None, None, 1));
+        v.set_sessions(vec![session("a", Some(2), Some("ann"), 3), session("b", Some(3), None, 1)]);
+        let moves: Vec<_> = v.recent_moves().into_iter().map(|m| (m.key, m.from, m.to)).collect();
+        assert_eq!(moves, vec![("b".into(), None, 3), ("a".into(), Some(1), 2)]);
+        for i in 0..(RECENT_MOVES as i64 + 5) {
+            v.upsert_session(session("c", Some(1 + i % 2), None, i));
+        }
+        assert_eq!(v.recent_moves().len(), RECENT_MOVES);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::Config;
 use super::reader::humanize;
+use super::{BackendHealthCheck, Config};
 
 /// A TOML basic string (the toml crate's own escaping: Rust's `{:?}`
 /// escapes such as `\u{1}` are not TOML).
@@ -109,6 +109,14 @@ impl Config {
         o.line("load-report-interval", d(c.load_report_interval));
         o.line("poll-interval", d(c.poll_interval));
         o.line("health-check-interval", d(c.health_check_interval));
+        o.line("health-check-rise", c.health_check_rise.to_string());
+        o.line("health-check-fall", c.health_check_fall.to_string());
+        let (check, path) = match &c.backend_health_check {
+            BackendHealthCheck::Tcp => ("tcp", "/"),
+            BackendHealthCheck::Http { path } => ("http", path.as_str()),
+        };
+        o.line("health-check-backend", q(check));
+        o.line("health-check-backend-path", q(path));
         o.line("balancer", q(self.balancer.kind.as_str()));
         o.line("custom-balancer-command", p(&self.balancer.custom_command));
         o.line("custom-balancer-timeout", d(self.balancer.custom_timeout));
@@ -128,6 +136,8 @@ impl Config {
         o.line("log-level", q(&self.server.log_level));
         o.line("log-format", q(self.server.log_format.as_str()));
         o.line("run-dir", p(&self.server.run_dir));
+        o.line("metrics-address", q(&self.server.metrics_address.map_or(String::new(), |a| a.to_string())));
+        o.line("drain-timeout", d(self.server.drain_timeout));
         o.section("sessions");
         o.line("session-path-pattern", q(&s.path_pattern.to_string()));
         o.line("session-idle-timeout", d(s.idle_timeout));

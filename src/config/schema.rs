@@ -101,6 +101,20 @@ fn read_keys(
     let load_report_interval = r.duration("load-report-interval", Duration::from_secs(5), Duration::from_millis(100));
     let poll_interval = r.duration("poll-interval", Duration::from_millis(500), Duration::from_millis(10));
     let health_check_interval = r.duration("health-check-interval", Duration::from_secs(2), Duration::from_millis(50));
+    let health_check_rise = r.int("health-check-rise", 1, 1, 100) as usize;
+    let health_check_fall = r.int("health-check-fall", 2, 1, 100) as usize;
+    let backend_check_http = r.choice("health-check-backend", false, &[("tcp", false), ("http", true)]);
+    let backend_check_path = r.string("health-check-backend-path", "/");
+    if !backend_check_path.starts_with('/') || http::uri::PathAndQuery::try_from(backend_check_path.as_str()).is_err() {
+        r.problem_at("health-check-backend-path", format!(
+            "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
+        ));
+    }
+    let backend_health_check = if backend_check_http {
+        BackendHealthCheck::Http { path: backend_check_path }
+    } else {
+        BackendHealthCheck::Tcp
+    };
 
     // --- balancer
     let kind = r.choice("balancer", BalancerKind::Sessions, BalancerKind::CHOICES);
@@ -211,6 +225,15 @@ fn read_keys(
     }
     let log_format = r.choice("log-format", LogFormat::Plain, LogFormat::CHOICES);
     let run_dir = r.path("run-dir", "/run/sessionlb");
+    let metrics_address = r.get("metrics-address", Some(([127, 0, 0, 1], 9787).into()), |v| match reader::text(v) {
+        Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| "an address:port such as \"127.0.0.1:9787\" or \"0.0.0.0:9787\", or \"\" for none".into()),
+        None => Err("a string: address:port, or \"\" for none".into()),
+    });
+    let drain_timeout = r.duration("drain-timeout", Duration::from_secs(300), Duration::ZERO);
 
     Config {
         files,
@@ -240,6 +263,9 @@ fn read_keys(
             load_report_interval,
             poll_interval,
             health_check_interval,
+            health_check_rise,
+            health_check_fall,
+            backend_health_check,
         },
         balancer: BalancerConfig { kind, custom_command, custom_timeout, custom_max_running, user_hash_balance_factor },
         proxy: ProxyConfig {
@@ -262,7 +288,17 @@ fn read_keys(
         },
         identity: IdentityConfig { rstudio_user_cookie, user_cookie_name, trusted_header, trusted_cidrs },
         locks: LockSettings { lock_type, refresh_rate, timeout_interval, enable_logging, log_file },
-        server: ServerSettings { threads, grace_period, shutdown_timeout, diagnostics, log_level, log_format, run_dir },
+        server: ServerSettings {
+            threads,
+            grace_period,
+            shutdown_timeout,
+            diagnostics,
+            log_level,
+            log_format,
+            run_dir,
+            metrics_address,
+            drain_timeout,
+        },
     }
 }
 

@@ -51,6 +51,15 @@ impl Diagnostics {
     }
 }
 
+/// How the local backend is health-checked (`health-check-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendHealthCheck {
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>`; a 2xx or 3xx answer is up.
+    Http { path: String },
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -194,6 +203,11 @@ pub struct ClusterConfig {
     pub poll_interval: Duration,
     /// How often peers are probed for liveness (default 2 s).
     pub health_check_interval: Duration,
+    /// Consecutive successful checks before a peer or the backend counts as up again (default 1).
+    pub health_check_rise: usize,
+    /// Consecutive failed checks before a peer or the backend counts as down (default 2).
+    pub health_check_fall: usize,
+    pub backend_health_check: BackendHealthCheck,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -212,6 +226,9 @@ impl fmt::Debug for ClusterConfig {
             load_report_interval,
             poll_interval,
             health_check_interval,
+            health_check_rise,
+            health_check_fall,
+            backend_health_check,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("database", database)
@@ -226,6 +243,9 @@ impl fmt::Debug for ClusterConfig {
             .field("load_report_interval", load_report_interval)
             .field("poll_interval", poll_interval)
             .field("health_check_interval", health_check_interval)
+            .field("health_check_rise", health_check_rise)
+            .field("health_check_fall", health_check_fall)
+            .field("backend_health_check", backend_health_check)
             .finish()
     }
 }
@@ -294,4 +314,9 @@ pub struct ServerSettings {
     pub log_format: LogFormat,
     /// Where Pingora's pid file and upgrade socket live (one per node).
     pub run_dir: PathBuf,
+    /// Where `/metrics` is served on its own listener; `None` = not at all.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// After SIGTERM, how long the node drains (offline mode, `/health` 503,
+    /// waiting for open tunnels and requests) before it stops; zero = no drain.
+    pub drain_timeout: Duration,
 }

@@ -568,6 +568,39 @@ fn shutdown_durations_are_whole_seconds() {
 }
 
 #[test]
+fn operations_settings_have_defaults_and_checked_values() {
+    let c = parse("").unwrap();
+    assert_eq!(c.server.metrics_address, Some("127.0.0.1:9787".parse().unwrap()));
+    assert_eq!(c.server.drain_timeout, Duration::from_secs(300));
+    assert_eq!((c.cluster.health_check_rise, c.cluster.health_check_fall), (1, 2));
+    assert_eq!(c.cluster.backend_health_check, BackendHealthCheck::Tcp);
+
+    let c = parse(
+        "metrics-address = \"\"\ndrain-timeout = 0\nhealth-check-rise = 3\nhealth-check-fall = 5\n\
+         health-check-backend = \"http\"\nhealth-check-backend-path = \"/health-check?full=1\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.server.metrics_address, None, "empty = no metrics listener");
+    assert_eq!(c.server.drain_timeout, Duration::ZERO);
+    assert_eq!((c.cluster.health_check_rise, c.cluster.health_check_fall), (3, 5));
+    assert_eq!(c.cluster.backend_health_check, BackendHealthCheck::Http { path: "/health-check?full=1".into() });
+    // What check-config prints reads back the same.
+    assert_eq!(parse(&c.render()).unwrap().render(), c.render());
+
+    let found = problems(
+        "metrics-address = \"localhost\"\nhealth-check-fall = 0\nhealth-check-backend = \"icmp\"\n\
+         health-check-backend-path = \"health\"\ndrain-timeout = \"soon\"\n",
+    );
+    let text: Vec<String> = found.iter().map(|p| p.to_string()).collect();
+    assert_eq!(found.len(), 5, "{text:#?}");
+    assert!(text[0].contains(":1: `metrics-address` must be an address:port such as \"127.0.0.1:9787\""), "{text:#?}");
+    assert!(text[1].contains(":2: `health-check-fall` must be an integer from 1 to 100"), "{text:#?}");
+    assert!(text[2].contains(":3: `health-check-backend` must be one of tcp, http"), "{text:#?}");
+    assert!(text[3].contains(":4: `health-check-backend-path` must be a path starting with `/`"), "{text:#?}");
+    assert!(text[4].contains(":5: `drain-timeout` must be a duration"), "{text:#?}");
+}
+
+#[test]
 fn huge_durations_are_configuration_errors_not_panics() {
     // `Duration::from_secs_f64` panics on these (issue 11, hole 6).
     for (line, value) in [(2, "1e20"), (2, "\"100000000000000000000s\""), (2, "1.8e19")] {

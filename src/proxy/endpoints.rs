@@ -1,12 +1,16 @@
 //! Endpoints sessionlb answers itself; they create no session.
 //!
 //! - `GET /health`: 200 with this node's state as JSON; 503 while its local
-//!   backend is down (peers' probes then treat the node as unreachable).
-//! - `GET /metrics`: Prometheus text.
+//!   backend is down (peers' probes then treat the node as unreachable), and
+//!   while it drains before stopping (marked so that peers keep routing its
+//!   sessions here).
+//! - `GET /metrics`: Prometheus text, to loopback and cluster node addresses
+//!   only (anyone else uses `metrics-address`).
 //! - `GET /load-balancer/status` (`?format=json` or `Accept: application/json`
-//!   for JSON): every node, its sessions and, separately, the anonymous pins
-//!   it issued recently, gathered from all nodes; readable only from
-//!   loopback and cluster node addresses (403 otherwise).
+//!   for JSON, `Accept: text/html` for the page in `status_page`): every
+//!   node, its sessions and, separately, the anonymous pins it issued
+//!   recently, gathered from all nodes; readable only from loopback and
+//!   cluster node addresses (403 otherwise).
 //!   Load is shown as a fraction of the node's total CPU (load average ÷
 //!   CPUs); the JSON form has the raw load averages and CPU count too.
 //! - `GET /load-balancer/node-info`: one node's own report, for the status
@@ -45,7 +49,17 @@ pub fn is_builtin(path: &str) -> bool {
 pub async fn serve(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     match session.req_header().uri.path() {
         HEALTH => health(r, session).await,
-        METRICS_PATH => respond(session, 200, "text/plain; version=0.0.4", metrics::render().into()).await,
+        METRICS_PATH if may_read_status(r, ctx.client) => {
+            respond(session, 200, "text/plain; version=0.0.4", metrics::render().into()).await
+        }
+        METRICS_PATH => {
+            respond_text(
+                session,
+                403,
+                "forbidden: /metrics is served to loopback and cluster nodes here; use metrics-address\n",
+            )
+            .await
+        }
         STATUS => status(r, session, ctx).await,
         _ => node_info(r, session, ctx).await,
     }
@@ -80,8 +94,9 @@ pub async fn respond_backend_down(session: &mut Session) -> Result<()> {
 async fn health(r: &Router, session: &mut Session) -> Result<()> {
     let me = r.view.self_node();
     let backend_up = r.backend.is_none() || r.backend_up.load(Ordering::Relaxed);
+    let draining = crate::ops::drain::is_draining();
     let body = serde_json::json!({
-        "status": if backend_up { "ok" } else { "backend down" },
+        "status": if draining { "draining" } else if backend_up { "ok" } else { "backend down" },
         "node_id": r.self_id,
         "node": r.self_address,
         "version": VERSION,
@@ -93,6 +108,17 @@ async fn health(r: &Router, session: &mut Session) -> Result<()> {
         "pins_recent": r.view.pins().total(std::time::Instant::now()),
         "balancer": r.balancer.read().name(),
     });
+    if draining {
+        // 503 for outer load balancers; the marker keeps peers routing this node's sessions here.
+        let body = Bytes::from(body.to_string());
+        let mut resp = ResponseHeader::build(503, Some(4))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("cache-control", "no-store")?;
+        resp.insert_header(super::health::DRAINING_HEADER, "1")?;
+        session.write_response_header(Box::new(resp), false).await?;
+        return session.write_response_body(Some(body), true).await;
+    }
     respond(session, if backend_up { 200 } else { 503 }, "application/json", body.to_string().into()).await
 }
 
@@ -111,6 +137,9 @@ pub struct NodeInfo {
     #[serde(default)]
     pub pins_recent: u64,
     pub counters: BTreeMap<String, u64>,
+    /// Draining before it stops (absent from older nodes' reports).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 fn counters() -> BTreeMap<String, u64> {
@@ -149,6 +178,7 @@ fn self_info(r: &Router) -> NodeInfo {
         balancer: r.balancer.read().name().into(),
         pins_recent: r.view.pins().total(std::time::Instant::now()),
         counters: counters(),
+        draining: crate::ops::drain::is_draining(),
     }
 }
 
@@ -227,8 +257,11 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
         .await;
     }
     let req = session.req_header();
-    let json = req.uri.query().is_some_and(|q| q.split('&').any(|p| p == "format=json"))
-        || req.headers.get("accept").and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("application/json"));
+    let query = |param: &str| req.uri.query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix(param)));
+    let accept = req.headers.get("accept").and_then(|a| a.to_str().ok()).unwrap_or("");
+    let json = query("format=") == Some("json") || accept.contains("application/json");
+    let html = !json && (query("format=") == Some("html") || accept.contains("text/html"));
+    let refresh = query("refresh=").map_or(Some(5), |v| v.parse::<u32>().ok());
     let infos = gather(r).await;
     let nodes = r.view.nodes();
     let sessions = r.view.sessions();
@@ -287,6 +320,31 @@ async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Resu
             "counters": totals,
         });
         return respond(session, 200, "application/json", body.to_string().into()).await;
+    }
+
+    if html {
+        let Some(refresh_secs) = refresh.filter(|r| *r <= 3600) else {
+            return respond_text(session, 400, "`refresh` must be a number of seconds from 0 (off) to 3600\n").await;
+        };
+        let moves = r.view.recent_moves();
+        let page = super::status_page::Page {
+            viewer: &r.self_address,
+            viewer_version: VERSION,
+            balancer: r.balancer.read().name(),
+            nodes: listed
+                .iter()
+                .map(|n| super::status_page::NodeView {
+                    node: n,
+                    info: infos.get(&n.id),
+                    reachable: n.status == NodeStatus::Online && infos.contains_key(&n.id) && r.view.is_reachable(n.id),
+                    sessions: sessions.iter().filter(|s| s.record.node_id == Some(n.id)).map(|s| &s.record).collect(),
+                })
+                .collect(),
+            moves: &moves,
+            refresh_secs,
+            now_ms: now_ms(),
+        };
+        return super::status_page::respond(session, &page).await;
     }
 
     let mut text = String::new();

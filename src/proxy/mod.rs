@@ -15,9 +15,13 @@
 //! fail_to_connect         passive health: mark the node (or own backend) down, retry
 //! upstream_response_filter peer's backend down (marker) → retry elsewhere;
 //!                         local backend answered a path key with 2xx/101 → register it here
-//! response_filter         Set-Cookie for a new, moved or refreshed pin
+//! connected_to_upstream   upstream connect time
+//! response_filter         Set-Cookie for a new, moved or refreshed pin; a 101 opens a tunnel
 //! logging                 metrics; close the session's in-flight count
 //! ```
+//!
+//! `ctx.timing` ([`crate::ops::traffic`]) times each proxied request and
+//! counts it (and its tunnel) for the metrics and the drain on stop.
 //!
 //! The request path is one-way: `routing` decides and answers (503s
 //! included) and uses `placement` (plain facts in, a placed entry or a typed
@@ -37,6 +41,7 @@ pub mod health;
 pub mod identity;
 pub mod placement;
 pub mod routing;
+mod status_page;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -364,6 +369,8 @@ pub struct RequestCtx {
     pub via: Via,
     pub client: Option<IpAddr>,
     pub in_flight: bool,
+    /// Durations, tunnels and the drain's count of requests in progress.
+    pub timing: crate::ops::traffic::RequestTiming,
 }
 
 impl RequestCtx {
@@ -434,6 +441,7 @@ impl ProxyHttp for Router {
             endpoints::serve(self, session, ctx).await?;
             return Ok(true);
         }
+        ctx.timing.start();
 
         // A request from another node of the cluster: verified or refused.
         if session.req_header().headers.contains_key(forward::HEADER) {
@@ -505,7 +513,21 @@ impl ProxyHttp for Router {
             peer.options.verify_cert = verify;
             peer.options.verify_hostname = verify;
         }
+        ctx.timing.connecting(matches!(ctx.route, Route::Local));
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.timing.connected(reused);
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -629,6 +651,7 @@ impl ProxyHttp for Router {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.timing.first_byte();
         match ctx.route {
             Route::Peer { id, addr }
                 if resp.status.as_u16() == 503 && resp.headers.contains_key(BACKEND_DOWN_HEADER) =>
@@ -660,10 +683,11 @@ impl ProxyHttp for Router {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.timing.responding(resp.status.as_u16(), session.req_header());
         if let Some(cookie) = ctx.set_cookie.take() {
             resp.append_header(http::header::SET_COOKIE, cookie)?;
         }
@@ -713,7 +737,9 @@ impl ProxyHttp for Router {
             (false, Route::Peer { .. }) => 1,
             (false, Route::Unset) => return,
         };
-        crate::metrics::count_request(route, session.response_written().map_or(0, |r| r.status.as_u16()));
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        crate::metrics::count_request(route, status);
+        ctx.timing.finish(route, status);
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
