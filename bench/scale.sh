@@ -197,6 +197,9 @@ start_node() {
 		grace-period = 0
 		shutdown-timeout = 1
 		log-level = "warn"
+		# The driver reads /metrics on the public port (loopback may); a
+		# metrics listener per node would collide on 127.0.0.1:9787.
+		metrics-address = ""
 		$EXTRA_CONFIG
 
 		[locks]

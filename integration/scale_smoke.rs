@@ -12,8 +12,8 @@ use std::process::Command;
 
 use crate::common::node::free_port;
 
-/// `target/debug/examples/scale_driver`, built with the tests (`cargo test`
-/// and `cargo nextest run` build the examples too).
+/// `target/debug/examples/scale_driver`: `scripts/test.sh` builds the
+/// examples (`cargo build --examples`) before it runs the tests.
 fn driver_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_sessionlb")).parent().expect("target dir").to_path_buf()
 }

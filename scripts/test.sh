@@ -97,6 +97,10 @@ install_prerequisites tests
 choose_pg
 
 # --- tests -------------------------------------------------------------------------
+# The examples as binaries: the scale-harness smoke test runs
+# target/debug/examples/scale_driver (a test run builds examples only as test
+# harnesses).
+cargo build --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-targets --no-fail-fast "$@"
   cargo test --doc
