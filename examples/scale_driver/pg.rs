@@ -174,8 +174,12 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The registry's tables live in the schema `sessionlb` (the nodes'
+    /// default `database-schema`).
     pub async fn connect(url: &str) -> anyhow::Result<Registry> {
-        Ok(Registry { conn: PgConnection::connect(url).await? })
+        let mut conn = PgConnection::connect(url).await?;
+        sqlx::query("SET search_path = sessionlb, public").execute(&mut conn).await?;
+        Ok(Registry { conn })
     }
 
     pub async fn session_count(&mut self) -> anyhow::Result<u64> {
