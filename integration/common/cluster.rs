@@ -375,15 +375,21 @@ impl Browser {
 
     /// Open a WebSocket to `/ws` through `node`, with this browser's cookies.
     pub async fn websocket(&self, node: &Node) -> WebSocket {
+        self.try_websocket(&node.address()).await.unwrap()
+    }
+
+    /// [`Browser::websocket`] to a node's `address` (host:port), with the
+    /// handshake's error returned.
+    pub async fn try_websocket(&self, address: &str) -> Result<WebSocket, tokio_tungstenite::tungstenite::Error> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = format!("ws://{}/ws", node.address()).into_client_request().unwrap();
+        let mut request = format!("ws://{address}/ws").into_client_request().unwrap();
         if let Some(cookies) = self.cookie_header() {
             request.headers_mut().insert("cookie", cookies.parse().unwrap());
         }
         if let Some(user) = &self.user {
             request.headers_mut().insert("x-forwarded-user", user.parse().unwrap());
         }
-        tokio_tungstenite::connect_async(request).await.unwrap().0
+        Ok(tokio_tungstenite::connect_async(request).await?.0)
     }
 
     /// The signed cookie (`sessionlb-affinity`: the pin), if set.
