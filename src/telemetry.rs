@@ -143,14 +143,14 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     let (diag_filter, diag_handle) = reload::Layer::new(diagnostics_filter(settings.diagnostics));
     let diagnostics = fmt::layer().with_ansi(false).with_writer(writer.clone()).with_filter(diag_filter);
 
-    if tracing_subscriber::registry().with(main).with(diagnostics).try_init().is_ok() {
-        let _ = CONTROL.set(LogControl {
-            set_level: Box::new(move |f| level_handle.reload(f).map_err(|e| e.to_string())),
-            set_diagnostics_filter: Box::new(move |f| diag_handle.reload(f).map_err(|e| e.to_string())),
-            diagnostics: writer,
-            current: parking_lot::Mutex::new((settings.log_level.clone(), settings.diagnostics)),
-        });
-    }
+    let _ = CONTROL.set(LogControl {
+        set_level: Box::new(move |f| level_handle.reload(f).map_err(|e| e.to_string())),
+        set_diagnostics_filter: Box::new(move |f| diag_handle.reload(f).map_err(|e| e.to_string())),
+        diagnostics: writer,
+        current: parking_lot::Mutex::new((settings.log_level.clone(), settings.diagnostics)),
+    });
+    // Fails on the `log` bridge installed above, after installing the subscriber.
+    let _ = tracing_subscriber::registry().with(main).with(diagnostics).try_init();
     diag_path
 }
 
