@@ -62,9 +62,7 @@ static METRICS: LazyLock<ReloadMetrics> = LazyLock::new(|| {
         .expect("metric"),
     };
     let registry = &crate::metrics::METRICS.registry;
-    for c in [Box::new(m.reloads.clone()) as Box<dyn prometheus::core::Collector>] {
-        let _ = registry.register(c);
-    }
+    let _ = registry.register(Box::new(m.reloads.clone()));
     let _ = registry.register(Box::new(m.last_success.clone()));
     let _ = registry.register(Box::new(m.last_successful.clone()));
     for result in ["ok", "error"] {
