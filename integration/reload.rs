@@ -61,13 +61,15 @@ async fn reload_applies_balancer_log_level_and_trusted_cidrs_and_keeps_websocket
     echo(&mut ws, "before the reload").await;
     // No trusted CIDR: the user header from the client is stripped.
     assert_eq!(forwarded_user(&node).await, None);
+    assert!(!node.proc.log_text().contains("sessionlb::diagnostics"), "diagnostics are off");
     let health = node.health().await.unwrap();
     assert_eq!(health["balancer"], "sessions");
 
     rewrite(
         &fx,
         &node,
-        "balancer = \"user-hash\"\nlog-level = \"info\"\n[identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n",
+        "balancer = \"user-hash\"\nlog-level = \"info\"\ndiagnostics = \"stderr\"\n\
+         [identity]\ntrusted-cidrs = [\"127.0.0.0/8\"]\n",
     );
     let out = fx.admin(&node.config, &["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -86,7 +88,9 @@ async fn reload_applies_balancer_log_level_and_trusted_cidrs_and_keeps_websocket
     // The new level applies to the reload's own report (an info line).
     let log = node.proc.log_text();
     let line = log.lines().find(|l| l.contains("configuration reloaded")).unwrap_or_else(|| panic!("{log}"));
-    for key in ["balancer", "log-level", "identity.trusted-cidrs"] {
+    // Diagnostics (routing decisions) are on now.
+    assert!(log.contains("sessionlb::diagnostics: routed"), "{log}");
+    for key in ["balancer", "log-level", "diagnostics", "identity.trusted-cidrs"] {
         assert!(line.contains(key), "{key} not named: {line}");
     }
     assert!(!log.contains("restart needed"), "{log}");
