@@ -14,6 +14,7 @@ mod passthrough;
 mod pins;
 mod registry;
 mod registry_schema;
+mod reload;
 mod routing;
 mod scale_smoke;
 mod sessions;

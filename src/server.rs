@@ -15,7 +15,6 @@ use pingora::listeners::TcpSocketOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use parking_lot::RwLock;
@@ -24,14 +23,14 @@ use crate::balancer::{self, Balancer};
 use crate::cluster::address::{Resolver, SystemResolver};
 use crate::cluster::node::{self, NodeContext, StartError};
 use crate::cluster::{self, ClusterView, RegistryError};
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::lock::{LockError, LockManager};
 use crate::ops::{self, stop::StopWatch, upgrade};
 use crate::proxy::Router;
 use crate::proxy::health::HealthChecks;
 
-/// Re-reads the configuration (on SIGHUP).
-pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+/// Re-reads the configuration (on SIGHUP; see [`crate::ops::reload`]).
+pub type Reload = ops::reload::Load;
 
 /// `serve` failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +65,8 @@ pub enum ServeError {
     Backend { backend: String, reason: String },
     #[error(transparent)]
     Upgrade(#[from] upgrade::UpgradeError),
+    #[error("{0}")]
+    AccessLog(String),
 }
 
 /// How `serve` starts.
@@ -77,7 +78,8 @@ pub struct ServeOptions {
 }
 
 /// Run a node until it is told to stop. `reload` re-reads the
-/// configuration on SIGHUP (the balancer changes without a restart).
+/// configuration on SIGHUP (see [`crate::ops::reload`] for what changes
+/// without a restart).
 pub fn serve(config: Config, reload: Option<Reload>, options: ServeOptions) -> Result<(), ServeError> {
     serve_with(config, Arc::new(SystemResolver), reload, options)
 }
@@ -116,6 +118,10 @@ pub fn serve_with(
     // node that fails after that would stay `Online` in the registry.
     let http = crate::proxy::control_client(&config).map_err(ServeError::Tls)?;
     let tls_files = tls_files(&config)?;
+    let access_log = ops::access_log::AccessLog::default();
+    access_log.reopen(&config.server).map_err(ServeError::AccessLog)?;
+    // The configuration in effect, as reloaded, for the control-plane tasks.
+    let (current_tx, current_rx) = watch::channel(config.clone());
 
     let url = config.cluster.database.redacted();
     let database = config.registry_url().map_err(ServeError::Database)?;
@@ -151,6 +157,7 @@ pub fn serve_with(
         }
         let ctx = Arc::new(NodeContext {
             config: config.clone(),
+            current: current_rx.clone(),
             registry: registry.clone(),
             view: view.clone(),
             id: started.id,
@@ -172,7 +179,7 @@ pub fn serve_with(
     });
 
     let balancer: Arc<RwLock<Arc<dyn Balancer>>> = Arc::new(RwLock::new(balancer::build(&config.balancer)));
-    let router = Router::new(
+    let mut router = Router::new(
         config.clone(),
         view.clone(),
         registry.clone(),
@@ -184,11 +191,18 @@ pub fn serve_with(
         control.handle().clone(),
         http,
     );
+    router.access_log = access_log.clone();
     let backend_up = backend.map(|_| router.backend_up.clone());
     ops::cluster_metrics::register(view.clone(), config.cluster.checkin_interval, backend_up);
-    let checks = HealthChecks::new(&config, view.clone(), router.http.clone(), backend, router.backend_up.clone());
     let mut tasks = tasks;
-    tasks.push(control.spawn(checks.run(shutdown_rx.clone())));
+    tasks.push(control.spawn(run_health_checks(
+        view.clone(),
+        router.http.clone(),
+        backend,
+        router.backend_up.clone(),
+        current_rx.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(control.spawn(crate::proxy::degraded::run(
         router.degraded.clone(),
         registry.clone(),
@@ -196,8 +210,18 @@ pub fn serve_with(
         router.control_timeout().min(crate::proxy::routing::PLACEMENT_CALL_WAIT),
         shutdown_rx.clone(),
     )));
-    if let Some(reload) = reload {
-        tasks.push(control.spawn(reload_on_sighup(reload, config.clone(), balancer, shutdown_rx.clone())));
+    ops::reload::register_metrics();
+    if let Some(load) = reload {
+        let reloader = ops::reload::Reloader {
+            load,
+            started: config.clone(),
+            live: router.live.clone(),
+            balancer,
+            locks: router.locks.clone(),
+            access_log,
+            current: current_tx,
+        };
+        tasks.push(control.spawn(ops::reload::reload_on_sighup(reloader, shutdown_rx.clone())));
     }
 
     let opt = pingora::server::configuration::Opt { upgrade: options.upgrade, ..Default::default() };
@@ -245,6 +269,7 @@ pub fn serve_with(
         control: control.handle().clone(),
         self_deleted: self_deleted_rx,
         handed_over: handed_over.clone(),
+        current: current_rx,
     };
     server.run(RunArgs { shutdown_signal: Box::new(watch) });
 
@@ -333,35 +358,52 @@ fn resolve_backend(backend: Option<&str>) -> Result<Option<SocketAddr>, ServeErr
     addrs.next().map(Some).ok_or_else(|| fail("no address".into()))
 }
 
-/// On SIGHUP: re-read the configuration; apply the balancer settings at
-/// once, and say which other changes need a restart.
-async fn reload_on_sighup(
-    reload: Reload,
-    running: Arc<Config>,
-    balancer: Arc<RwLock<Arc<dyn Balancer>>>,
+/// Run the health checks with the configuration in effect; when a reload
+/// changes their settings (interval, thresholds, backend check, timeout),
+/// start them anew with the new ones.
+async fn run_health_checks(
+    view: Arc<ClusterView>,
+    http: reqwest::Client,
+    backend: Option<SocketAddr>,
+    backend_up: Arc<std::sync::atomic::AtomicBool>,
+    mut current: watch::Receiver<Arc<Config>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    fn settings(c: &Config) -> impl PartialEq + use<> {
+        let k = &c.cluster;
+        (
+            k.health_check_interval,
+            k.health_check_rise,
+            k.health_check_fall,
+            k.backend_health_check.clone(),
+            c.proxy.timeout,
+        )
+    }
     loop {
-        tokio::select! {
-            _ = hup.recv() => {}
-            _ = shutdown.changed() => return,
-        }
-        match reload() {
-            Ok(new) => {
-                let next = balancer::build(&new.balancer);
-                tracing::info!(balancer = next.name(), "configuration reloaded: balancer applied");
-                *balancer.write() = next;
-                let (mut old_rest, mut new_rest) = (running.as_ref().clone(), new);
-                old_rest.balancer = new_rest.balancer.clone();
-                old_rest.files.clear();
-                new_rest.files.clear();
-                if old_rest.render() != new_rest.render() {
-                    tracing::warn!("other configuration changes take effect after a restart");
+        let config = current.borrow_and_update().clone();
+        let checks = HealthChecks::new(&config, view.clone(), http.clone(), backend, backend_up.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(checks.run(stop_rx));
+        let stopping = loop {
+            tokio::select! {
+                changed = current.changed() => {
+                    if changed.is_err() {
+                        let _ = shutdown.changed().await;
+                        break true;
+                    }
+                    if settings(&current.borrow()) != settings(&config) {
+                        break false;
+                    }
                 }
+                _ = shutdown.changed() => break true,
             }
-            Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+        };
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        if stopping {
+            return;
         }
+        tracing::info!("health checks restarted with the reloaded settings");
     }
 }
 

@@ -6,28 +6,119 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, fmt};
+use tracing_subscriber::{Layer, fmt, reload};
 
 use crate::config::{Diagnostics, LogFormat, ServerSettings};
 
 /// Target of diagnostic events about node-to-node communication.
 pub const DIAGNOSTICS_TARGET: &str = "sessionlb::diagnostics";
 
+/// What a configuration reload can change in the logging of `serve`: the
+/// main filter (`log-level`) and where diagnostics go (`diagnostics`).
+struct LogControl {
+    set_level: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
+    set_diagnostics_filter: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
+    diagnostics: DiagnosticsWriter,
+    /// What is in effect: `log-level` and `diagnostics` (with its file).
+    current: parking_lot::Mutex<(String, Diagnostics)>,
+}
+
+static CONTROL: OnceLock<LogControl> = OnceLock::new();
+
+/// Where diagnostic events are written; swapped on reload.
+#[derive(Clone, Default)]
+struct DiagnosticsWriter(Arc<parking_lot::RwLock<DiagnosticsTarget>>);
+
+#[derive(Default)]
+enum DiagnosticsTarget {
+    #[default]
+    Off,
+    Stderr,
+    File(PathBuf, Arc<File>),
+}
+
+/// One diagnostic event's writer.
+enum DiagnosticsOut {
+    Sink,
+    Stderr(io::Stderr),
+    File(Arc<File>),
+}
+
+impl io::Write for DiagnosticsOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            DiagnosticsOut::Sink => Ok(buf.len()),
+            DiagnosticsOut::Stderr(e) => e.write(buf),
+            DiagnosticsOut::File(f) => (&**f).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            DiagnosticsOut::Sink => Ok(()),
+            DiagnosticsOut::Stderr(e) => e.flush(),
+            DiagnosticsOut::File(f) => (&**f).flush(),
+        }
+    }
+}
+
+impl<'a> fmt::MakeWriter<'a> for DiagnosticsWriter {
+    type Writer = DiagnosticsOut;
+
+    fn make_writer(&'a self) -> DiagnosticsOut {
+        match &*self.0.read() {
+            DiagnosticsTarget::Off => DiagnosticsOut::Sink,
+            DiagnosticsTarget::Stderr => DiagnosticsOut::Stderr(io::stderr()),
+            DiagnosticsTarget::File(_, f) => DiagnosticsOut::File(f.clone()),
+        }
+    }
+}
+
+/// The main filter for `log-level`: Pingora logs every client disconnect as
+/// an error, so its noise stays at warn.
+fn main_filter(log_level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(format!("{log_level},pingora_core=warn,pingora_proxy=warn")).map_err(|e| e.to_string())
+}
+
+fn diagnostics_filter(diagnostics: Diagnostics) -> EnvFilter {
+    match diagnostics {
+        Diagnostics::Off => EnvFilter::new("off"),
+        _ => EnvFilter::new(format!("{DIAGNOSTICS_TARGET}=trace")),
+    }
+}
+
+/// Point the diagnostics writer at `diagnostics` (a new file for `tmp`
+/// unless one is open already). Returns the file when there is one.
+fn set_diagnostics_target(writer: &DiagnosticsWriter, diagnostics: Diagnostics) -> io::Result<Option<PathBuf>> {
+    let mut target = writer.0.write();
+    match (diagnostics, &*target) {
+        (Diagnostics::Tmp, DiagnosticsTarget::File(path, _)) => return Ok(Some(path.clone())),
+        (Diagnostics::Tmp, _) => {
+            let (path, file) = create_diagnostics_file(&std::env::temp_dir())?;
+            *target = DiagnosticsTarget::File(path.clone(), Arc::new(file));
+            return Ok(Some(path));
+        }
+        (Diagnostics::Stderr, _) => *target = DiagnosticsTarget::Stderr,
+        (Diagnostics::Off, _) => *target = DiagnosticsTarget::Off,
+    }
+    Ok(None)
+}
+
 /// Install the global subscriber for `serve`. Returns the diagnostics file
-/// path when `diagnostics = tmp`.
+/// path when `diagnostics = tmp`. The level and the diagnostics can change
+/// later with [`reload`].
 pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     // Pingora logs through `log`; its records below warn are filtered out
     // below anyway, so stop them at the `log` macro instead of bridging
     // every debug!/trace! call of the data path into tracing.
     let _ = tracing_log::LogTracer::builder().with_max_level(log::LevelFilter::Warn).init();
-    // Pingora logs every client disconnect as an error; keep its noise at warn.
-    let filter = EnvFilter::try_new(format!("{},pingora_core=warn,pingora_proxy=warn", settings.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = main_filter(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, level_handle) = reload::Layer::new(filter);
     let main = match settings.log_format {
         LogFormat::Plain => fmt::layer()
             .with_writer(std::io::stderr)
@@ -38,27 +129,61 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     }
     .with_filter(filter);
 
-    let mut diag_path = None;
-    let diagnostics = match settings.diagnostics {
-        Diagnostics::Off => None,
-        Diagnostics::Stderr => {
-            Some(fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed())
+    // The diagnostics layer is always installed; with `off` its filter
+    // lets nothing through (no event is formatted), and a reload can turn
+    // it on.
+    let writer = DiagnosticsWriter::default();
+    let diag_path = match set_diagnostics_target(&writer, settings.diagnostics) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("cannot create a diagnostics file in {}: {e}", std::env::temp_dir().display());
+            None
         }
-        Diagnostics::Tmp => match create_diagnostics_file(&std::env::temp_dir()) {
-            Ok((path, file)) => {
-                diag_path = Some(path);
-                Some(fmt::layer().with_ansi(false).with_writer(Arc::new(file)).boxed())
-            }
-            Err(e) => {
-                eprintln!("cannot create a diagnostics file in {}: {e}", std::env::temp_dir().display());
-                None
-            }
-        },
-    }
-    .map(|layer| layer.with_filter(EnvFilter::new(format!("{DIAGNOSTICS_TARGET}=trace"))));
+    };
+    let (diag_filter, diag_handle) = reload::Layer::new(diagnostics_filter(settings.diagnostics));
+    let diagnostics = fmt::layer().with_ansi(false).with_writer(writer.clone()).with_filter(diag_filter);
 
+    let _ = CONTROL.set(LogControl {
+        set_level: Box::new(move |f| level_handle.reload(f).map_err(|e| e.to_string())),
+        set_diagnostics_filter: Box::new(move |f| diag_handle.reload(f).map_err(|e| e.to_string())),
+        diagnostics: writer,
+        current: parking_lot::Mutex::new((settings.log_level.clone(), settings.diagnostics)),
+    });
+    // Fails on the `log` bridge installed above, after installing the subscriber.
     let _ = tracing_subscriber::registry().with(main).with(diagnostics).try_init();
     diag_path
+}
+
+/// Logging changed by a reload.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LogChanges {
+    pub level: Option<String>,
+    pub diagnostics: Option<Diagnostics>,
+    /// The diagnostics file, when `diagnostics = tmp` was turned on.
+    pub diagnostics_file: Option<PathBuf>,
+}
+
+/// Apply `log-level` and `diagnostics` of `settings` to the running
+/// subscriber (installed by [`init_serve`]). A part that cannot be applied
+/// keeps its old value and is reported.
+pub fn reload(settings: &ServerSettings) -> Result<LogChanges, String> {
+    let Some(control) = CONTROL.get() else { return Ok(LogChanges::default()) };
+    let mut current = control.current.lock();
+    let mut changes = LogChanges::default();
+    if current.0 != settings.log_level {
+        (control.set_level)(main_filter(&settings.log_level)?)?;
+        current.0 = settings.log_level.clone();
+        changes.level = Some(settings.log_level.clone());
+    }
+    if current.1 != settings.diagnostics {
+        let file = set_diagnostics_target(&control.diagnostics, settings.diagnostics)
+            .map_err(|e| format!("cannot create a diagnostics file in {}: {e}", std::env::temp_dir().display()))?;
+        (control.set_diagnostics_filter)(diagnostics_filter(settings.diagnostics))?;
+        current.1 = settings.diagnostics;
+        changes.diagnostics = Some(settings.diagnostics);
+        changes.diagnostics_file = file;
+    }
+    Ok(changes)
 }
 
 /// Create a new diagnostics file in `dir` (the temp folder, shared with

@@ -6,6 +6,7 @@ mod encrypt_password;
 mod health;
 mod locktester;
 mod nodes;
+mod reload;
 mod serve;
 mod status;
 
@@ -74,6 +75,10 @@ pub enum Command {
     EncryptPassword,
     /// Check which lock types the shared storage supports (run on two nodes).
     Locktester(locktester::LocktesterArgs),
+    /// Tell the node running with this configuration to reload it (SIGHUP):
+    /// settings that can change without a restart do; its log names the
+    /// changed keys and those that need a restart.
+    Reload,
     /// Ask the node running here for /health; exit 0 only if it is healthy (for container health checks).
     Health,
 }
@@ -129,6 +134,7 @@ pub fn main() -> ExitCode {
             Command::EncryptPassword => encrypt_password::run(&config),
             Command::Locktester(args) => locktester::run(args, &config).await,
             Command::Health => health::run(&config).await,
+            Command::Reload => reload::run(&config),
         }
     });
     match result {

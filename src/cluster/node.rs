@@ -188,6 +188,8 @@ pub async fn check_in(registry: &dyn Registry, id: NodeId) -> Result<i64, Regist
 /// What the background tasks need.
 pub struct NodeContext {
     pub config: Arc<Config>,
+    /// The configuration as last reloaded (for the settings a reload changes).
+    pub current: watch::Receiver<Arc<Config>>,
     pub registry: Arc<dyn Registry>,
     pub view: Arc<ClusterView>,
     pub id: NodeId,
@@ -265,7 +267,8 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
                 c.view.restore_active_keys(&keys, local_now_ms());
                 return;
             }
-            match c.registry.expire_idle_sessions(c.config.sessions.idle_timeout).await {
+            let idle_timeout = c.current.borrow().sessions.idle_timeout;
+            match c.registry.expire_idle_sessions(idle_timeout).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(sessions = n, "idle sessions ended"),
                 Err(e) => tracing::debug!(error = %e, "expiring idle sessions failed"),

@@ -82,7 +82,25 @@ impl Config {
         self.render_lines(true)
     }
 
+    /// Every key with its rendered value, named `key` at the top level and
+    /// `section.key` in a section: what a reload compares.
+    pub fn effective_values(&self) -> Vec<(String, String)> {
+        self.render_out(false)
+            .lines
+            .into_iter()
+            .map(|(section, line, _)| {
+                let (key, value) = line.split_once(" = ").unwrap_or((line.as_str(), ""));
+                let key = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
+                (key, value.to_string())
+            })
+            .collect()
+    }
+
     fn render_lines(&self, sources: bool) -> String {
+        self.render_out(sources).finish()
+    }
+
+    fn render_out(&self, sources: bool) -> Out<'_> {
         let n = &self.node;
         let c = &self.cluster;
         let pr = &self.proxy;
@@ -138,6 +156,8 @@ impl Config {
         o.line("run-dir", p(&self.server.run_dir));
         o.line("metrics-address", q(&self.server.metrics_address.map_or(String::new(), |a| a.to_string())));
         o.line("drain-timeout", d(self.server.drain_timeout));
+        o.line("access-log", q(&self.server.access_log.as_string()));
+        o.line("access-log-format", q(self.server.access_log_format.as_str()));
         o.section("sessions");
         o.line("session-path-pattern", q(&s.path_pattern.to_string()));
         o.line("session-idle-timeout", d(s.idle_timeout));
@@ -163,6 +183,6 @@ impl Config {
         // Only `false` is accepted (see the schema); rendered so that the
         // rendering names every key that is read.
         o.line("use-symlinks", "false".into());
-        o.finish()
+        o
     }
 }

@@ -234,6 +234,16 @@ fn read_keys(
         None => Err("a string: address:port, or \"\" for none".into()),
     });
     let drain_timeout = r.duration("drain-timeout", Duration::from_secs(300), Duration::ZERO);
+    let access_log = r.get("access-log", AccessLogTarget::Off, |v| match reader::text(v) {
+        Some("") => Ok(AccessLogTarget::Off),
+        Some("stdout") => Ok(AccessLogTarget::Stdout),
+        Some(p) if p.starts_with('/') => Ok(AccessLogTarget::File(PathBuf::from(p))),
+        Some(_) => {
+            Err("\"\" (off), \"stdout\" or an absolute file path such as \"/var/log/sessionlb/access.log\"".into())
+        }
+        None => Err("a string: \"\" (off), \"stdout\" or an absolute file path".into()),
+    });
+    let access_log_format = r.choice("access-log-format", LogFormat::Plain, LogFormat::CHOICES);
 
     Config {
         files,
@@ -298,6 +308,8 @@ fn read_keys(
             run_dir,
             metrics_address,
             drain_timeout,
+            access_log,
+            access_log_format,
         },
     }
 }

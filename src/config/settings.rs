@@ -75,6 +75,27 @@ impl LogFormat {
     }
 }
 
+/// Where the access log goes (`access-log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// No access log (the default).
+    Off,
+    /// One line per request on standard output.
+    Stdout,
+    /// Appended to this file (reopened on reload, for log rotation).
+    File(PathBuf),
+}
+
+impl AccessLogTarget {
+    pub fn as_string(&self) -> String {
+        match self {
+            AccessLogTarget::Off => String::new(),
+            AccessLogTarget::Stdout => "stdout".into(),
+            AccessLogTarget::File(p) => p.display().to_string(),
+        }
+    }
+}
+
 /// Shared-storage lock implementation (`[locks] lock-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockType {
@@ -319,4 +340,8 @@ pub struct ServerSettings {
     /// After SIGTERM, how long the node drains (offline mode, `/health` 503,
     /// waiting for open tunnels and requests) before it stops; zero = no drain.
     pub drain_timeout: Duration,
+    /// One line per request (`access-log`); off by default.
+    pub access_log: AccessLogTarget,
+    /// `access-log-format`: plain text or JSON lines.
+    pub access_log_format: LogFormat,
 }

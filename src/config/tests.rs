@@ -49,7 +49,9 @@ fn every_problem_is_reported_at_once_with_file_line_and_allowed_values() {
     assert!(text[4].contains(":6: `locks.lock-type` must be one of linkbased, advisory"), "{all}");
     // the unknown section is reported too, as an unknown key at its line
     assert!(
-        text[5].contains(":7: unknown key `nonsense`; allowed top-level keys: backend, backend-tls, balancer,"),
+        text[5].contains(
+            ":7: unknown key `nonsense`; allowed top-level keys: access-log, access-log-format, backend, backend-tls,"
+        ),
         "{all}"
     );
 }

@@ -15,47 +15,65 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
-use parking_lot::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
 
 use super::LockError;
 use crate::config::{LockSettings, LockType};
 
-/// Where lock events go.
+/// Where lock events go. Reconfigured in place on a configuration reload
+/// ([`LockLog::reconfigure`]).
 pub(crate) struct LockLog {
-    enabled: bool,
-    file: Option<Mutex<File>>,
+    /// Checked first, without a lock: logging off costs one atomic load.
+    enabled: AtomicBool,
+    file: RwLock<Option<Arc<Mutex<File>>>>,
     host: String,
     pid: u32,
+}
+
+fn open_log_file(settings: &LockSettings) -> Result<Option<Arc<Mutex<File>>>, LockError> {
+    match (&settings.log_file, settings.enable_logging) {
+        (Some(path), true) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| LockError::io("open the lock log file", path, source))?;
+            Ok(Some(Arc::new(Mutex::new(file))))
+        }
+        _ => Ok(None),
+    }
 }
 
 impl LockLog {
     /// Logging as configured; opens (creates, appends to) the log file.
     pub(crate) fn new(settings: &LockSettings) -> Result<LockLog, LockError> {
-        let file = match (&settings.log_file, settings.enable_logging) {
-            (Some(path), true) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| LockError::io("open the lock log file", path, source))?;
-                Some(Mutex::new(file))
-            }
-            _ => None,
-        };
         Ok(LockLog {
-            enabled: settings.enable_logging,
-            file,
+            enabled: AtomicBool::new(settings.enable_logging),
+            file: RwLock::new(open_log_file(settings)?),
             host: super::fsutil::host_name(),
             pid: std::process::id(),
         })
     }
 
+    /// Apply `enable-logging` and `log-file` anew (the file is reopened, so
+    /// a rotated log file is followed). On error the logging stays as it was.
+    pub(crate) fn reconfigure(&self, settings: &LockSettings) -> Result<(), LockError> {
+        let file = open_log_file(settings)?;
+        *self.file.write() = file;
+        self.enabled.store(settings.enable_logging, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Record one event (no-op when logging is off).
     pub(crate) fn event(&self, lock_type: LockType, name: &str, path: &Path, event: &str, detail: fmt::Arguments<'_>) {
-        if !self.enabled {
+        if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
-        match &self.file {
+        let file = self.file.read().clone();
+        match file {
             Some(file) => {
                 let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
                 let line = format!(
@@ -118,5 +136,25 @@ mod tests {
         let log = LockLog::new(&settings).unwrap();
         log.event(LockType::Advisory, "a", Path::new("/x"), "acquire", format_args!(""));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn reconfiguring_turns_logging_on_and_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks.log");
+        let log = LockLog::new(&LockSettings::default()).unwrap();
+        log.event(LockType::Advisory, "before", Path::new("/x"), "acquire", format_args!(""));
+        let on = LockSettings { enable_logging: true, log_file: Some(path.clone()), ..LockSettings::default() };
+        log.reconfigure(&on).unwrap();
+        log.event(LockType::Advisory, "during", Path::new("/x"), "acquire", format_args!(""));
+        // A file that cannot be opened leaves the logging as it was.
+        let bad = LockSettings { log_file: Some(dir.path().join("missing/dir/locks.log")), ..on.clone() };
+        assert!(log.reconfigure(&bad).is_err());
+        log.event(LockType::Advisory, "still", Path::new("/x"), "acquire", format_args!(""));
+        log.reconfigure(&LockSettings::default()).unwrap();
+        log.event(LockType::Advisory, "after", Path::new("/x"), "acquire", format_args!(""));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("name=\"during\"") && text.contains("name=\"still\""), "{text}");
+        assert!(!text.contains("before") && !text.contains("after"), "{text}");
     }
 }

@@ -160,6 +160,12 @@ impl LockManager {
         Ok(LockManager { inner: Arc::new(Inner { dir, imp, log, local: Mutex::new(HashMap::new()) }) })
     }
 
+    /// Apply `enable-logging` and `log-file` anew (configuration reload);
+    /// the lock type and timings stay as they were.
+    pub fn set_logging(&self, settings: &LockSettings) -> Result<(), LockError> {
+        self.inner.log.reconfigure(settings)
+    }
+
     /// The lock directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir

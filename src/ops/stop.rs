@@ -34,6 +34,8 @@ pub struct StopWatch {
     pub self_deleted: watch::Receiver<bool>,
     /// Set when the sockets were handed to a new process.
     pub handed_over: Arc<AtomicBool>,
+    /// The configuration as last reloaded (`drain-timeout` reloads).
+    pub current: watch::Receiver<Arc<Config>>,
 }
 
 enum Why {
@@ -80,7 +82,7 @@ impl ShutdownSignalWatch for StopWatch {
                     self.mark_offline("node deleted by an admin").await;
                     return ShutdownSignal::GracefulTerminate;
                 }
-                Why::Term if self.config.server.drain_timeout.is_zero() => {
+                Why::Term if self.current.borrow().server.drain_timeout.is_zero() => {
                     systemd::stopping("stopping");
                     self.mark_offline("SIGTERM").await;
                     return ShutdownSignal::GracefulTerminate;
@@ -111,7 +113,7 @@ impl StopWatch {
         term: &mut tokio::signal::unix::Signal,
         int: &mut tokio::signal::unix::Signal,
     ) -> ShutdownSignal {
-        let timeout = self.config.server.drain_timeout;
+        let timeout = self.current.borrow().server.drain_timeout;
         tracing::info!(
             drain_timeout = %crate::config::reader::humanize(timeout),
             in_progress = super::traffic::in_progress(),

@@ -83,9 +83,31 @@ static X_FORWARDED_HOST: std::sync::LazyLock<http::HeaderName> =
 /// How many verified affinity cookies are remembered (about 150 bytes each).
 const COOKIE_CACHE_CAPACITY: usize = 16_384;
 
+/// The settings a configuration reload may change, swapped as a whole
+/// (see [`crate::ops::reload`]): each request reads one consistent version.
+pub struct LiveSettings {
+    pub config: Arc<Config>,
+    /// `[identity] trusted-header`, parsed once (validated by the configuration).
+    pub trusted_header: Option<http::HeaderName>,
+}
+
+impl LiveSettings {
+    pub fn new(config: Arc<Config>) -> LiveSettings {
+        LiveSettings { trusted_header: config_trusted_header(&config), config }
+    }
+}
+
+/// The running node's reloadable settings, shared with the reload task.
+pub type Live = Arc<arc_swap::ArcSwap<LiveSettings>>;
+
 /// State shared by every request of a node.
 pub struct Router {
+    /// The configuration the node started with: read it only for settings
+    /// that need a restart (addresses, TLS, paths). Settings a reload
+    /// changes are read through [`Router::settings`].
     pub config: Arc<Config>,
+    /// The current reloadable settings (see [`Router::settings`]).
+    pub live: Live,
     pub view: Arc<ClusterView>,
     pub registry: Arc<dyn Registry>,
     pub key: SecureKey,
@@ -106,8 +128,6 @@ pub struct Router {
     pub http: reqwest::Client,
     /// Signed cookies (pins) verified recently (saves an HMAC per request).
     pub cookies: cookie::VerifiedCookies,
-    /// `[identity] trusted-header`, parsed once (validated by the configuration).
-    trusted_header: Option<http::HeaderName>,
     /// Open while optional registry calls (lookups, registrations) recently
     /// failed or were slow: requests skip them.
     pub optional_calls: breaker::RegistryBreaker,
@@ -119,6 +139,8 @@ pub struct Router {
     pub lookups: backend_keys::LookupsInFlight,
     /// Users placed from memory while the registry was unavailable.
     pub degraded: Arc<DegradedPlacements>,
+    /// One line per request when `access-log` is set (see [`crate::ops::access_log`]).
+    pub access_log: crate::ops::access_log::AccessLog,
 }
 
 impl Router {
@@ -135,7 +157,7 @@ impl Router {
         control: tokio::runtime::Handle,
         http: reqwest::Client,
     ) -> Router {
-        let trusted_header = config_trusted_header(&config);
+        let live = Arc::new(arc_swap::ArcSwap::from_pointee(LiveSettings::new(config.clone())));
         Router {
             workbench_mac: identity::workbench_mac(&key),
             self_id: view.self_id(),
@@ -151,18 +173,24 @@ impl Router {
             control,
             http,
             cookies: cookie::VerifiedCookies::new(COOKIE_CACHE_CAPACITY),
-            trusted_header,
+            live,
             optional_calls: breaker::RegistryBreaker::new("backend key lookups and registrations"),
             placements: breaker::RegistryBreaker::new("placements"),
             key_misses: backend_keys::MissCache::default(),
             lookups: backend_keys::LookupsInFlight::default(),
             degraded: Arc::new(DegradedPlacements::default()),
+            access_log: crate::ops::access_log::AccessLog::default(),
         }
+    }
+
+    /// The current reloadable settings (one load per request phase).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<LiveSettings>> {
+        self.live.load()
     }
 
     /// How long the proxy waits for the control plane (placements, lookups).
     pub fn control_timeout(&self) -> Duration {
-        self.config.proxy.timeout.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(1))
+        self.settings().config.proxy.timeout.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(1))
     }
 
     /// The longest a request waits for a whole placement (lock, balancer, writes).
@@ -197,7 +225,8 @@ impl Router {
 
     /// The `Set-Cookie` value for `pin`.
     pub fn pin_cookie(&self, pin: &Pin) -> String {
-        let s = &self.config.sessions;
+        let live = self.settings();
+        let s = &live.config.sessions;
         cookie::set_cookie_header(
             &s.affinity_cookie_name,
             &pin.sign(&self.key),
@@ -222,7 +251,7 @@ impl Router {
             self.self_id,
             |id| self.view.nodes().get(id).is_some(),
             now_ms(),
-            self.config.proxy.forwarding_window.as_millis() as i64,
+            self.settings().config.proxy.forwarding_window.as_millis() as i64,
             &request_line(req),
         )
     }
@@ -371,6 +400,8 @@ pub struct RequestCtx {
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
     pub timing: crate::ops::traffic::RequestTiming,
+    /// When the request arrived, set only while the access log is on.
+    pub received: Option<std::time::Instant>,
 }
 
 impl RequestCtx {
@@ -436,6 +467,9 @@ impl ProxyHttp for Router {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.access_log.enabled() {
+            ctx.received = Some(std::time::Instant::now());
+        }
         ctx.client = client_ip(session);
         if endpoints::is_builtin(session.req_header().uri.path()) {
             endpoints::serve(self, session, ctx).await?;
@@ -452,8 +486,10 @@ impl ProxyHttp for Router {
                         return Ok(true);
                     }
                     ctx.user = f.user.clone();
-                    ctx.path_key =
-                        routing::path_key(&self.config.sessions.path_pattern, session.req_header().uri.path());
+                    ctx.path_key = routing::path_key(
+                        &self.settings().config.sessions.path_pattern,
+                        session.req_header().uri.path(),
+                    );
                     ctx.path_key_known = ctx.path_key.as_deref().is_some_and(|k| self.view.session(k).is_some());
                     tracing::debug!(
                         target: crate::telemetry::DIAGNOSTICS_TARGET,
@@ -498,7 +534,7 @@ impl ProxyHttp for Router {
             Route::Unset => return Err(status_error(500, "request was not routed")),
         };
         let mut peer = HttpPeer::new(addr, tls, sni);
-        let timeout = self.config.proxy.timeout;
+        let timeout = self.settings().config.proxy.timeout;
         peer.options.connection_timeout = timeout;
         peer.options.total_connection_timeout = timeout;
         // `timeout` never bounds proxied bodies, long polls or tunnels.
@@ -539,12 +575,13 @@ impl ProxyHttp for Router {
         if upstream.headers.contains_key(&*FORWARD_HEADER) {
             upstream.remove_header(&*FORWARD_HEADER);
         }
+        let live = self.settings();
         if let Some(f) = &ctx.inbound {
             // The sending node already set X-Forwarded-* and vetted identity
             // headers. The identity header is not covered by the forwarding
             // MAC, so only a value equal to the signed user passes: a replayed
             // forwarding header cannot carry another identity.
-            if let Some(name) = &self.trusted_header {
+            if let Some(name) = &live.trusted_header {
                 let mut values = upstream.headers.get_all(name).iter();
                 let only_the_signed_user = match (values.next(), values.next()) {
                     (None, _) => true,
@@ -557,9 +594,9 @@ impl ProxyHttp for Router {
             }
             return Ok(());
         }
-        let cidrs = &self.config.identity.trusted_cidrs;
+        let cidrs = &live.config.identity.trusted_cidrs;
         let trusted = !cidrs.is_empty() && ctx.client.is_some_and(|ip| identity::is_trusted(ip, cidrs));
-        if let Some(name) = &self.trusted_header
+        if let Some(name) = &live.trusted_header
             && !trusted
             && upstream.headers.contains_key(name)
         {
@@ -731,13 +768,16 @@ impl ProxyHttp for Router {
                 entry.touch(now_ms());
             }
         }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(received) = ctx.received {
+            self.log_access(session, ctx, status, received);
+        }
         let route = match (ctx.inbound.is_some(), ctx.route) {
             (true, _) => 2,
             (false, Route::Local) => 0,
             (false, Route::Peer { .. }) => 1,
             (false, Route::Unset) => return,
         };
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         crate::metrics::count_request(route, status);
         ctx.timing.finish(route, status);
     }
@@ -745,6 +785,44 @@ impl ProxyHttp for Router {
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
         // Client disconnects are routine for an IDE (tabs closed mid-request).
         matches!(e.esource(), ErrorSource::Downstream)
+    }
+}
+
+impl Router {
+    /// Hand one ended request to the access log (no query string, no
+    /// cookie, no user: see [`crate::ops::access_log`]).
+    fn log_access(&self, session: &Session, ctx: &RequestCtx, status: u16, received: std::time::Instant) {
+        use crate::cluster::model::SessionKind as Kind;
+        use crate::ops::access_log::{Entry, Route as Logged, SessionKind};
+        let (route, node) = match (ctx.inbound.is_some(), ctx.route) {
+            (true, _) => (Logged::ServedForPeer, Some(self.self_id)),
+            (false, Route::Local) => (Logged::Local, Some(self.self_id)),
+            (false, Route::Peer { id, .. }) => (Logged::Forwarded, Some(id)),
+            (false, Route::Unset) => (Logged::None, None),
+        };
+        let kind = match &ctx.via {
+            Via::None => SessionKind::None,
+            Via::Pin(_) => SessionKind::Pin,
+            Via::Degraded { .. } => SessionKind::User,
+            Via::Session(e) => match e.record.kind {
+                Kind::Backend => SessionKind::BackendKey,
+                Kind::User => SessionKind::User,
+                Kind::Affinity => SessionKind::Pin,
+            },
+        };
+        let req = session.req_header();
+        self.access_log.log(Entry {
+            time: SystemTime::now(),
+            client: ctx.client,
+            method: req.method.clone(),
+            path: req.uri.path().to_string(),
+            status,
+            bytes: session.body_bytes_sent(),
+            duration: received.elapsed(),
+            route,
+            node,
+            session: kind,
+        });
     }
 }
 

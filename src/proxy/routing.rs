@@ -65,7 +65,8 @@ pub fn path_key(pattern: &SessionPathPattern, path: &str) -> Option<String> {
 /// The user of a request: Workbench cookie (its value, if the request has
 /// one), then trusted header, else none.
 pub fn identify(r: &Router, req: &RequestHeader, user_cookie: Option<&str>, client: Option<IpAddr>) -> Option<String> {
-    let id = &r.config.identity;
+    let live = r.settings();
+    let id = &live.config.identity;
     if id.rstudio_user_cookie
         && let Some(value) = user_cookie
     {
@@ -119,10 +120,11 @@ impl RequestFacts {
 /// Read identity, the signed cookie and the path key. Counts cookies that
 /// do not verify (they are then ignored, never trusted).
 pub fn read_request(r: &Router, req: &RequestHeader, client: Option<IpAddr>, now_secs: u64) -> RequestFacts {
-    let cfg = &r.config.sessions;
+    let live = r.settings();
+    let cfg = &live.config.sessions;
     let [signed, user_cookie] = cookie::find_cookies(
         cookie_headers(req),
-        [cfg.affinity_cookie_name.as_str(), r.config.identity.user_cookie_name.as_str()],
+        [cfg.affinity_cookie_name.as_str(), live.config.identity.user_cookie_name.as_str()],
     );
     let user = identify(r, req, user_cookie, client);
     let cookie = signed.and_then(|value| {
@@ -374,7 +376,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
         }
         Decision::Pinned { pin, route } => {
             ctx.route = route;
-            let max_age = r.config.sessions.affinity_cookie_max_age.as_secs();
+            let max_age = r.settings().config.sessions.affinity_cookie_max_age.as_secs();
             if now_secs.saturating_sub(pin.issued) > max_age / 2 {
                 let refreshed = pin.moved_to(pin.node, now_secs);
                 ctx.set_cookie = Some(r.pin_cookie(&refreshed));
@@ -431,7 +433,7 @@ fn issue_anonymous_pin(r: &Router, ctx: &mut RequestCtx, pin: Pin, reason: &'sta
 /// Point the browser's pin at `node` (a signed-in user's node), unless it
 /// already points there and is fresh. Keeps the pin's id.
 fn repin(r: &Router, ctx: &mut RequestCtx, current: Option<&Pin>, node: NodeId, reason: &'static str, now_secs: u64) {
-    let max_age = r.config.sessions.affinity_cookie_max_age.as_secs();
+    let max_age = r.settings().config.sessions.affinity_cookie_max_age.as_secs();
     let pin = match current {
         Some(p) if p.node == node && now_secs.saturating_sub(p.issued) <= max_age / 2 => return,
         Some(p) if p.node == node => p.moved_to(node, now_secs),
