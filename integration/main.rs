@@ -16,6 +16,7 @@ mod registry;
 mod registry_schema;
 mod routing;
 mod scale_smoke;
+mod security;
 mod sessions;
 mod status_page;
 mod tls;

@@ -308,6 +308,20 @@ fn unbound_downstream_reads(session: &mut Session) {
     session.set_total_drain_timeout(Some(Duration::from_secs(60)));
 }
 
+/// Forwarding headers only a trusted front proxy (`trusted-cidrs`) may
+/// send; from anyone else they are removed, and `X-Forwarded-For`, `-Proto`
+/// and `-Host` are then set from the connection and the request's own Host.
+const UNTRUSTED_FORWARDING_HEADERS: [&str; 6] =
+    ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip", "forwarded"];
+
+fn scrub_forwarding_headers(upstream: &mut RequestHeader) {
+    for name in UNTRUSTED_FORWARDING_HEADERS {
+        if upstream.headers.contains_key(name) {
+            upstream.remove_header(name);
+        }
+    }
+}
+
 fn config_trusted_header(config: &Config) -> Option<http::HeaderName> {
     config.identity.trusted_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
 }
@@ -564,6 +578,12 @@ impl ProxyHttp for Router {
             && upstream.headers.contains_key(name)
         {
             upstream.remove_header(name);
+        }
+        if !trusted {
+            // Set below from this connection and request, or not at all: a
+            // client's own values must not survive (e.g. `X-Forwarded-Host`
+            // of an HTTP/1.0 request without Host).
+            scrub_forwarding_headers(upstream);
         }
         if let Some(ip) = ctx.client {
             let value = match upstream.headers.get(&*X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
