@@ -55,3 +55,79 @@ async fn forwarding_headers_of_an_untrusted_client_never_reach_the_backend() {
     }
     assert_eq!(hops, [2, 4], "one node served locally, two forwarded (two hops)");
 }
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A single node in front of a demo backend, on 127.0.0.2 (its own database;
+/// the fields keep the processes and the database alive).
+#[allow(dead_code)]
+pub struct OneNode {
+    pub node: crate::common::node::Node,
+    pub backend: crate::common::node::Backend,
+    pub fx: crate::common::node::ClusterFixture,
+    pub db: crate::common::db::TestDb,
+}
+
+impl OneNode {
+    pub async fn start(extra: &str) -> OneNode {
+        let db = crate::common::db::TestDb::postgres().await;
+        let fx = crate::common::node::ClusterFixture::new(&db.url);
+        let backend = crate::common::node::Backend::start(fx.path(), "A").await;
+        let mut spec = fx.spec("127.0.0.2", Some(backend.addr));
+        spec.extra = extra.into();
+        let node = fx.start(&spec).await;
+        OneNode { node, backend, fx, db }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.node.address().parse().unwrap()
+    }
+
+    /// The sum of metric `name` on the node's metrics listener.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.node.metrics_url()).await.unwrap().text().await.unwrap();
+        crate::common::cluster::metric_sum(&text, name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_forged_forwarding_headers_is_refused_counted_and_logged_sparingly() {
+    let n = OneNode::start("").await;
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let forged = sessionlb::proxy::forward::sign(
+        &sessionlb::config::key::SecureKey::from_bytes(b"not-the-cluster-key-at-all-00000\n".to_vec()),
+        1,
+        1,
+        now_ms(),
+        "aff:x",
+        None,
+        &sessionlb::proxy::forward::RequestLine { method: "GET", host: &n.node.address(), path_and_query: "/" },
+    );
+    const FLOOD: usize = 400;
+    for i in 0..FLOOD {
+        // Garbage, a forged MAC, and the node-info endpoint in turn.
+        let (path, header) = match i % 3 {
+            0 => ("/", format!("v1;garbage;{i}")),
+            1 => ("/", forged.clone()),
+            _ => ("/load-balancer/node-info", forged.clone()),
+        };
+        let resp = client.get(n.node.url(path)).header(sessionlb::proxy::forward::HEADER, header).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "forged header {i}");
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(n.metric("sessionlb_rejected_forwards_total").await, FLOOD as f64, "every refusal is counted");
+    // The node still serves.
+    let ok = client.get(n.node.url("/")).send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let log = n.node.proc.log_text();
+    let lines = log.lines().filter(|l| l.contains("with an invalid forwarding header")).count();
+    // One line per 10 s at most (plus the first).
+    let bound = 2 + elapsed.as_secs() as usize / 10;
+    assert!((1..=bound).contains(&lines), "{lines} log lines for {FLOOD} forged headers in {elapsed:?}:\n{log}");
+    if lines > 1 {
+        assert!(log.contains("suppressed="), "the count left out is logged:\n{log}");
+    }
+}

@@ -190,8 +190,7 @@ async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
         }
         Ok(_) => respond_text(session, 403, "forbidden\n").await,
         Err(reason) => {
-            METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
-            tracing::warn!(reason = reason.as_str(), client = ?ctx.client, "refused a node-info request");
+            super::count_refused_forward(reason, ctx.client, NODE_INFO, "a node-info request");
             respond_text(session, 403, "forbidden: node-to-node endpoint\n").await
         }
     }

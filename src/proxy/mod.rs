@@ -39,6 +39,7 @@ mod endpoints;
 pub mod forward;
 pub mod health;
 pub mod identity;
+pub mod log_limit;
 pub mod placement;
 pub mod routing;
 mod status_page;
@@ -768,14 +769,28 @@ impl ProxyHttp for Router {
     }
 }
 
-async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
+/// Forged or replayed node-to-node headers: one WARN line per interval at
+/// most (an unauthenticated client must not flood the log); each one is
+/// counted in `sessionlb_rejected_forwards_total`.
+pub(crate) static FORWARD_REFUSALS_LOG: log_limit::LogLimit = log_limit::LogLimit::new(log_limit::DEFAULT_INTERVAL);
+
+/// Count a refused node-to-node header, and log it unless rate-limited.
+pub(crate) fn count_refused_forward(reason: ForwardRejection, client: Option<IpAddr>, path: &str, what: &str) {
     METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
-    tracing::warn!(
-        reason = reason.as_str(),
-        client = ?ctx.client,
-        path = %session.req_header().uri.path(),
-        "refused a node-to-node request with an invalid forwarding header"
-    );
+    if let Some(suppressed) = FORWARD_REFUSALS_LOG.allow(std::time::Instant::now()) {
+        tracing::warn!(
+            reason = reason.as_str(),
+            client = ?client,
+            path,
+            suppressed,
+            "refused {what} with an invalid forwarding header (at most one such line per {}s; `suppressed` more since the last; all are counted in sessionlb_rejected_forwards_total)",
+            log_limit::DEFAULT_INTERVAL.as_secs()
+        );
+    }
+}
+
+async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
+    count_refused_forward(reason, ctx.client, session.req_header().uri.path(), "a node-to-node request");
     endpoints::respond_text(session, 403, "forbidden: invalid node-to-node request\n").await
 }
 
