@@ -131,3 +131,67 @@ async fn a_flood_of_forged_forwarding_headers_is_refused_counted_and_logged_spar
         assert!(log.contains("suppressed="), "the count left out is logged:\n{log}");
     }
 }
+
+/// Metric `name` from the node's own metrics listener.
+async fn listener_metric(node: &crate::common::node::Node, name: &str) -> f64 {
+    let text = reqwest::get(node.metrics_url()).await.unwrap().text().await.unwrap();
+    crate::common::cluster::metric_sum(&text, name)
+}
+
+/// A client whose connections come from `ip` (on the loopback network).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_page_is_restricted_to_status_page_cidrs_and_nodes_and_asks_peers_once_a_second() {
+    // The administrators' address is 127.0.0.9; every client is loopback,
+    // as behind a local front proxy.
+    let c =
+        Cluster::start(ClusterOptions { extra: "status-page-cidrs = [\"127.0.0.9\"]\n".into(), ..Default::default() })
+            .await;
+    let mut ann = Browser::new();
+    assert_eq!(ann.get(&c.nodes[0].url("/")).await.status, 200);
+    let a = &c.nodes[0];
+    let status = a.url("/load-balancer/status?format=json");
+    // Allowed: the configured address, and another node (B's address).
+    for from in ["127.0.0.9", "127.0.0.3"] {
+        let resp = client_from(from).get(&status).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "from {from}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(json["nodes"].as_array().unwrap().len(), 3, "from {from}: {json}");
+    }
+    // Refused: loopback addresses that are neither (127.0.0.1 is no longer special).
+    let refused_before = listener_metric(a, "sessionlb_status_refused_total").await;
+    for from in ["127.0.0.1", "127.0.0.10", "127.0.0.200"] {
+        for path in ["/load-balancer/status", "/load-balancer/status?format=json", "/metrics"] {
+            let resp = client_from(from).get(a.url(path)).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 403, "{path} from {from}");
+            let body = resp.text().await.unwrap();
+            assert!(!body.contains("Load:") && !body.contains("sessionlb_"), "{path} from {from} leaked: {body}");
+        }
+    }
+    // (Counted on A's own metrics listener, which status-page-cidrs does not govern.)
+    let refused = listener_metric(a, "sessionlb_status_refused_total").await - refused_before;
+    assert_eq!(refused, 9.0);
+
+    // Peers' reports are reused for a second: a burst of status requests
+    // asks the peers about once a second, not once per request.
+    let admin = client_from("127.0.0.9");
+    let rounds_before = listener_metric(a, "sessionlb_status_peer_rounds_total").await;
+    let started = std::time::Instant::now();
+    const BURST: usize = 30;
+    for _ in 0..BURST {
+        assert_eq!(admin.get(&status).send().await.unwrap().status().as_u16(), 200);
+    }
+    let elapsed = started.elapsed();
+    let rounds = listener_metric(a, "sessionlb_status_peer_rounds_total").await - rounds_before;
+    let bound = 2.0 + elapsed.as_secs_f64().ceil();
+    assert!(rounds <= bound, "{rounds} rounds of peer calls for {BURST} requests in {elapsed:?}");
+    assert!(rounds < BURST as f64);
+}

@@ -228,6 +228,12 @@ impl Router {
         )
     }
 
+    /// Whether `ip` is a cluster node's registered address (its IPv4, or
+    /// its host when that is an address).
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.view.nodes().nodes.iter().any(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+    }
+
     /// Peer scheme for node-to-node traffic.
     fn peer_tls(&self) -> bool {
         self.config.proxy.ssl_enabled
