@@ -195,3 +195,71 @@ async fn status_page_is_restricted_to_status_page_cidrs_and_nodes_and_asks_peers
     assert!(rounds <= bound, "{rounds} rounds of peer calls for {BURST} requests in {elapsed:?}");
     assert!(rounds < BURST as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarding_header_is_accepted_once_from_its_sender_and_bound_to_the_body_length() {
+    use sessionlb::proxy::forward;
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let key = c.key();
+    let (a, b) = (c.node_id(0).await, c.node_id(1).await);
+    let host = c.nodes[1].address();
+    let url = c.nodes[1].url("/x");
+    let line = forward::RequestLine { method: "GET", host: &host, path_and_query: "/x" };
+    let rejected = |reason: &'static str| {
+        let metrics = c.nodes[1].metrics_url();
+        async move {
+            let text = reqwest::get(metrics).await.unwrap().text().await.unwrap();
+            crate::common::cluster::metric_sum(
+                &text,
+                &format!("sessionlb_rejected_forwards_total{{reason=\"{reason}\"}}"),
+            )
+        }
+    };
+    let from_a = client_from("127.0.0.2");
+
+    // Genuine, from A's address: served by B's backend.
+    let good = forward::sign(&key, a, b, now_ms(), "aff:test", None, &line);
+    let ok = from_a.get(&url).header(forward::HEADER, &good).send().await.unwrap();
+    assert_eq!((ok.status().as_u16(), ok.headers()["x-backend"].to_str().unwrap()), (200, "B"));
+    // The same header again (a replay, even from A's address): refused.
+    let replay = from_a.get(&url).header(forward::HEADER, &good).send().await.unwrap();
+    assert_eq!(replay.status().as_u16(), 403);
+    assert_eq!(rejected("replayed").await, 1.0);
+
+    // A fresh, valid header from anywhere but A's address: refused.
+    for from in ["127.0.0.1", "127.0.0.4", "127.0.0.9"] {
+        let fresh = forward::sign(&key, a, b, now_ms(), &format!("aff:{from}"), None, &line);
+        let resp = client_from(from).get(&url).header(forward::HEADER, fresh).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "from {from}");
+    }
+    assert_eq!(rejected("wrong_peer").await, 3.0);
+
+    // Signed for a request without a body, sent with one: refused.
+    let post_line = forward::RequestLine { method: "POST", ..line };
+    let bodiless = forward::sign(&key, a, b, now_ms(), "aff:body", None, &post_line);
+    let resp = from_a.post(&url).header(forward::HEADER, bodiless).body("hello").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(rejected("bad_mac").await, 1.0);
+    // Signed for its length: accepted; the same header with another length: refused.
+    let framed = forward::sign_framed(&key, a, b, now_ms(), "aff:body", None, &post_line, "length=5");
+    let resp = from_a.post(&url).header(forward::HEADER, &framed).body("hello").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let framed = forward::sign_framed(&key, a, b, now_ms() + 1, "aff:body", None, &post_line, "length=5");
+    let resp = from_a.post(&url).header(forward::HEADER, &framed).body("hello, world").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(rejected("bad_mac").await, 2.0);
+
+    // Real forwarding between the nodes still works (the nodes leave from
+    // their own addresses), for requests with bodies too.
+    let mut browser = Browser::new();
+    let owner = browser.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
+    for node in &c.nodes {
+        let resp =
+            browser.request(reqwest::Method::POST, &node.url("/upload")).body(vec![7u8; 100_000]).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "via {}", node.address());
+        let result: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!((result["bytes"].as_u64(), result["backend"].as_str()), (Some(100_000), Some(owner.as_str())));
+    }
+    let forwarded_total = c.metric_all("sessionlb_rejected_forwards_total").await;
+    assert_eq!(forwarded_total, 6.0, "no genuine forward was refused");
+}

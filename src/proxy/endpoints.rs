@@ -188,7 +188,7 @@ fn self_info(r: &Router) -> NodeInfo {
 }
 
 async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    match r.verify_forward(session.req_header()) {
+    match r.verify_forward(session.req_header(), ctx.client) {
         Ok(f) if f.key == NODE_INFO_KEY => {
             let body = serde_json::to_string(&self_info(r)).expect("serialisable");
             respond(session, 200, "application/json", body.into()).await
@@ -204,10 +204,6 @@ async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
 /// One of `status-page-cidrs` (default loopback) or a cluster node's address.
 fn may_read_status(r: &Router, client: Option<IpAddr>) -> bool {
     let Some(ip) = client else { return false };
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
     super::identity::is_trusted(ip, &r.config.proxy.status_page_cidrs) || r.is_node_address(ip)
 }
 

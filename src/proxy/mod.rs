@@ -120,6 +120,8 @@ pub struct Router {
     pub lookups: backend_keys::LookupsInFlight,
     /// Users placed from memory while the registry was unavailable.
     pub degraded: Arc<DegradedPlacements>,
+    /// Node-to-node headers accepted within the window (each is accepted once).
+    pub replays: forward::ReplayCache,
 }
 
 impl Router {
@@ -158,6 +160,7 @@ impl Router {
             key_misses: backend_keys::MissCache::default(),
             lookups: backend_keys::LookupsInFlight::default(),
             degraded: Arc::new(DegradedPlacements::default()),
+            replays: forward::ReplayCache::new(forward::REPLAY_CACHE_CAPACITY),
         }
     }
 
@@ -214,24 +217,53 @@ impl Router {
 
     /// Check a request's node-to-node header (absent counts as malformed):
     /// meant for this node, from a known node, in the time window, MAC over
-    /// this request line.
-    pub fn verify_forward(&self, req: &RequestHeader) -> std::result::Result<Forwarded, ForwardRejection> {
+    /// this request line and body framing; then that `client` (the
+    /// connection's peer) is the sender's registered address (unless
+    /// `forward-peer-check = false`) and that the header is new.
+    pub fn verify_forward(
+        &self,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
+    ) -> std::result::Result<Forwarded, ForwardRejection> {
         let header = req.headers.get(forward::HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        forward::verify(
+        let now = now_ms();
+        let window = self.config.proxy.forwarding_window.as_millis() as i64;
+        let f = forward::verify_framed(
             &self.key,
             header,
             self.self_id,
             |id| self.view.nodes().get(id).is_some(),
-            now_ms(),
-            self.config.proxy.forwarding_window.as_millis() as i64,
+            now,
+            window,
             &request_line(req),
-        )
+            &body_framing(req, req),
+        )?;
+        if self.config.proxy.forward_peer_check && !self.is_address_of(f.sender, client) {
+            return Err(ForwardRejection::WrongPeer);
+        }
+        let (at, id) = forward::replay_id(header).ok_or(ForwardRejection::Malformed)?;
+        self.replays.check(at, id, now, window)?;
+        Ok(f)
+    }
+
+    /// Whether `client` is node `id`'s registered address (its IPv4, or its
+    /// host when that is an address).
+    fn is_address_of(&self, id: NodeId, client: Option<IpAddr>) -> bool {
+        let Some(ip) = client.map(canonical_ip) else { return false };
+        self.view.nodes().get(id).is_some_and(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
     }
 
     /// Whether `ip` is a cluster node's registered address (its IPv4, or
     /// its host when that is an address).
     pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
         self.view.nodes().nodes.iter().any(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+    }
+
+    /// The address node-to-node connections leave from: `www-address`
+    /// when it is a specific address (otherwise the kernel's choice).
+    pub fn own_address(&self) -> Option<IpAddr> {
+        own_address(&self.config)
     }
 
     /// Peer scheme for node-to-node traffic.
@@ -240,11 +272,19 @@ impl Router {
     }
 }
 
+/// `www-address` when it is a specific address.
+fn own_address(config: &Config) -> Option<IpAddr> {
+    let ip = config.node.www_address;
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// The HTTP client for node-to-node control calls (probes, status
-/// gathering): bounded by `timeout`, verifying peers like the data path does.
+/// gathering): bounded by `timeout`, verifying peers like the data path
+/// does, leaving from `www-address` when it is a specific address.
 pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, String> {
     let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(30));
     let mut builder = reqwest::Client::builder()
+        .local_address(own_address(config))
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_keepalive(Duration::from_secs(60))
@@ -263,6 +303,24 @@ pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, S
         }
     }
     builder.build().map_err(|e| format!("cannot build the node-to-node HTTP client: {e}"))
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The body framing the forwarding MAC covers: `sent` is the request as it
+/// goes upstream (its `Content-Length`), `original` as it came in (Pingora
+/// re-frames a body without a length as chunked after the filters).
+fn body_framing(sent: &RequestHeader, original: &RequestHeader) -> String {
+    let length = sent.headers.get(http::header::CONTENT_LENGTH).map(|v| v.as_bytes());
+    let chunked = length.is_none() && original.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || sent.headers.contains_key(http::header::TRANSFER_ENCODING);
+    forward::framing(length, chunked)
 }
 
 /// An address as a header value, IPv4 without the formatting machinery
@@ -466,7 +524,7 @@ impl ProxyHttp for Router {
 
         // A request from another node of the cluster: verified or refused.
         if session.req_header().headers.contains_key(forward::HEADER) {
-            match self.verify_forward(session.req_header()) {
+            match self.verify_forward(session.req_header(), ctx.client) {
                 Ok(f) => {
                     if !self.serves_locally() {
                         endpoints::respond_backend_down(session).await?;
@@ -527,6 +585,14 @@ impl ProxyHttp for Router {
         peer.options.write_timeout = None;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.tcp_keepalive = Some(tcp_keepalive());
+        if let (Route::Peer { .. }, Some(local)) = (ctx.route, self.own_address()) {
+            // Peers check that a forwarded request comes from the sender's
+            // registered address: leave from ours (where the kernel would
+            // pick another source, e.g. 127.0.0.1 on the loopback network).
+            let mut bind = pingora::connectors::l4::BindTo::default();
+            bind.addr = Some(SocketAddr::new(local, 0));
+            peer.options.bind_to = Some(bind);
+        }
         if tls {
             // The local backend (rserver serving https) runs on this node:
             // its certificate, made for the public name, is not checked.
@@ -612,8 +678,17 @@ impl ProxyHttp for Router {
         }
         if let Route::Peer { id, .. } = ctx.route {
             let key = ctx.session_key().unwrap_or_default();
-            let value =
-                forward::sign(&self.key, self.self_id, id, now_ms(), key, ctx.user.as_deref(), &request_line(upstream));
+            let framing = body_framing(upstream, session.req_header());
+            let value = forward::sign_framed(
+                &self.key,
+                self.self_id,
+                id,
+                now_ms(),
+                key,
+                ctx.user.as_deref(),
+                &request_line(upstream),
+                &framing,
+            );
             upstream.insert_header(forward::HEADER, value)?;
         }
         Ok(())
