@@ -263,3 +263,104 @@ async fn a_forwarding_header_is_accepted_once_from_its_sender_and_bound_to_the_b
     let forwarded_total = c.metric_all("sessionlb_rejected_forwards_total").await;
     assert_eq!(forwarded_total, 6.0, "no genuine forward was refused");
 }
+
+/// Whether the server closed `stream` (a read returns end of file or an
+/// error) within `wait`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a response (e.g. 408) before the close
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_are_closed_after_the_deadlines_and_the_node_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    let n = OneNode::start("request-header-timeout = \"1s\"\nrequest-body-idle-timeout = \"1s\"\n").await;
+    let addr = n.addr();
+    const SLOW: usize = 40;
+    // Half a request head each, never finished.
+    let mut slow = Vec::new();
+    for _ in 0..SLOW {
+        let mut s = raw::connect(addr, None).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        slow.push(s);
+    }
+    // A stalled upload: 10 of 100 bytes, then silence.
+    let mut upload = raw::connect(addr, None).await.unwrap();
+    upload.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    // Meanwhile a normal client is served.
+    let ok = reqwest::Client::new().get(n.node.url("/")).send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    // Every slow client is closed (polled with a deadline far above 1 s).
+    for (i, s) in slow.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(60)).await, "slow client {i} still open");
+    }
+    assert!(closed_within(&mut upload, Duration::from_secs(60)).await, "the stalled upload is still open");
+    assert!(n.metric("sessionlb_request_header_timeouts_total").await >= SLOW as f64);
+    // A WebSocket (an upgraded tunnel) has no idle limit: silent for longer
+    // than both deadlines, it still echoes.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", n.node.address())).await.unwrap();
+    use futures::{SinkExt, StreamExt};
+    assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().starts_with("hello from"));
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the silence under test, not a synchronisation
+    ws.send(tokio_tungstenite::tungstenite::Message::Text("still here".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "still here");
+
+    // Clients that hang up mid-head are not errors of the node.
+    const HANGUPS: usize = 20;
+    for _ in 0..HANGUPS {
+        let mut s = raw::connect(addr, None).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        drop(s);
+    }
+    crate::common::eventually(Duration::from_secs(30), "the node to see every hang-up", || async {
+        let log = n.node.proc.log_text();
+        (log.matches("client closed the connection while sending its request head").count() >= HANGUPS).then_some(())
+    })
+    .await;
+    let log = n.node.proc.log_text();
+    assert!(!log.lines().any(|l| l.contains("ERROR")), "ERROR lines for clients:\n{log}");
+    let ok = reqwest::Client::new().get(n.node.url("/")).send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_past_max_connections_get_503_and_are_counted() {
+    let n = OneNode::start("max-connections = 5\nrequest-header-timeout = \"60s\"\n").await;
+    let addr = n.addr();
+    // Five idle connections hold every slot.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(raw::connect(addr, None).await.unwrap());
+    }
+    crate::common::eventually(Duration::from_secs(10), "five open connections", || async {
+        (n.metric("sessionlb_connections_open").await == 5.0).then_some(())
+    })
+    .await;
+    // (Counted from here: a keep-alive connection of the readiness probe may
+    // have held a slot and made one of the five be refused.)
+    let before = n.metric("sessionlb_connections_refused_total").await;
+    for i in 0..3 {
+        let reply =
+            raw::send(addr, None, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(10))
+                .await
+                .unwrap();
+        assert_eq!(reply.status, 503, "connection {i} past the cap: {reply:?}");
+    }
+    assert_eq!(n.metric("sessionlb_connections_refused_total").await - before, 3.0);
+    // Slots come back when connections close.
+    drop(held);
+    let client = reqwest::Client::new();
+    crate::common::eventually(Duration::from_secs(10), "a request to be served again", || async {
+        let resp = client.get(n.node.url("/")).send().await.ok()?;
+        (resp.status().as_u16() == 200).then_some(())
+    })
+    .await;
+}

@@ -5,6 +5,7 @@
 //! Phases of one request (Pingora's `ProxyHttp`):
 //!
 //! ```text
+//! early_request_filter    the head is in: stop the connection's head deadline (conn_limits)
 //! request_filter          built-in endpoints (/health, /metrics, /load-balancer/…)
 //!                         │ inbound node-to-node request? verify header → 403 | serve locally
 //!                         └ routing: read the request, decide from memory, act:
@@ -33,6 +34,7 @@
 
 pub mod backend_keys;
 pub mod breaker;
+pub mod conn_limits;
 pub mod cookie;
 pub mod degraded;
 mod endpoints;
@@ -363,12 +365,13 @@ pub fn tcp_keepalive() -> pingora::protocols::TcpKeepalive {
 }
 
 /// Pingora reads a downstream request body (and, after a 101, the client
-/// side of a tunnel) under a 60 s read timeout: an idle WebSocket or a
-/// stalled upload would be cut. `timeout` never bounds proxied bodies, long
-/// polls or tunnels, so once the request head is in, reads are unbounded
-/// (the head itself stays bounded by Pingora's default).
-fn unbound_downstream_reads(session: &mut Session) {
-    session.set_read_timeout(None);
+/// side of a tunnel) under a 60 s read timeout: an idle WebSocket would be
+/// cut. Upgrade requests (tunnels) read without a timeout; other requests'
+/// bodies may be silent for `request-body-idle-timeout` (the head itself is
+/// bounded by `request-header-timeout`, see `conn_limits`).
+fn set_downstream_reads(session: &mut Session, body_idle: Duration) {
+    let idle = if session.is_upgrade_req() { None } else { Some(body_idle) };
+    session.set_read_timeout(idle);
     // Draining an unread body before reusing the connection stays bounded.
     session.set_total_drain_timeout(Some(Duration::from_secs(60)));
 }
@@ -447,6 +450,8 @@ pub struct RequestCtx {
     /// What the request was routed by.
     pub via: Via,
     pub client: Option<IpAddr>,
+    /// The connection's head deadline, cleared while this request is served.
+    pub conn_watch: Option<Arc<conn_limits::Watch>>,
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
     pub timing: crate::ops::traffic::RequestTiming,
@@ -514,6 +519,15 @@ impl ProxyHttp for Router {
         RequestCtx::default()
     }
 
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        // The head is in: the connection's head deadline stops until this request ends.
+        ctx.conn_watch = conn_limits::request_started(
+            session.client_addr().and_then(|a| a.as_inet()),
+            session.server_addr().and_then(|a| a.as_inet()),
+        );
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.client = client_ip(session);
         if endpoints::is_builtin(session.req_header().uri.path()) {
@@ -543,7 +557,7 @@ impl ProxyHttp for Router {
                     );
                     ctx.inbound = Some(f);
                     ctx.route = Route::Local;
-                    unbound_downstream_reads(session);
+                    set_downstream_reads(session, self.config.server.request_body_idle_timeout);
                     return Ok(false);
                 }
                 Err(reason) => {
@@ -554,7 +568,7 @@ impl ProxyHttp for Router {
         }
 
         routing::route(self, session, ctx).await?;
-        unbound_downstream_reads(session);
+        set_downstream_reads(session, self.config.server.request_body_idle_timeout);
         Ok(false)
     }
 
@@ -826,6 +840,9 @@ impl ProxyHttp for Router {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(watch) = ctx.conn_watch.take() {
+            conn_limits::request_finished(&watch);
+        }
         if ctx.in_flight {
             METRICS.in_flight.dec();
             if let Via::Session(entry) = &ctx.via {
