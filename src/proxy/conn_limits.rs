@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -27,6 +27,8 @@ use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
+// Tokio's clock: deadlines are slept on, and tests pause it.
+use tokio::time::Instant;
 
 use crate::metrics::METRICS;
 
@@ -91,7 +93,7 @@ impl Watch {
                 None => self.changed.notified().await,
                 Some(at) => {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(at.into()) => {
+                        _ = tokio::time::sleep_until(at) => {
                             if self.state.lock().deadline.is_some_and(|d| d <= Instant::now()) {
                                 return;
                             }
