@@ -6,6 +6,7 @@ mod common;
 mod failover;
 mod faults;
 mod fuzz_corpus;
+mod hostile;
 mod lifecycle;
 mod lock;
 mod metrics;
