@@ -81,6 +81,17 @@ pub struct Metrics {
     pub notification_lag: Histogram,
     /// This node's clock minus the database's, measured at check-in.
     pub clock_skew: Gauge,
+    // --- hostile input (issue 11)
+    /// Status page and `/metrics` requests refused (not in `status-page-cidrs`, not a node).
+    pub status_refused: IntCounter,
+    /// Rounds of node-info calls to peers made for status requests (at most one a second).
+    pub status_peer_rounds: IntCounter,
+    /// Client connections open on the proxy port.
+    pub connections_open: IntGauge,
+    /// Client connections refused (503, closed) because `max-connections` were open.
+    pub connections_refused: IntCounter,
+    /// Connections closed because a request head did not arrive within `request-header-timeout`.
+    pub request_header_timeouts: IntCounter,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -285,6 +296,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             r.register(Box::new(g.clone())).expect("unique metric");
             g
         },
+        status_refused: counter(
+            &r,
+            "sessionlb_status_refused_total",
+            "Status page and /metrics requests refused (not in status-page-cidrs, not a node)",
+        ),
+        status_peer_rounds: counter(
+            &r,
+            "sessionlb_status_peer_rounds_total",
+            "Rounds of calls to peers for status requests (at most one a second)",
+        ),
+        connections_open: gauge(&r, "sessionlb_connections_open", "Client connections open on the proxy port"),
+        connections_refused: counter(
+            &r,
+            "sessionlb_connections_refused_total",
+            "Client connections refused with 503 because max-connections were open",
+        ),
+        request_header_timeouts: counter(
+            &r,
+            "sessionlb_request_header_timeouts_total",
+            "Connections closed because a request head did not arrive within request-header-timeout",
+        ),
         registry: r,
     }
 });

@@ -233,7 +233,16 @@ pub fn serve_with(
     server.bootstrap();
     let pid_file = upgrade::pid_file(&config);
     upgrade::write_pid_file(&pid_file);
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, router);
+    // The proxy behind the connection cap and the request-head deadline.
+    let limits = crate::proxy::conn_limits::Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.request_header_timeout,
+    };
+    let proxy = pingora::proxy::http_proxy(&server.configuration, router);
+    let mut service = pingora::services::listening::Service::new(
+        "sessionlb proxy".into(),
+        crate::proxy::conn_limits::Limited::new(proxy, limits),
+    );
     // Unbounded tunnels and bodies (see the proxy) need TCP keepalive to end
     // when a client vanishes without closing (sleep, NAT drop).
     let mut socket = TcpSocketOptions::default();

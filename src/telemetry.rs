@@ -116,7 +116,9 @@ pub fn init_serve(settings: &ServerSettings) -> Option<std::path::PathBuf> {
     // Pingora logs through `log`; its records below warn are filtered out
     // below anyway, so stop them at the `log` macro instead of bridging
     // every debug!/trace! call of the data path into tracing.
-    let _ = tracing_log::LogTracer::builder().with_max_level(log::LevelFilter::Warn).init();
+    if log::set_boxed_logger(Box::new(PingoraLog(tracing_log::LogTracer::new()))).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let filter = main_filter(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, level_handle) = reload::Layer::new(filter);
     let main = match settings.log_format {
@@ -186,6 +188,41 @@ pub fn reload(settings: &ServerSettings) -> Result<LogChanges, String> {
     Ok(changes)
 }
 
+/// Pingora's `log` records, bridged into tracing, except that a client
+/// hanging up while sending its request head (Pingora's ERROR "Fail to proxy:
+/// Downstream ConnectionClosed … while reading request headers") is not an
+/// error of this node: it is logged at debug.
+struct PingoraLog(tracing_log::LogTracer);
+
+/// Whether a Pingora log line reports a client that went away mid-head.
+pub fn is_client_hangup(level: log::Level, message: &str) -> bool {
+    level == log::Level::Error
+        && message.starts_with("Fail to proxy: ")
+        && message.contains("Downstream")
+        && message.contains("while reading request headers")
+}
+
+impl log::Log for PingoraLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() == log::Level::Error && record.target().starts_with("pingora") {
+            let message = record.args().to_string();
+            if is_client_hangup(record.level(), &message) {
+                tracing::debug!(target: "sessionlb::downstream", "client closed the connection while sending its request head: {message}");
+                return;
+            }
+        }
+        self.0.log(record);
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 /// Create a new diagnostics file in `dir` (the temp folder, shared with
 /// every user): `sessionlb-diagnostics-<pid>-<random>.log`, mode 0600,
 /// with `O_EXCL` — the name cannot be guessed in advance, and a file or
@@ -223,6 +260,21 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_client_hanging_up_mid_head_is_not_an_error() {
+        // Pingora 0.9's line for it (pingora-proxy `handle_new_request`).
+        let hangup = "Fail to proxy: Downstream ConnectionClosed context: while reading request headers, bytes already read: 17, downstream session type: HTTP/1.1";
+        assert!(is_client_hangup(log::Level::Error, hangup));
+        let reset = "Fail to proxy: Downstream ReadError context: while reading request headers cause: Connection reset by peer (os error 104), downstream session type: HTTP/1.1";
+        assert!(is_client_hangup(log::Level::Error, reset));
+        for other in [
+            "Fail to proxy: Upstream ConnectRefused context: Peer: addr: 127.0.0.1:1",
+            "failed to send error response to downstream: x",
+        ] {
+            assert!(!is_client_hangup(log::Level::Error, other), "{other}");
+        }
+    }
 
     #[test]
     fn diagnostics_files_are_private_new_and_unpredictable() {

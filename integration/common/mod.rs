@@ -40,3 +40,4 @@ pub fn eventually_sync<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> 
 }
 pub mod cluster;
 pub mod netns;
+pub mod raw;

@@ -34,16 +34,36 @@ pub enum KeyError {
         "secure cookie key file {path} has mode {mode:04o}; it must not be readable or writable by group or others (e.g. 0600: chmod 0600 {path})"
     )]
     BadPermissions { path: PathBuf, mode: u32 },
-    #[error(
-        "secure cookie key file {path} holds {len} bytes; at least {MIN_KEY_BYTES} bytes (128 bits) are required, 32 recommended"
-    )]
-    TooShort { path: PathBuf, len: usize },
+    #[error("{}", too_short_message(path, *len, *nul_at))]
+    TooShort {
+        path: PathBuf,
+        /// Bytes usable as the key: the whole file, or the part before its
+        /// first NUL byte when it has one (`nul_at`).
+        len: usize,
+        /// Where the first NUL byte is, when it cut the key short: Workbench
+        /// signs `user-id` cookies with the key as a C string, so only the
+        /// bytes before it count.
+        nul_at: Option<usize>,
+    },
     #[error("cannot read secure cookie key file {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+fn too_short_message(path: &Path, len: usize, nul_at: Option<usize>) -> String {
+    match nul_at {
+        Some(at) => format!(
+            "secure cookie key file {} has a NUL byte at offset {at}: Workbench signs cookies with the key up to its first NUL byte, which leaves {len} bytes; at least {MIN_KEY_BYTES} bytes (128 bits) before any NUL are required, 32 recommended (a text key such as `uuidgen` output has none)",
+            path.display()
+        ),
+        None => format!(
+            "secure cookie key file {} holds {len} bytes; at least {MIN_KEY_BYTES} bytes (128 bits) are required, 32 recommended",
+            path.display()
+        ),
+    }
 }
 
 fn missing_message(path: &Path, tried: &[PathBuf]) -> String {
@@ -96,13 +116,18 @@ impl SecureKey {
             return Err(KeyError::BadPermissions { path: path.to_path_buf(), mode });
         }
         let bytes = fs::read(path).map_err(|source| KeyError::Io { path: path.to_path_buf(), source })?;
-        if bytes.len() < MIN_KEY_BYTES {
-            return Err(KeyError::TooShort { path: path.to_path_buf(), len: bytes.len() });
+        // What Workbench's cookies are signed with (the key as a C string)
+        // must itself be long enough: a binary key with an early NUL would
+        // leave a short or empty HMAC key and forgeable `user-id` cookies.
+        let usable = workbench_part(&bytes).len();
+        if usable < MIN_KEY_BYTES {
+            let nul_at = (usable < bytes.len()).then_some(usable);
+            return Err(KeyError::TooShort { path: path.to_path_buf(), len: usable, nul_at });
         }
-        if bytes.len() < RECOMMENDED_KEY_BYTES {
+        if usable < RECOMMENDED_KEY_BYTES {
             tracing::warn!(
                 path = %path.display(),
-                len = bytes.len(),
+                len = usable,
                 "secure cookie key is shorter than 32 bytes (256 bits), which Workbench itself requires; use a longer key"
             );
         }
@@ -138,6 +163,18 @@ impl SecureKey {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// The part of the key Workbench signs `user-id` cookies with: up to
+    /// its first NUL byte. A loaded key has at least 16 bytes of it.
+    pub fn workbench_bytes(&self) -> &[u8] {
+        workbench_part(&self.bytes)
+    }
+}
+
+/// `bytes` up to the first NUL byte (a C string's view of them).
+pub fn workbench_part(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    &bytes[..end]
 }
 
 /// Create a key file for the quick start if none exists: a random UUID-like
@@ -206,6 +243,33 @@ mod tests {
         assert!(matches!(SecureKey::load(&short), Err(KeyError::TooShort { len: 15, .. })));
         let ok = write_key(dir.path(), b"0123456789abcdef", 0o600);
         assert_eq!(SecureKey::load(&ok).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn refuses_a_key_cut_short_by_an_early_nul() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 bytes in the file, but Workbench's HMAC key would be 4 (or 0).
+        for (content, usable) in
+            [(b"abcd\0".iter().chain(&[7u8; 59]).copied().collect::<Vec<u8>>(), 4), ([0u8; 40].to_vec(), 0)]
+        {
+            let path = write_key(dir.path(), &content, 0o600);
+            match SecureKey::load(&path) {
+                Err(e @ KeyError::TooShort { .. }) => {
+                    let KeyError::TooShort { len, nul_at, .. } = &e else { unreachable!() };
+                    assert_eq!((*len, *nul_at), (usable, Some(usable)));
+                    let msg = e.to_string();
+                    assert!(msg.contains(&path.display().to_string()), "{msg}");
+                    assert!(msg.contains(&format!("NUL byte at offset {usable}")), "{msg}");
+                    assert!(msg.contains("at least 16 bytes"), "{msg}");
+                }
+                other => panic!("a key with {usable} bytes before its NUL must be refused, got {other:?}"),
+            }
+        }
+        // A NUL after 16 usable bytes is fine: Workbench's key is those 16.
+        let ok: Vec<u8> = b"0123456789abcdef\0tail-bytes".to_vec();
+        let key = SecureKey::load(&write_key(dir.path(), &ok, 0o600)).unwrap();
+        assert_eq!(key.workbench_bytes(), b"0123456789abcdef");
+        assert_eq!(key.len(), ok.len());
     }
 
     #[test]

@@ -24,6 +24,10 @@ fn d(d: Duration) -> String {
     q(&humanize(d))
 }
 
+fn cidrs(list: &[ipnet::IpNet]) -> String {
+    format!("[{}]", list.iter().map(|c| q(&c.to_string())).collect::<Vec<_>>().join(", "))
+}
+
 fn opt_path(path: Option<&Path>) -> String {
     path.map_or(q(""), p)
 }
@@ -147,6 +151,8 @@ impl Config {
         o.line("ssl-certificate-key", opt_path(pr.ssl_certificate_key.as_deref()));
         o.line("ssl-ca-file", opt_path(pr.ssl_ca_file.as_deref()));
         o.line("forwarding-window", d(pr.forwarding_window));
+        o.line("forward-peer-check", pr.forward_peer_check.to_string());
+        o.line("status-page-cidrs", cidrs(&pr.status_page_cidrs));
         o.line("threads", self.server.threads.to_string());
         o.line("grace-period", d(self.server.grace_period));
         o.line("shutdown-timeout", d(self.server.shutdown_timeout));
@@ -158,6 +164,9 @@ impl Config {
         o.line("drain-timeout", d(self.server.drain_timeout));
         o.line("access-log", q(&self.server.access_log.as_string()));
         o.line("access-log-format", q(self.server.access_log_format.as_str()));
+        o.line("request-header-timeout", d(self.server.request_header_timeout));
+        o.line("request-body-idle-timeout", d(self.server.request_body_idle_timeout));
+        o.line("max-connections", self.server.max_connections.to_string());
         o.section("sessions");
         o.line("session-path-pattern", q(&s.path_pattern.to_string()));
         o.line("session-idle-timeout", d(s.idle_timeout));
@@ -170,10 +179,7 @@ impl Config {
         o.line("rstudio-user-cookie", i.rstudio_user_cookie.to_string());
         o.line("user-cookie-name", q(&i.user_cookie_name));
         o.line("trusted-header", q(i.trusted_header.as_deref().unwrap_or("")));
-        o.line(
-            "trusted-cidrs",
-            format!("[{}]", i.trusted_cidrs.iter().map(|c| q(&c.to_string())).collect::<Vec<_>>().join(", ")),
-        );
+        o.line("trusted-cidrs", cidrs(&i.trusted_cidrs));
         o.section("locks");
         o.line("lock-type", q(l.lock_type.as_str()));
         o.line("refresh-rate", d(l.refresh_rate));

@@ -136,7 +136,15 @@ fn read_keys(
             "`ssl-enabled = true` needs both `ssl-certificate` and `ssl-certificate-key`".into(),
         );
     }
-    let forwarding_window = r.duration("forwarding-window", Duration::from_secs(30), Duration::from_secs(1));
+    let forwarding_window = r.duration("forwarding-window", Duration::from_secs(5), Duration::from_secs(1));
+    let forward_peer_check = r.bool("forward-peer-check", true);
+    let status_page_set = r.is_set("status-page-cidrs");
+    let status_page_cidrs = r.list(
+        "status-page-cidrs",
+        parse_cidr,
+        "a list of addresses or CIDR blocks, such as [\"127.0.0.1\", \"10.1.0.0/16\"]",
+    );
+    let status_page_cidrs = if status_page_set { status_page_cidrs } else { default_status_page_cidrs() };
 
     // --- sessions
     let path_pattern =
@@ -184,7 +192,7 @@ fn read_keys(
     };
     let trusted_cidrs = r.list(
         "identity.trusted-cidrs",
-        |s| s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from)),
+        parse_cidr,
         "a list of addresses or CIDR blocks, such as [\"10.0.0.0/8\", \"127.0.0.1\"]",
     );
 
@@ -244,6 +252,11 @@ fn read_keys(
         None => Err("a string: \"\" (off), \"stdout\" or an absolute file path".into()),
     });
     let access_log_format = r.choice("access-log-format", LogFormat::Plain, LogFormat::CHOICES);
+    let request_header_timeout =
+        r.duration("request-header-timeout", Duration::from_secs(10), Duration::from_millis(100));
+    let request_body_idle_timeout =
+        r.duration("request-body-idle-timeout", Duration::from_secs(120), Duration::from_secs(1));
+    let max_connections = r.int("max-connections", 20_000, 1, 10_000_000) as usize;
 
     Config {
         files,
@@ -286,6 +299,8 @@ fn read_keys(
             ssl_certificate_key,
             ssl_ca_file,
             forwarding_window,
+            forward_peer_check,
+            status_page_cidrs,
         },
         sessions: SessionsConfig {
             path_pattern,
@@ -310,8 +325,21 @@ fn read_keys(
             drain_timeout,
             access_log,
             access_log_format,
+            request_header_timeout,
+            request_body_idle_timeout,
+            max_connections,
         },
     }
+}
+
+/// An address or CIDR block (`10.0.0.0/8`, `127.0.0.1`).
+fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// `status-page-cidrs` when unset: loopback.
+pub fn default_status_page_cidrs() -> Vec<IpNet> {
+    vec!["127.0.0.0/8".parse().expect("a CIDR"), "::1/128".parse().expect("a CIDR")]
 }
 
 /// `host:port` with a numeric port.

@@ -294,8 +294,16 @@ pub struct ProxyConfig {
     pub ssl_certificate_key: Option<PathBuf>,
     /// CA bundle (PEM) that peers' certificates must chain to; `None` = the system's roots.
     pub ssl_ca_file: Option<PathBuf>,
-    /// Accepted clock difference for signed node-to-node headers.
+    /// Accepted clock difference for signed node-to-node headers; a header
+    /// is also accepted only once within it (replay cache).
     pub forwarding_window: Duration,
+    /// A node-to-node request must come from its sender's registered
+    /// address (off: behind NAT, where peers' connections arrive from
+    /// another address).
+    pub forward_peer_check: bool,
+    /// Who may read `/load-balancer/status` and `/metrics` on the proxy
+    /// port, besides the cluster's nodes (default loopback).
+    pub status_page_cidrs: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -344,4 +352,12 @@ pub struct ServerSettings {
     pub access_log: AccessLogTarget,
     /// `access-log-format`: plain text or JSON lines.
     pub access_log_format: LogFormat,
+    /// A client must send a whole request head within this time of
+    /// connecting (or, on a kept-alive connection, of its previous answer
+    /// plus the 60 s keep-alive), or the connection is closed.
+    pub request_header_timeout: Duration,
+    /// A request body (never an upgraded tunnel) may be silent this long.
+    pub request_body_idle_timeout: Duration,
+    /// Most client connections open at once; past it new ones get 503.
+    pub max_connections: usize,
 }

@@ -620,3 +620,42 @@ fn rendered_strings_with_control_characters_parse_back_as_toml() {
     let parsed: toml::Table = toml::from_str(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
     assert_eq!(parsed["server-shared-storage-path"].as_str(), Some("/srv/shared\u{1}\u{0}"));
 }
+
+#[test]
+fn security_settings_have_defaults_and_checked_values() {
+    let c = parse("").unwrap();
+    assert_eq!(c.proxy.forwarding_window, Duration::from_secs(5));
+    assert!(c.proxy.forward_peer_check);
+    let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+    assert_eq!(c.proxy.status_page_cidrs, loopback);
+    assert_eq!(c.server.request_header_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.request_body_idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.server.max_connections, 20_000);
+
+    let c = parse(
+        "forward-peer-check = false\nstatus-page-cidrs = [\"10.1.0.0/16\", \"127.0.0.9\"]\n\
+         request-header-timeout = \"2s\"\nrequest-body-idle-timeout = \"30s\"\nmax-connections = 500\n",
+    )
+    .unwrap();
+    assert!(!c.proxy.forward_peer_check);
+    let admins: Vec<ipnet::IpNet> = vec!["10.1.0.0/16".parse().unwrap(), "127.0.0.9/32".parse().unwrap()];
+    assert_eq!(c.proxy.status_page_cidrs, admins);
+    assert_eq!(c.server.request_header_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.request_body_idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.max_connections, 500);
+    assert_eq!(parse(&c.render()).unwrap().render(), c.render());
+    // An empty list: only the cluster's nodes.
+    assert!(parse("status-page-cidrs = []\n").unwrap().proxy.status_page_cidrs.is_empty());
+
+    let found = problems(
+        "status-page-cidrs = [\"10.0.0.0/33\"]\nrequest-header-timeout = \"1ms\"\nmax-connections = 0\n\
+         forward-peer-check = \"maybe\"\n",
+    );
+    let text: Vec<String> = found.iter().map(|p| p.to_string()).collect();
+    assert_eq!(found.len(), 4, "{text:#?}");
+    assert!(text[0].contains(":1: `status-page-cidrs` must be a list of addresses or CIDR blocks"), "{text:#?}");
+    assert!(text[0].contains("bad item \"10.0.0.0/33\""), "{text:#?}");
+    assert!(text[1].contains(":2: `request-header-timeout` must be a duration of at least 100ms"), "{text:#?}");
+    assert!(text[2].contains(":3: `max-connections` must be an integer from 1 to 10000000"), "{text:#?}");
+    assert!(text[3].contains(":4: `forward-peer-check` must be a boolean"), "{text:#?}");
+}

@@ -91,6 +91,9 @@ pub const RELOADABLE: &[&str] = &[
     "user-hash-balance-factor",
     "timeout",
     "forwarding-window",
+    "forward-peer-check",
+    "status-page-cidrs",
+    "request-body-idle-timeout",
     "health-check-interval",
     "health-check-rise",
     "health-check-fall",
@@ -120,6 +123,9 @@ pub fn merge(started: &Config, new: &Config) -> Config {
     c.balancer = new.balancer.clone();
     c.proxy.timeout = new.proxy.timeout;
     c.proxy.forwarding_window = new.proxy.forwarding_window;
+    c.proxy.forward_peer_check = new.proxy.forward_peer_check;
+    c.proxy.status_page_cidrs = new.proxy.status_page_cidrs.clone();
+    c.server.request_body_idle_timeout = new.server.request_body_idle_timeout;
     c.sessions.idle_timeout = new.sessions.idle_timeout;
     c.sessions.affinity_cookie_max_age = new.sessions.affinity_cookie_max_age;
     c.sessions.cookie_secure = new.sessions.cookie_secure;
@@ -363,6 +369,7 @@ mod tests {
             "balancer = \"custom\"\ncustom-balancer-command = \"/usr/local/bin/place\"\n\
              custom-balancer-timeout = \"3s\"\ncustom-balancer-max-running = 9\nuser-hash-balance-factor = 2.5\n\
              timeout = \"7s\"\nforwarding-window = \"90s\"\nhealth-check-interval = \"9s\"\n\
+             forward-peer-check = false\nstatus-page-cidrs = [\"10.0.0.0/8\"]\nrequest-body-idle-timeout = \"5m\"\n\
              health-check-rise = 4\nhealth-check-fall = 5\nhealth-check-backend = \"http\"\n\
              health-check-backend-path = \"/ping\"\nlog-level = \"debug\"\ndiagnostics = \"stderr\"\n\
              drain-timeout = \"1m\"\naccess-log = \"stdout\"\naccess-log-format = \"json\"\n\

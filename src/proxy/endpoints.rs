@@ -4,13 +4,14 @@
 //!   backend is down (peers' probes then treat the node as unreachable), and
 //!   while it drains before stopping (marked so that peers keep routing its
 //!   sessions here).
-//! - `GET /metrics`: Prometheus text, to loopback and cluster node addresses
-//!   only (anyone else uses `metrics-address`).
+//! - `GET /metrics`: Prometheus text, to `status-page-cidrs` and cluster node
+//!   addresses only (anyone else uses `metrics-address`).
 //! - `GET /load-balancer/status` (`?format=json` or `Accept: application/json`
 //!   for JSON, `Accept: text/html` for the page in `status_page`): every
 //!   node, its sessions and, separately, the anonymous pins it issued
-//!   recently, gathered from all nodes; readable only from loopback and
-//!   cluster node addresses (403 otherwise).
+//!   recently, gathered from all nodes (peers' reports reused for a second);
+//!   readable only from `status-page-cidrs` (default loopback) and cluster
+//!   node addresses (403 otherwise, counted, logged at most every 10 s).
 //!   Load is shown as a fraction of the node's total CPU (load average ÷
 //!   CPUs); the JSON form has the raw load averages and CPU count too.
 //! - `GET /load-balancer/node-info`: one node's own report, for the status
@@ -35,6 +36,9 @@ const HEALTH: &str = "/health";
 const METRICS_PATH: &str = "/metrics";
 const STATUS: &str = "/load-balancer/status";
 const NODE_INFO: &str = "/load-balancer/node-info";
+/// Refused status requests: one log line per interval at most.
+static STATUS_REFUSALS_LOG: super::log_limit::LogLimit =
+    super::log_limit::LogLimit::new(super::log_limit::DEFAULT_INTERVAL);
 /// How long the status page waits for a peer's report.
 const GATHER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The session key a node-info request is signed with.
@@ -53,10 +57,11 @@ pub async fn serve(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
             respond(session, 200, "text/plain; version=0.0.4", metrics::render().into()).await
         }
         METRICS_PATH => {
+            METRICS.status_refused.inc();
             respond_text(
                 session,
                 403,
-                "forbidden: /metrics is served to loopback and cluster nodes here; use metrics-address\n",
+                "forbidden: /metrics is served to status-page-cidrs and cluster nodes here; use metrics-address\n",
             )
             .await
         }
@@ -183,33 +188,54 @@ fn self_info(r: &Router) -> NodeInfo {
 }
 
 async fn node_info(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    match r.verify_forward(session.req_header()) {
+    match r.verify_forward(session.req_header(), ctx.client) {
         Ok(f) if f.key == NODE_INFO_KEY => {
             let body = serde_json::to_string(&self_info(r)).expect("serialisable");
             respond(session, 200, "application/json", body.into()).await
         }
         Ok(_) => respond_text(session, 403, "forbidden\n").await,
         Err(reason) => {
-            METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
-            tracing::warn!(reason = reason.as_str(), client = ?ctx.client, "refused a node-info request");
+            super::count_refused_forward(reason, ctx.client, NODE_INFO, "a node-info request");
             respond_text(session, 403, "forbidden: node-to-node endpoint\n").await
         }
     }
 }
 
-/// Loopback or one of the cluster's node addresses.
+/// One of `status-page-cidrs` (default loopback) or a cluster node's address.
 fn may_read_status(r: &Router, client: Option<IpAddr>) -> bool {
     let Some(ip) = client else { return false };
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+    super::identity::is_trusted(ip, &r.settings().config.proxy.status_page_cidrs) || r.is_node_address(ip)
+}
+
+/// How long peers' reports are reused: a burst of status requests (a
+/// refreshing page, several viewers) asks each peer at most once a second.
+const GATHER_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Peers' reports gathered last, and when. The lock is held while
+/// gathering, so concurrent status requests share one round of calls.
+static PEER_REPORTS: tokio::sync::Mutex<Option<(std::time::Instant, BTreeMap<NodeId, NodeInfo>)>> =
+    tokio::sync::Mutex::const_new(None);
+
+/// Every online node's report: this node's fresh, peers' from the last
+/// second's round of calls, else asked now.
+async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
+    let mut cached = PEER_REPORTS.lock().await;
+    let mut out = match cached.as_ref() {
+        Some((at, infos)) if at.elapsed() < GATHER_CACHE => infos.clone(),
+        _ => {
+            let infos = gather_peers(r).await;
+            METRICS.status_peer_rounds.inc();
+            *cached = Some((std::time::Instant::now(), infos.clone()));
+            infos
+        }
     };
-    ip.is_loopback()
-        || r.view.nodes().nodes.iter().any(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+    drop(cached);
+    out.insert(r.self_id, self_info(r));
+    out
 }
 
 /// Ask every other online node for its report, concurrently, each bounded by `timeout`.
-async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
+async fn gather_peers(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
     let nodes = r.view.nodes();
     let mut calls = Vec::new();
     // Peers known to be down are not asked, and no peer may hold the page up
@@ -242,17 +268,23 @@ async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
             out.insert(id, info);
         }
     }
-    out.insert(r.self_id, self_info(r));
     out
 }
 
 async fn status(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     if !may_read_status(r, ctx.client) {
-        tracing::info!(client = ?ctx.client, "status page refused: not loopback or a cluster node");
+        METRICS.status_refused.inc();
+        if let Some(suppressed) = STATUS_REFUSALS_LOG.allow(std::time::Instant::now()) {
+            tracing::info!(
+                client = ?ctx.client,
+                suppressed,
+                "status page refused: not in status-page-cidrs nor a cluster node (at most one such line per 10 s)"
+            );
+        }
         return respond_text(
             session,
             403,
-            "forbidden: the status page is readable from loopback and cluster nodes only\n",
+            "forbidden: the status page is readable from status-page-cidrs and cluster nodes only\n",
         )
         .await;
     }

@@ -1,13 +1,23 @@
-//! The signed node-to-node forwarding header.
+//! The signed node-to-node forwarding header, and the replay cache.
 //!
-//! `X-Sessionlb-Forward: v1;<sender>;<target>;<time ms>;<key>;<user>;<mac>`
+//! `X-Sessionlb-Forward: v2;<sender>;<target>;<time ms>;<key>;<user>;<mac>`
 //! where key and user are base64url (user empty when anonymous) and mac is
 //! HMAC-SHA256 with the secure cookie key over a domain label, every field,
-//! and the request's method, Host and path-and-query. The target checks that
-//! it is the target, that the sender is a cluster node, that the time is
-//! within the forwarding window, and the MAC (constant time) — otherwise the
-//! request is refused with 403 and counted. A header moved to another path,
-//! method or host, or replayed after the window, fails.
+//! the request's method, Host and path-and-query, and its body framing
+//! (`Content-Length` value, chunked, or none). The target checks that it is
+//! the target, that the sender is a cluster node, that the time is within the
+//! forwarding window, and the MAC (constant time); the proxy then checks that
+//! the connection comes from the sender's registered address and that the
+//! header was not seen before within the window ([`ReplayCache`]) — otherwise
+//! the request is refused with 403 and counted. A header moved to another
+//! path, method, host or body length, replayed, or sent from elsewhere fails.
+//!
+//! The body itself is not covered: a signature over it would need the whole
+//! body before the first byte is forwarded (uploads are streamed) or a
+//! chunk-signing framing of our own between nodes. A captured header cannot
+//! be reused with another body, though: it is accepted once, from its
+//! sender's address, within the window (5 s by default); `ssl-enabled`
+//! between nodes keeps it from being read at all.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -37,6 +47,10 @@ pub enum ForwardRejection {
     UnknownSender,
     Stale,
     BadMac,
+    /// The connection did not come from the sender's registered address.
+    WrongPeer,
+    /// The header was already used within the window.
+    Replayed,
 }
 
 impl ForwardRejection {
@@ -47,6 +61,8 @@ impl ForwardRejection {
             ForwardRejection::UnknownSender => "unknown_sender",
             ForwardRejection::Stale => "stale",
             ForwardRejection::BadMac => "bad_mac",
+            ForwardRejection::WrongPeer => "wrong_peer",
+            ForwardRejection::Replayed => "replayed",
         }
     }
 }
@@ -59,6 +75,9 @@ pub struct RequestLine<'a> {
     pub path_and_query: &'a str,
 }
 
+/// The version label of the header (and of its MAC's domain).
+const VERSION: &str = "v2";
+
 #[allow(clippy::too_many_arguments)]
 fn mac(
     key: &SecureKey,
@@ -68,17 +87,28 @@ fn mac(
     skey: &str,
     user: &str,
     req: &RequestLine<'_>,
+    framing: &str,
 ) -> hmac::Hmac<sha2::Sha256> {
     let mut m = key.mac();
-    m.update(b"sessionlb forward\0v1");
-    for part in [sender, target, time, skey, user, req.method, req.host, req.path_and_query] {
+    m.update(b"sessionlb forward\0v2");
+    for part in [sender, target, time, skey, user, req.method, req.host, req.path_and_query, framing] {
         m.update(b"\0");
         m.update(part.as_bytes());
     }
     m
 }
 
-/// Build the header value for a request sent from `sender` to `target`.
+/// A request's body framing as the MAC covers it: `length=<n>` with a
+/// `Content-Length`, `chunked` with a `Transfer-Encoding`, else empty.
+pub fn framing(content_length: Option<&[u8]>, transfer_encoding: bool) -> String {
+    match (content_length, transfer_encoding) {
+        (_, true) => "chunked".into(),
+        (Some(n), false) => format!("length={}", String::from_utf8_lossy(n)),
+        (None, false) => String::new(),
+    }
+}
+
+/// Build the header value for a request without a body sent from `sender` to `target`.
 pub fn sign(
     key: &SecureKey,
     sender: NodeId,
@@ -88,15 +118,30 @@ pub fn sign(
     user: Option<&str>,
     req: &RequestLine<'_>,
 ) -> String {
+    sign_framed(key, sender, target, now_ms, session_key, user, req, "")
+}
+
+/// Build the header value for a request with body `framing` (see [`framing`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sign_framed(
+    key: &SecureKey,
+    sender: NodeId,
+    target: NodeId,
+    now_ms: i64,
+    session_key: &str,
+    user: Option<&str>,
+    req: &RequestLine<'_>,
+    framing: &str,
+) -> String {
     let skey = B64.encode(session_key);
     let user = user.map(|u| B64.encode(u)).unwrap_or_default();
     let (sender, target, time) = (sender.to_string(), target.to_string(), now_ms.to_string());
-    let tag = mac(key, &sender, &target, &time, &skey, &user, req).finalize().into_bytes();
-    format!("v1;{sender};{target};{time};{skey};{user};{}", B64.encode(tag))
+    let tag = mac(key, &sender, &target, &time, &skey, &user, req, framing).finalize().into_bytes();
+    format!("{VERSION};{sender};{target};{time};{skey};{user};{}", B64.encode(tag))
 }
 
-/// Verify a header value received by node `me`. `is_node` says whether a
-/// sender id is a cluster node.
+/// Verify a header value of a request without a body received by node
+/// `me`. `is_node` says whether a sender id is a cluster node.
 pub fn verify(
     key: &SecureKey,
     value: &str,
@@ -106,15 +151,32 @@ pub fn verify(
     window_ms: i64,
     req: &RequestLine<'_>,
 ) -> Result<Forwarded, ForwardRejection> {
+    verify_framed(key, value, me, is_node, now_ms, window_ms, req, "")
+}
+
+/// [`verify`] for a request with body `framing` (see [`framing`]).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_framed(
+    key: &SecureKey,
+    value: &str,
+    me: NodeId,
+    is_node: impl Fn(NodeId) -> bool,
+    now_ms: i64,
+    window_ms: i64,
+    req: &RequestLine<'_>,
+    framing: &str,
+) -> Result<Forwarded, ForwardRejection> {
     let fields: Vec<&str> = value.split(';').collect();
-    let ["v1", sender, target, time, skey, user, tag] = fields[..] else {
+    let [VERSION, sender, target, time, skey, user, tag] = fields[..] else {
         return Err(ForwardRejection::Malformed);
     };
     let sender_id: NodeId = sender.parse().map_err(|_| ForwardRejection::Malformed)?;
     let target_id: NodeId = target.parse().map_err(|_| ForwardRejection::Malformed)?;
     let at: i64 = time.parse().map_err(|_| ForwardRejection::Malformed)?;
     let tag = B64.decode(tag).map_err(|_| ForwardRejection::Malformed)?;
-    mac(key, sender, target, time, skey, user, req).verify_slice(&tag).map_err(|_| ForwardRejection::BadMac)?;
+    mac(key, sender, target, time, skey, user, req, framing)
+        .verify_slice(&tag)
+        .map_err(|_| ForwardRejection::BadMac)?;
     if target_id != me {
         return Err(ForwardRejection::WrongTarget);
     }
@@ -128,6 +190,80 @@ pub fn verify(
     let session_key = decode(skey).filter(|k| !k.is_empty()).ok_or(ForwardRejection::Malformed)?;
     let user = if user.is_empty() { None } else { Some(decode(user).ok_or(ForwardRejection::Malformed)?) };
     Ok(Forwarded { sender: sender_id, key: session_key, user })
+}
+
+/// The time and MAC of a header that verified: what the replay cache keeps.
+pub fn replay_id(value: &str) -> Option<(i64, u128)> {
+    let mut fields = value.rsplit(';');
+    let tag = B64.decode(fields.next()?).ok()?;
+    let at = value.split(';').nth(3)?.parse().ok()?;
+    Some((at, u128::from_le_bytes(tag.get(..16)?.try_into().ok()?)))
+}
+
+/// Headers accepted within the window, so that each is accepted once.
+///
+/// Bounded: at most `capacity` entries. Entries older than the window are
+/// dropped as new ones come; when the cache is full of entries still in the
+/// window, the oldest is dropped and its time becomes the *horizon*: from
+/// then on a header no newer than the horizon is refused as a possible
+/// replay (it can no longer be checked). So a replay is never accepted; under
+/// more forwarded requests per window than `capacity`, the window shrinks.
+pub struct ReplayCache {
+    inner: parking_lot::Mutex<ReplayInner>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct ReplayInner {
+    seen: std::collections::HashSet<u128>,
+    /// (time, id) in insertion order.
+    order: std::collections::VecDeque<(i64, u128)>,
+    horizon: i64,
+}
+
+/// Default capacity: about 64 bytes an entry, so at most about 16 MiB.
+pub const REPLAY_CACHE_CAPACITY: usize = 262_144;
+
+impl ReplayCache {
+    pub fn new(capacity: usize) -> ReplayCache {
+        ReplayCache { inner: parking_lot::Mutex::new(ReplayInner::default()), capacity: capacity.max(1) }
+    }
+
+    /// Record header `id` signed at `at`; `Err(Replayed)` if it was seen
+    /// (or can no longer be told apart from one that was).
+    pub fn check(&self, at: i64, id: u128, now_ms: i64, window_ms: i64) -> Result<(), ForwardRejection> {
+        let mut c = self.inner.lock();
+        while let Some(&(t, old)) = c.order.front() {
+            if t >= now_ms - window_ms {
+                break;
+            }
+            c.order.pop_front();
+            c.seen.remove(&old);
+        }
+        if at <= c.horizon || c.seen.contains(&id) {
+            return Err(ForwardRejection::Replayed);
+        }
+        while c.order.len() >= self.capacity {
+            let Some((t, old)) = c.order.pop_front() else { break };
+            c.seen.remove(&old);
+            c.horizon = c.horizon.max(t);
+        }
+        if at <= c.horizon {
+            return Err(ForwardRejection::Replayed);
+        }
+        c.seen.insert(id);
+        c.order.push_back((at, id));
+        Ok(())
+    }
+
+    /// Entries held (tests, metrics).
+    pub fn len(&self) -> usize {
+        self.inner.lock().order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +288,67 @@ mod tests {
     }
 
     #[test]
+    fn the_body_framing_is_covered_and_the_old_version_refused() {
+        let k = key();
+        let framed = framing(Some(b"42"), false);
+        assert_eq!(framed, "length=42");
+        assert_eq!(framing(Some(b"42"), true), "chunked");
+        assert_eq!(framing(None, false), "");
+        let h = sign_framed(&k, 1, 2, 10_000, "k", None, &REQ, &framed);
+        assert!(verify_framed(&k, &h, 2, |_| true, 10_000, 30_000, &REQ, &framed).is_ok());
+        for other in ["length=43", "chunked", ""] {
+            assert_eq!(
+                verify_framed(&k, &h, 2, |_| true, 10_000, 30_000, &REQ, other),
+                Err(ForwardRejection::BadMac),
+                "{other}"
+            );
+        }
+        // A v1 header (no framing) is refused as malformed.
+        let v1 = h.replacen("v2;", "v1;", 1);
+        assert_eq!(verify(&k, &v1, 2, |_| true, 10_000, 30_000, &REQ), Err(ForwardRejection::Malformed));
+    }
+
+    #[test]
+    fn a_header_is_accepted_once_within_the_window() {
+        let cache = ReplayCache::new(100);
+        let h = sign(&key(), 1, 2, 10_000, "k", None, &REQ);
+        let (at, id) = replay_id(&h).unwrap();
+        assert_eq!(at, 10_000);
+        assert_eq!(cache.check(at, id, 10_100, 5_000), Ok(()));
+        assert_eq!(cache.check(at, id, 10_200, 5_000), Err(ForwardRejection::Replayed));
+        // Another header at the same millisecond is another entry.
+        let h2 = sign(&key(), 1, 2, 10_000, "k2", None, &REQ);
+        let (at2, id2) = replay_id(&h2).unwrap();
+        assert_ne!(id, id2);
+        assert_eq!(cache.check(at2, id2, 10_200, 5_000), Ok(()));
+        // Past the window, entries are dropped (the header is stale by then anyway).
+        let (at3, id3) = replay_id(&sign(&key(), 1, 2, 20_000, "k", None, &REQ)).unwrap();
+        assert_eq!(cache.check(at3, id3, 20_000, 5_000), Ok(()));
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn the_replay_cache_is_bounded_and_never_forgets_into_acceptance() {
+        let cache = ReplayCache::new(1000);
+        let window = 5_000;
+        // 10,000 distinct headers within one window: never more than 1,000 kept.
+        for i in 0..10_000i64 {
+            let at = 100_000 + i / 10;
+            assert_eq!(cache.check(at, i as u128, 101_000, window), Ok(()), "header {i}");
+            assert!(cache.len() <= 1000);
+        }
+        assert_eq!(cache.len(), 1000);
+        // Every one of them, replayed, is refused: kept ones as seen, dropped
+        // ones because they are no newer than the horizon.
+        for i in 0..10_000i64 {
+            let at = 100_000 + i / 10;
+            assert_eq!(cache.check(at, i as u128, 101_000, window), Err(ForwardRejection::Replayed), "replay {i}");
+        }
+        // A new header newer than the horizon is still accepted.
+        assert_eq!(cache.check(101_500, 99_999_999, 101_500, window), Ok(()));
+    }
+
+    #[test]
     fn every_forgery_is_refused() {
         let k = key();
         let h = sign(&k, 1, 2, 10_000, "aff:xyz", Some("ann"), &REQ);
@@ -173,7 +370,7 @@ mod tests {
         let mut fields: Vec<String> = h.split(';').map(String::from).collect();
         fields[5] = B64.encode("admin");
         assert_eq!(verify(&k, &fields.join(";"), 2, ok, 10_000, 30_000, &REQ), Err(ForwardRejection::BadMac));
-        for bad in ["", "v1;1;2", "v2;1;2;3;a;b;c", "v1;x;2;3;a;;c"] {
+        for bad in ["", "v2;1;2", "v3;1;2;3;a;b;c", "v2;x;2;3;a;;c"] {
             assert_eq!(verify(&k, bad, 2, ok, 10_000, 30_000, &REQ), Err(ForwardRejection::Malformed), "{bad}");
         }
     }

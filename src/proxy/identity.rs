@@ -37,11 +37,10 @@ impl UserCookieRejection {
     }
 }
 
-/// HMAC state for Workbench cookies: the key up to its first NUL byte.
+/// HMAC state for Workbench cookies: the key up to its first NUL byte
+/// (`SecureKey::load` refuses a key with fewer than 16 bytes of it).
 pub fn workbench_mac(key: &SecureKey) -> Hmac<Sha256> {
-    let bytes = key.bytes();
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    Hmac::<Sha256>::new_from_slice(&bytes[..end]).expect("HMAC accepts any key length")
+    Hmac::<Sha256>::new_from_slice(key.workbench_bytes()).expect("HMAC accepts any key length")
 }
 
 /// Verify a Workbench `user-id` cookie value and return the user name.

@@ -5,6 +5,7 @@
 //! Phases of one request (Pingora's `ProxyHttp`):
 //!
 //! ```text
+//! early_request_filter    the head is in: stop the connection's head deadline (conn_limits)
 //! request_filter          built-in endpoints (/health, /metrics, /load-balancer/…)
 //!                         │ inbound node-to-node request? verify header → 403 | serve locally
 //!                         └ routing: read the request, decide from memory, act:
@@ -33,12 +34,14 @@
 
 pub mod backend_keys;
 pub mod breaker;
+pub mod conn_limits;
 pub mod cookie;
 pub mod degraded;
 mod endpoints;
 pub mod forward;
 pub mod health;
 pub mod identity;
+pub mod log_limit;
 pub mod placement;
 pub mod routing;
 mod status_page;
@@ -141,6 +144,8 @@ pub struct Router {
     pub degraded: Arc<DegradedPlacements>,
     /// One line per request when `access-log` is set (see [`crate::ops::access_log`]).
     pub access_log: crate::ops::access_log::AccessLog,
+    /// Node-to-node headers accepted within the window (each is accepted once).
+    pub replays: forward::ReplayCache,
 }
 
 impl Router {
@@ -180,6 +185,7 @@ impl Router {
             lookups: backend_keys::LookupsInFlight::default(),
             degraded: Arc::new(DegradedPlacements::default()),
             access_log: crate::ops::access_log::AccessLog::default(),
+            replays: forward::ReplayCache::new(forward::REPLAY_CACHE_CAPACITY),
         }
     }
 
@@ -242,18 +248,54 @@ impl Router {
 
     /// Check a request's node-to-node header (absent counts as malformed):
     /// meant for this node, from a known node, in the time window, MAC over
-    /// this request line.
-    pub fn verify_forward(&self, req: &RequestHeader) -> std::result::Result<Forwarded, ForwardRejection> {
+    /// this request line and body framing; then that `client` (the
+    /// connection's peer) is the sender's registered address (unless
+    /// `forward-peer-check = false`) and that the header is new.
+    pub fn verify_forward(
+        &self,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
+    ) -> std::result::Result<Forwarded, ForwardRejection> {
         let header = req.headers.get(forward::HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        forward::verify(
+        let now = now_ms();
+        let settings = self.settings();
+        let window = settings.config.proxy.forwarding_window.as_millis() as i64;
+        let f = forward::verify_framed(
             &self.key,
             header,
             self.self_id,
             |id| self.view.nodes().get(id).is_some(),
-            now_ms(),
-            self.settings().config.proxy.forwarding_window.as_millis() as i64,
+            now,
+            window,
             &request_line(req),
-        )
+            &body_framing(req, req),
+        )?;
+        if settings.config.proxy.forward_peer_check && !self.is_address_of(f.sender, client) {
+            return Err(ForwardRejection::WrongPeer);
+        }
+        let (at, id) = forward::replay_id(header).ok_or(ForwardRejection::Malformed)?;
+        self.replays.check(at, id, now, window)?;
+        Ok(f)
+    }
+
+    /// Whether `client` is node `id`'s registered address (its IPv4, or its
+    /// host when that is an address).
+    fn is_address_of(&self, id: NodeId, client: Option<IpAddr>) -> bool {
+        let Some(ip) = client.map(canonical_ip) else { return false };
+        self.view.nodes().get(id).is_some_and(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+    }
+
+    /// Whether `ip` is a cluster node's registered address (its IPv4, or
+    /// its host when that is an address).
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.view.nodes().nodes.iter().any(|n| n.ipv4 == Some(ip) || n.host.parse::<IpAddr>().ok() == Some(ip))
+    }
+
+    /// The address node-to-node connections leave from: `www-address`
+    /// when it is a specific address (otherwise the kernel's choice).
+    pub fn own_address(&self) -> Option<IpAddr> {
+        own_address(&self.config)
     }
 
     /// Peer scheme for node-to-node traffic.
@@ -262,11 +304,19 @@ impl Router {
     }
 }
 
+/// `www-address` when it is a specific address.
+fn own_address(config: &Config) -> Option<IpAddr> {
+    let ip = config.node.www_address;
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// The HTTP client for node-to-node control calls (probes, status
-/// gathering): bounded by `timeout`, verifying peers like the data path does.
+/// gathering): bounded by `timeout`, verifying peers like the data path
+/// does, leaving from `www-address` when it is a specific address.
 pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, String> {
     let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(30));
     let mut builder = reqwest::Client::builder()
+        .local_address(own_address(config))
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_keepalive(Duration::from_secs(60))
@@ -285,6 +335,24 @@ pub fn control_client(config: &Config) -> std::result::Result<reqwest::Client, S
         }
     }
     builder.build().map_err(|e| format!("cannot build the node-to-node HTTP client: {e}"))
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The body framing the forwarding MAC covers: `sent` is the request as it
+/// goes upstream (its `Content-Length`), `original` as it came in (Pingora
+/// re-frames a body without a length as chunked after the filters).
+fn body_framing(sent: &RequestHeader, original: &RequestHeader) -> String {
+    let length = sent.headers.get(http::header::CONTENT_LENGTH).map(|v| v.as_bytes());
+    let chunked = length.is_none() && original.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || sent.headers.contains_key(http::header::TRANSFER_ENCODING);
+    forward::framing(length, chunked)
 }
 
 /// An address as a header value, IPv4 without the formatting machinery
@@ -327,14 +395,29 @@ pub fn tcp_keepalive() -> pingora::protocols::TcpKeepalive {
 }
 
 /// Pingora reads a downstream request body (and, after a 101, the client
-/// side of a tunnel) under a 60 s read timeout: an idle WebSocket or a
-/// stalled upload would be cut. `timeout` never bounds proxied bodies, long
-/// polls or tunnels, so once the request head is in, reads are unbounded
-/// (the head itself stays bounded by Pingora's default).
-fn unbound_downstream_reads(session: &mut Session) {
-    session.set_read_timeout(None);
+/// side of a tunnel) under a 60 s read timeout: an idle WebSocket would be
+/// cut. Upgrade requests (tunnels) read without a timeout; other requests'
+/// bodies may be silent for `request-body-idle-timeout` (the head itself is
+/// bounded by `request-header-timeout`, see `conn_limits`).
+fn set_downstream_reads(session: &mut Session, body_idle: Duration) {
+    let idle = if session.is_upgrade_req() { None } else { Some(body_idle) };
+    session.set_read_timeout(idle);
     // Draining an unread body before reusing the connection stays bounded.
     session.set_total_drain_timeout(Some(Duration::from_secs(60)));
+}
+
+/// Forwarding headers only a trusted front proxy (`trusted-cidrs`) may
+/// send; from anyone else they are removed, and `X-Forwarded-For`, `-Proto`
+/// and `-Host` are then set from the connection and the request's own Host.
+const UNTRUSTED_FORWARDING_HEADERS: [&str; 6] =
+    ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip", "forwarded"];
+
+fn scrub_forwarding_headers(upstream: &mut RequestHeader) {
+    for name in UNTRUSTED_FORWARDING_HEADERS {
+        if upstream.headers.contains_key(name) {
+            upstream.remove_header(name);
+        }
+    }
 }
 
 fn config_trusted_header(config: &Config) -> Option<http::HeaderName> {
@@ -397,6 +480,8 @@ pub struct RequestCtx {
     /// What the request was routed by.
     pub via: Via,
     pub client: Option<IpAddr>,
+    /// The connection's head deadline, cleared while this request is served.
+    pub conn_watch: Option<Arc<conn_limits::Watch>>,
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
     pub timing: crate::ops::traffic::RequestTiming,
@@ -466,6 +551,15 @@ impl ProxyHttp for Router {
         RequestCtx::default()
     }
 
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        // The head is in: the connection's head deadline stops until this request ends.
+        ctx.conn_watch = conn_limits::request_started(
+            session.client_addr().and_then(|a| a.as_inet()),
+            session.server_addr().and_then(|a| a.as_inet()),
+        );
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if self.access_log.enabled() {
             ctx.received = Some(std::time::Instant::now());
@@ -479,7 +573,7 @@ impl ProxyHttp for Router {
 
         // A request from another node of the cluster: verified or refused.
         if session.req_header().headers.contains_key(forward::HEADER) {
-            match self.verify_forward(session.req_header()) {
+            match self.verify_forward(session.req_header(), ctx.client) {
                 Ok(f) => {
                     if !self.serves_locally() {
                         endpoints::respond_backend_down(session).await?;
@@ -500,7 +594,7 @@ impl ProxyHttp for Router {
                     );
                     ctx.inbound = Some(f);
                     ctx.route = Route::Local;
-                    unbound_downstream_reads(session);
+                    set_downstream_reads(session, self.settings().config.server.request_body_idle_timeout);
                     return Ok(false);
                 }
                 Err(reason) => {
@@ -511,7 +605,7 @@ impl ProxyHttp for Router {
         }
 
         routing::route(self, session, ctx).await?;
-        unbound_downstream_reads(session);
+        set_downstream_reads(session, self.settings().config.server.request_body_idle_timeout);
         Ok(false)
     }
 
@@ -542,6 +636,14 @@ impl ProxyHttp for Router {
         peer.options.write_timeout = None;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.options.tcp_keepalive = Some(tcp_keepalive());
+        if let (Route::Peer { .. }, Some(local)) = (ctx.route, self.own_address()) {
+            // Peers check that a forwarded request comes from the sender's
+            // registered address: leave from ours (where the kernel would
+            // pick another source, e.g. 127.0.0.1 on the loopback network).
+            let mut bind = pingora::connectors::l4::BindTo::default();
+            bind.addr = Some(SocketAddr::new(local, 0));
+            peer.options.bind_to = Some(bind);
+        }
         if tls {
             // The local backend (rserver serving https) runs on this node:
             // its certificate, made for the public name, is not checked.
@@ -602,6 +704,12 @@ impl ProxyHttp for Router {
         {
             upstream.remove_header(name);
         }
+        if !trusted {
+            // Set below from this connection and request, or not at all: a
+            // client's own values must not survive (e.g. `X-Forwarded-Host`
+            // of an HTTP/1.0 request without Host).
+            scrub_forwarding_headers(upstream);
+        }
         if let Some(ip) = ctx.client {
             let value = match upstream.headers.get(&*X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
                 Some(prev) if trusted => http::HeaderValue::try_from(format!("{prev}, {ip}")),
@@ -622,8 +730,17 @@ impl ProxyHttp for Router {
         }
         if let Route::Peer { id, .. } = ctx.route {
             let key = ctx.session_key().unwrap_or_default();
-            let value =
-                forward::sign(&self.key, self.self_id, id, now_ms(), key, ctx.user.as_deref(), &request_line(upstream));
+            let framing = body_framing(upstream, session.req_header());
+            let value = forward::sign_framed(
+                &self.key,
+                self.self_id,
+                id,
+                now_ms(),
+                key,
+                ctx.user.as_deref(),
+                &request_line(upstream),
+                &framing,
+            );
             upstream.insert_header(forward::HEADER, value)?;
         }
         Ok(())
@@ -761,6 +878,9 @@ impl ProxyHttp for Router {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(watch) = ctx.conn_watch.take() {
+            conn_limits::request_finished(&watch);
+        }
         if ctx.in_flight {
             METRICS.in_flight.dec();
             if let Via::Session(entry) = &ctx.via {
@@ -826,14 +946,28 @@ impl Router {
     }
 }
 
-async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
+/// Forged or replayed node-to-node headers: one WARN line per interval at
+/// most (an unauthenticated client must not flood the log); each one is
+/// counted in `sessionlb_rejected_forwards_total`.
+pub(crate) static FORWARD_REFUSALS_LOG: log_limit::LogLimit = log_limit::LogLimit::new(log_limit::DEFAULT_INTERVAL);
+
+/// Count a refused node-to-node header, and log it unless rate-limited.
+pub(crate) fn count_refused_forward(reason: ForwardRejection, client: Option<IpAddr>, path: &str, what: &str) {
     METRICS.rejected_forwards.with_label_values(&[reason.as_str()]).inc();
-    tracing::warn!(
-        reason = reason.as_str(),
-        client = ?ctx.client,
-        path = %session.req_header().uri.path(),
-        "refused a node-to-node request with an invalid forwarding header"
-    );
+    if let Some(suppressed) = FORWARD_REFUSALS_LOG.allow(std::time::Instant::now()) {
+        tracing::warn!(
+            reason = reason.as_str(),
+            client = ?client,
+            path,
+            suppressed,
+            "refused {what} with an invalid forwarding header (at most one such line per {}s; `suppressed` more since the last; all are counted in sessionlb_rejected_forwards_total)",
+            log_limit::DEFAULT_INTERVAL.as_secs()
+        );
+    }
+}
+
+async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
+    count_refused_forward(reason, ctx.client, session.req_header().uri.path(), "a node-to-node request");
     endpoints::respond_text(session, 403, "forbidden: invalid node-to-node request\n").await
 }
 
