@@ -181,6 +181,11 @@ impl HealthChecks {
         } else {
             last.get(&addr).copied().unwrap_or(false) || self.backend_up.load(Ordering::Relaxed)
         };
+        if up {
+            self.view.note_available(self.view.self_id());
+        } else {
+            self.view.note_unavailable(self.view.self_id(), std::time::Instant::now());
+        }
         if self.backend_up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!(backend = %addr, "local backend is up again");

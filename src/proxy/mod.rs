@@ -178,6 +178,7 @@ impl Router {
             here_serves: self.serves_locally(),
             balancer,
             degraded: &self.degraded,
+            key_failover_after: self.config.cluster.backend_key_failover_after,
         }
     }
 
@@ -368,6 +369,8 @@ pub struct RequestCtx {
     /// What the request was routed by.
     pub via: Via,
     pub client: Option<IpAddr>,
+    /// A held backend key: answer 503 with this `Retry-After` (seconds).
+    pub retry_after: Option<u64>,
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
     pub timing: crate::ops::traffic::RequestTiming,
@@ -601,6 +604,7 @@ impl ProxyHttp for Router {
     ) -> Box<Error> {
         let failed = match ctx.route {
             Route::Local => {
+                self.view.note_unavailable(self.self_id, std::time::Instant::now());
                 if self.backend_up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(backend = ?self.backend, error = %e, "local backend refused a connection; marking it down");
                 }
@@ -705,6 +709,10 @@ impl ProxyHttp for Router {
             let _ = endpoints::respond_backend_down(session).await;
             return pingora::proxy::FailToProxy { error_code: 503, can_reuse_downstream: false };
         }
+        if let Some(secs) = ctx.retry_after {
+            let _ = respond_retry_later(session, secs).await;
+            return pingora::proxy::FailToProxy { error_code: 503, can_reuse_downstream: false };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ if !ctx.failed.is_empty() => {
@@ -742,10 +750,25 @@ impl ProxyHttp for Router {
         ctx.timing.finish(route, status);
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        // Client disconnects are routine for an IDE (tabs closed mid-request).
-        matches!(e.esource(), ErrorSource::Downstream)
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Client disconnects are routine for an IDE (tabs closed mid-request);
+        // a held backend key's 503 is an answer, not a failure of this node.
+        matches!(e.esource(), ErrorSource::Downstream) || ctx.retry_after.is_some()
     }
+}
+
+/// 503 with `Retry-After: secs`: the request's backend key stays on a node
+/// that cannot serve it now.
+async fn respond_retry_later(session: &mut Session, secs: u64) -> Result<()> {
+    let body = bytes::Bytes::from_static(b"this session's node is not available right now; retry shortly\n");
+    let mut resp = ResponseHeader::build(503, Some(5))?;
+    resp.insert_header("retry-after", secs.to_string())?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 async fn refuse_forward(session: &mut Session, ctx: &mut RequestCtx, reason: ForwardRejection) -> Result<()> {
