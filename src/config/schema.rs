@@ -110,8 +110,7 @@ fn read_keys(
             "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
         ));
     }
-    let backend_key_failover_after =
-        r.duration("backend-key-failover-after", Duration::from_secs(60), Duration::ZERO);
+    let backend_key_failover_after = r.duration("backend-key-failover-after", Duration::from_secs(60), Duration::ZERO);
     let backend_health_check = if backend_check_http {
         BackendHealthCheck::Http { path: backend_check_path }
     } else {

@@ -142,7 +142,9 @@ fn a_backend_key_of_a_node_that_may_come_back_is_held_then_moved_after_the_failo
         );
         // Counted from when the node was first seen failing, not per request.
         let later = t0 + Duration::from_secs(59);
-        assert!(matches!(c.decide_at(&key(), later), Decision::Hold { retry_after, .. } if retry_after == Duration::from_secs(1)));
+        assert!(
+            matches!(c.decide_at(&key(), later), Decision::Hold { retry_after, .. } if retry_after == Duration::from_secs(1))
+        );
         let past = t0 + Duration::from_secs(60);
         assert!(
             matches!(c.decide_at(&key(), past), Decision::Move { reason: r, found: Found::PathKey, .. } if r == reason),
