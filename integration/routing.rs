@@ -179,6 +179,8 @@ async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
     }
     let moved: Vec<&String> = users.iter().filter(|u| first[*u] != after[*u]).collect();
     let on_gone: Vec<&String> = users.iter().filter(|u| first[*u] == NAMES[gone]).collect();
+    let moved_survivors = moved.iter().filter(|u| first[**u] != NAMES[gone]).count();
+    assert_eq!(moved_survivors, 0, "no user of a surviving node moved");
     assert_eq!(moved, on_gone, "exactly the removed node's users move");
     assert!(moved.len() as f64 <= 0.40 * 300.0, "{} of 300 users moved ({per_node:?})", moved.len());
     assert!(!moved.is_empty());
