@@ -534,17 +534,32 @@ async fn place_user(
         METRICS.no_node_available.inc();
         return Err(status_error(503, "no node can take a new session"));
     }
+    let key = user_session_key(user);
+    // The user's session on a node that cannot serve it: placing it again
+    // moves it, counted with the reason (as `move_session` counts its moves).
+    let leaving = m
+        .view
+        .session(&key)
+        .and_then(|e| e.record.node_id)
+        .and_then(|node| m.route_to(node).err().map(|why| (node, why)));
     let job = Job {
-        key: user_session_key(user),
+        key,
         kind: SessionKind::User,
         user: Some(user.to_string()),
         candidates,
         exclude: Vec::new(),
-        moving: None,
+        moving: leaving.map(|(_, why)| why),
     };
     match placement::run(r.placer(balancer), job, &r.control, r.placement_limit()).await {
         Ok(placed) => {
             r.placements.succeeded(started);
+            if let Some((from, why)) = leaving
+                && placed.won
+                && placed.entry.record.node_id != Some(from)
+            {
+                METRICS.session_moves.with_label_values(&[why.as_str()]).inc();
+                tracing::info!(key = %placed.entry.record.key, from, to = ?placed.entry.record.node_id, reason = why.as_str(), "session moved");
+            }
             let node = placed.entry.record.node_id.ok_or(MoveReason::Deleted);
             match node.and_then(|n| m.route_to(n).map(|route| (n, route))) {
                 Ok((node, route)) => {
