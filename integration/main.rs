@@ -4,6 +4,7 @@
 mod backend_keys;
 mod cluster_core;
 mod common;
+mod contracts;
 mod failover;
 mod faults;
 mod fuzz_corpus;
