@@ -504,6 +504,11 @@ impl ProxyHttp for Router {
         let timeout = self.config.proxy.timeout;
         peer.options.connection_timeout = timeout;
         peer.options.total_connection_timeout = timeout;
+        if matches!(ctx.route, Route::Peer { .. }) {
+            // A peer cut off (connects hang) is given up on, marked and
+            // failed over after about a health-check interval, not `timeout`.
+            peer.options.connection_timeout = Some(health::check_deadline(&self.config));
+        }
         // `timeout` never bounds proxied bodies, long polls or tunnels.
         peer.options.read_timeout = None;
         peer.options.write_timeout = None;
