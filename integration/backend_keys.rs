@@ -76,9 +76,9 @@ async fn a_backend_key_of_a_killed_node_gets_503_with_retry_after_and_is_served_
     let spec = c.nodes[2].spec.clone();
     c.nodes[2] = c.fx.spawn(&spec);
     c.nodes[2].wait_healthy().await;
-    for i in 0..3 {
-        let url = c.nodes[i].url(&path);
-        eventually(Duration::from_secs(15), &format!("the key served by C through {}", NAMES[i]), || {
+    for (node, name) in c.nodes.iter().zip(NAMES) {
+        let url = node.url(&path);
+        eventually(Duration::from_secs(15), &format!("the key served by C through {name}"), || {
             let url = url.clone();
             async move {
                 let reply = Browser::new().get(&url).await;
