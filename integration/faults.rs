@@ -558,9 +558,12 @@ async fn report(
         },
         if left.is_empty() { "nothing".into() } else { left.join(", ") },
     ]);
+    // HTTP failures first (WebSocket ones are often Pingora #946, below).
     let failures: Vec<String> = f
         .failed_healthy
         .iter()
+        .filter(|s| !s.websocket)
+        .chain(f.failed_healthy.iter().filter(|s| s.websocket))
         .take(10)
         .map(|s| {
             format!(
@@ -767,13 +770,22 @@ async fn rolling_restart() {
     let mut windows = Vec::new();
     for i in 0..3 {
         // Graceful: SIGTERM drains, then the node starts again. The node is
-        // at fault from the signal until it answers /health again.
+        // at fault from the signal until it answers /health again and its
+        // peers count it up again (until then they hold its backend keys,
+        // 503 with Retry-After, rather than send them elsewhere).
         let from = Instant::now();
         cluster.nodes[i].proc.signal(Signal::TERM);
         cluster.nodes[i].proc.wait_exit(Duration::from_secs(30));
         let spec = cluster.nodes[i].spec.clone();
         cluster.nodes[i] = cluster.fx.spawn(&spec);
         cluster.nodes[i].wait_healthy().await;
+        let up = format!("sessionlb_node_up{{node=\"{}\"}}", cluster.nodes[i].address());
+        for peer in (0..3).filter(|p| *p != i) {
+            eventually(Duration::from_secs(10), &format!("{} to count {} up", NAMES[peer], NAMES[i]), || async {
+                (cluster.metric(&cluster.nodes[peer], &up).await == 1.0).then_some(())
+            })
+            .await;
+        }
         windows.push((i, from, Some(Instant::now())));
         tokio::time::sleep(span(3, 5)).await;
     }
