@@ -573,3 +573,66 @@ async fn a_backend_cannot_forge_the_backend_down_marker() {
     assert_eq!(c_status["reachable"], true, "{c_status}");
     assert_eq!(browser.get(&c.nodes[0].url("/")).await.backend(), Some("C"));
 }
+
+/// A peer whose connects hang (its accept queue is full, so SYNs are
+/// dropped, as for a node cut off from the network) is given up on after
+/// about `health-check-interval`, not `timeout`: the request fails over,
+/// the session moves (connect failure) and the peer is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_whose_connects_hang_is_given_up_on_after_about_a_check_interval() {
+    // Probes every second but a peer is only marked by 100 failures in a
+    // row: the data path must find out itself; `timeout` is far longer.
+    let c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"1s\"\nhealth-check-fall = 100\ntimeout = \"60s\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
+    // The hanging "node": a listener that never accepts, its queue filled.
+    let listener = std::net::TcpListener::bind("127.0.0.7:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 10_000, "the accept queue never filled");
+    }
+    let id = c
+        .registry
+        .register_node(&sessionlb::cluster::NodeRegistration {
+            host: "127.0.0.7".into(),
+            port: addr.port(),
+            router: false,
+            version: String::new(),
+        })
+        .await
+        .unwrap();
+    c.registry.set_node_status(id, sessionlb::cluster::NodeStatus::Online).await.unwrap();
+    c.registry
+        .place_session(&NewSession {
+            key: "user:stuck",
+            node_id: id,
+            user_name: Some("stuck"),
+            kind: SessionKind::User,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "A to know the session", || async {
+        c.nodes[0].health().await.filter(|h| h["sessions"] == 1).map(|_| ())
+    })
+    .await;
+    let started = Instant::now();
+    let reply = Browser::as_user("stuck").get(&c.nodes[0].url("/")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.backend().is_some(), "{reply:?}");
+    // Well under `timeout` (60 s), even on a loaded machine.
+    assert!(took < Duration::from_secs(20), "failed over after {took:?}");
+    assert_eq!(moves_for(&c, 0, "connect_failure").await, 1);
+    let row = c.registry.get_session("user:stuck").await.unwrap().unwrap();
+    assert_ne!(row.node_id, Some(id), "the session moved off the hanging node");
+    let up = format!("sessionlb_node_up{{node=\"127.0.0.7:{}\"}}", addr.port());
+    assert_eq!(c.metric(&c.nodes[0], &up).await, 0.0, "the hanging node is marked");
+    drop(fillers);
+}
