@@ -18,6 +18,11 @@
 //! - what was left behind: lock and temporary files in shared storage,
 //!   session rows that point at no node.
 //!
+//! The node-fault cases (SIGKILL, SIGSTOP, rolling restart) also assert
+//! that the faulty node's backend keys keep their placement: never answered
+//! by another backend meanwhile, all served by their own backend after the
+//! heal (RELIABILITY.md, defect 1).
+//!
 //! Every case prints one table row (`FAULT-ROW |…|`, also appended to
 //! `$SESSIONLB_FAULT_TABLE`) and then asserts the targets. CI runs the
 //! short ones (a SIGKILL and 320 contended lock rounds per type); the full
