@@ -773,7 +773,7 @@ async fn rolling_restart() {
     tokio::time::sleep(span(3, 10)).await;
     let at = Instant::now();
     let mut windows = Vec::new();
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate() {
         // Graceful: SIGTERM drains, then the node starts again. The node is
         // at fault from the signal until it answers /health again and its
         // peers count it up again (until then they hold its backend keys,
@@ -785,8 +785,8 @@ async fn rolling_restart() {
         cluster.nodes[i] = cluster.fx.spawn(&spec);
         cluster.nodes[i].wait_healthy().await;
         let up = format!("sessionlb_node_up{{node=\"{}\"}}", cluster.nodes[i].address());
-        for peer in (0..3).filter(|p| *p != i) {
-            eventually(Duration::from_secs(10), &format!("{} to count {} up", NAMES[peer], NAMES[i]), || async {
+        for (peer, peer_name) in NAMES.iter().enumerate().filter(|(p, _)| *p != i) {
+            eventually(Duration::from_secs(10), &format!("{peer_name} to count {name} up"), || async {
                 (cluster.metric(&cluster.nodes[peer], &up).await == 1.0).then_some(())
             })
             .await;
