@@ -154,41 +154,87 @@ fn sessionlb_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
+/// The key of the one session on node `i` (a user placed there).
+async fn only_session_on(c: &Cluster, i: usize) -> String {
+    let id = c.node_id(i).await;
+    let rows = c.registry.list_sessions().await.unwrap();
+    let on: Vec<_> = rows.into_iter().filter(|s| s.node_id == Some(id)).collect();
+    assert_eq!(on.len(), 1, "{on:?}");
+    on[0].key.clone()
+}
+
+/// Whether `viewer` counts node `i` up (`sessionlb_node_up`: Online and not
+/// marked unreachable by a probe or a failed connect).
+async fn shown_reachable(c: &Cluster, viewer: usize, i: usize) -> bool {
+    let name = format!("sessionlb_node_up{{node=\"{}\"}}", c.nodes[i].address());
+    c.metric(&c.nodes[viewer], &name).await == 1.0
+}
+
+/// After a node failed, the user's next request is served elsewhere, the
+/// row has moved, and it stays there through every live node.
+async fn assert_moved_off(c: &Cluster, browser: &mut Browser, key: &str, dead: usize) {
+    let dead_id = c.node_id(dead).await;
+    let reply = browser.get(&c.nodes[0].url("/after-crash")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
+    let row = c.registry.get_session(key).await.unwrap().unwrap();
+    assert_ne!(row.node_id, Some(dead_id), "the registry row moved");
+    let moved_to = NAMES[c.index_of(row.node_id.unwrap()).await.unwrap()];
+    assert_eq!(reply.backend(), Some(moved_to));
+    for i in 0..10 {
+        assert_eq!(browser.get(&c.nodes[i % 2].url("/")).await.backend(), Some(moved_to));
+    }
+}
+
+/// Passive health alone (probes off: one an hour): the first request that
+/// meets the dead node fails to connect, marks it and fails over; the move
+/// is counted as a connect failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killed_node_fails_over_and_the_session_moves() {
+async fn killed_node_fails_over_by_the_passive_mark_with_probes_off() {
     let mut c = Cluster::start(ClusterOptions {
-        extra: format!("health-check-interval = \"500ms\"\n{TRUST_LOOPBACK}"),
+        extra: format!("health-check-interval = \"1h\"\n{TRUST_LOOPBACK}"),
         ..Default::default()
     })
     .await;
     let mut browser = session_on(&c, 2).await;
-    let c_id = c.node_id(2).await;
-    let key = c
-        .registry
-        .list_sessions()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.node_id == Some(c_id))
-        .expect("a session on C")
-        .key;
+    let key = only_session_on(&c, 2).await;
     c.nodes[2].proc.signal(Signal::KILL);
     c.nodes[2].proc.wait_exit(Duration::from_secs(5));
-    // The very next request succeeds on another node.
-    let reply = browser.get(&c.nodes[0].url("/after-crash")).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    assert!(matches!(reply.backend(), Some("A") | Some("B")), "{:?}", reply.backend());
-    let row = c.registry.get_session(&key).await.unwrap().unwrap();
-    assert_ne!(row.node_id, Some(c_id), "the registry row moved");
-    let moved_to = NAMES[c.index_of(row.node_id.unwrap()).await.unwrap()];
-    assert_eq!(reply.backend(), Some(moved_to));
-    // And stays there, through any live node.
-    for i in 0..10 {
-        assert_eq!(browser.get(&c.nodes[i % 2].url("/")).await.backend(), Some(moved_to));
-    }
-    let status = c.status_json(&c.nodes[0]).await;
-    assert!(counter(&status, "session_moves") >= 1);
-    // Active probes found C dead: it is shown unreachable.
+    assert!(shown_reachable(&c, 0, 2).await, "no probe runs: A has not noticed yet");
+    assert_moved_off(&c, &mut browser, &key, 2).await;
+    assert_eq!(moves_for(&c, 0, "connect_failure").await, 1, "moved by the failed connect");
+    assert_eq!(moves_for(&c, 0, "unreachable").await, 0);
+    assert!(!shown_reachable(&c, 0, 2).await, "the failed connect marked C");
+}
+
+/// Active probes alone (no request meets the dead node before they find
+/// it, so no passive mark is possible): the probes mark it, and the next
+/// request moves the session with the reason `unreachable`, no connect tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_node_is_found_by_probes_alone_and_its_sessions_move_as_unreachable() {
+    let mut c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"300ms\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
+    let mut browser = session_on(&c, 2).await;
+    let key = only_session_on(&c, 2).await;
+    c.nodes[2].proc.signal(Signal::KILL);
+    c.nodes[2].proc.wait_exit(Duration::from_secs(5));
+    eventually(Duration::from_secs(15), "A's probes to find C dead", || async {
+        (!shown_reachable(&c, 0, 2).await).then_some(())
+    })
+    .await;
+    let failures_before = c.metric(&c.nodes[0], "sessionlb_connect_failures_total").await;
+    assert_moved_off(&c, &mut browser, &key, 2).await;
+    assert_eq!(moves_for(&c, 0, "unreachable").await, 1, "moved by the probes' mark");
+    assert_eq!(moves_for(&c, 0, "connect_failure").await, 0);
+    assert_eq!(
+        c.metric(&c.nodes[0], "sessionlb_connect_failures_total").await,
+        failures_before,
+        "no request tried the dead node"
+    );
+    // The status page says so.
     let text = reqwest::get(c.nodes[0].url("/load-balancer/status")).await.unwrap().text().await.unwrap();
     assert!(text.contains(&format!("{} (unreachable)", c.nodes[2].address())), "{text}");
 }
@@ -526,4 +572,67 @@ async fn a_backend_cannot_forge_the_backend_down_marker() {
     let c_status = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == c_id).unwrap().clone();
     assert_eq!(c_status["reachable"], true, "{c_status}");
     assert_eq!(browser.get(&c.nodes[0].url("/")).await.backend(), Some("C"));
+}
+
+/// A peer whose connects hang (its accept queue is full, so SYNs are
+/// dropped, as for a node cut off from the network) is given up on after
+/// about `health-check-interval`, not `timeout`: the request fails over,
+/// the session moves (connect failure) and the peer is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_whose_connects_hang_is_given_up_on_after_about_a_check_interval() {
+    // Probes every second but a peer is only marked by 100 failures in a
+    // row: the data path must find out itself; `timeout` is far longer.
+    let c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"1s\"\nhealth-check-fall = 100\ntimeout = \"60s\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
+    // The hanging "node": a listener that never accepts, its queue filled.
+    let listener = std::net::TcpListener::bind("127.0.0.7:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 10_000, "the accept queue never filled");
+    }
+    let id = c
+        .registry
+        .register_node(&sessionlb::cluster::NodeRegistration {
+            host: "127.0.0.7".into(),
+            port: addr.port(),
+            router: false,
+            version: String::new(),
+        })
+        .await
+        .unwrap();
+    c.registry.set_node_status(id, sessionlb::cluster::NodeStatus::Online).await.unwrap();
+    c.registry
+        .place_session(&NewSession {
+            key: "user:stuck",
+            node_id: id,
+            user_name: Some("stuck"),
+            kind: SessionKind::User,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "A to know the session", || async {
+        c.nodes[0].health().await.filter(|h| h["sessions"] == 1).map(|_| ())
+    })
+    .await;
+    let started = Instant::now();
+    let reply = Browser::as_user("stuck").get(&c.nodes[0].url("/")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.backend().is_some(), "{reply:?}");
+    // Well under `timeout` (60 s), even on a loaded machine.
+    assert!(took < Duration::from_secs(20), "failed over after {took:?}");
+    assert_eq!(moves_for(&c, 0, "connect_failure").await, 1);
+    let row = c.registry.get_session("user:stuck").await.unwrap().unwrap();
+    assert_ne!(row.node_id, Some(id), "the session moved off the hanging node");
+    let up = format!("sessionlb_node_up{{node=\"127.0.0.7:{}\"}}", addr.port());
+    assert_eq!(c.metric(&c.nodes[0], &up).await, 0.0, "the hanging node is marked");
+    drop(fillers);
 }

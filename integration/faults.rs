@@ -18,6 +18,11 @@
 //! - what was left behind: lock and temporary files in shared storage,
 //!   session rows that point at no node.
 //!
+//! The node-fault cases (SIGKILL, SIGSTOP, rolling restart) also assert
+//! that the faulty node's backend keys keep their placement: never answered
+//! by another backend meanwhile, all served by their own backend after the
+//! heal (RELIABILITY.md, defect 1).
+//!
 //! Every case prints one table row (`FAULT-ROW |…|`, also appended to
 //! `$SESSIONLB_FAULT_TABLE`) and then asserts the targets. CI runs the
 //! short ones (a SIGKILL and 320 contended lock rounds per type); the full
@@ -526,8 +531,16 @@ fn print_row(cells: &[String]) {
     }
 }
 
-/// Report a case: print its row, then assert the targets.
-async fn report(case: &str, cluster: &Cluster, load: &Load, samples: &[Sample], fault: &Fault, down: Option<usize>) {
+/// Report a case: print its row, then assert the targets. Returns the
+/// sessions lost on the faulty node(s).
+async fn report(
+    case: &str,
+    cluster: &Cluster,
+    load: &Load,
+    samples: &[Sample],
+    fault: &Fault,
+    down: Option<usize>,
+) -> Vec<String> {
     let f = figures(load, samples, fault);
     let all_lost = lost_sessions(load, fault, down).await;
     let lost: Vec<&str> = all_lost.iter().filter(|(_, faulty)| !faulty).map(|(l, _)| l.as_str()).collect();
@@ -550,9 +563,12 @@ async fn report(case: &str, cluster: &Cluster, load: &Load, samples: &[Sample], 
         },
         if left.is_empty() { "nothing".into() } else { left.join(", ") },
     ]);
+    // HTTP failures first (WebSocket ones are often Pingora #946, below).
     let failures: Vec<String> = f
         .failed_healthy
         .iter()
+        .filter(|s| !s.websocket)
+        .chain(f.failed_healthy.iter().filter(|s| s.websocket))
         .take(10)
         .map(|s| {
             format!(
@@ -587,6 +603,39 @@ async fn report(case: &str, cluster: &Cluster, load: &Load, samples: &[Sample], 
     let unserved: Vec<&String> = f.never_served_again.iter().filter(|(_, faulty)| !faulty).map(|(l, _)| l).collect();
     assert!(unserved.is_empty(), "sessions of surviving nodes never served again: {unserved:?}");
     assert!(left.is_empty(), "left behind: {left:?}");
+    lost_faulty.into_iter().map(String::from).collect()
+}
+
+/// Backend keys of a faulty node keep their placement (RELIABILITY.md,
+/// defect 1): while their node is down a request gets sessionlb's 503 (or,
+/// entering through the faulty node, no answer), never another backend's
+/// answer; once it is back, every one is served by its own backend again.
+fn assert_backend_keys_kept(load: &Load, samples: &[Sample], fault: &Fault, lost_faulty: &[String]) {
+    let wrong: Vec<String> = samples
+        .iter()
+        .filter(|s| {
+            let tracked = &load.sessions[s.session];
+            tracked.is_key
+                && fault.ever_faulty(tracked.home)
+                && (s.served_by.is_some_and(|b| b != tracked.home) || s.detail.starts_with("status 404"))
+        })
+        .take(10)
+        .map(|s| {
+            let tracked = &load.sessions[s.session];
+            format!(
+                "{} (home {}) via {} at {:+.2}s: served by {:?}: {}",
+                tracked.label,
+                NAMES[tracked.home],
+                NAMES[s.entry],
+                signed_secs(s.at, fault.at),
+                s.served_by.map(|b| NAMES[b]),
+                s.detail
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "backend keys of the faulty node answered elsewhere:\n{}", wrong.join("\n"));
+    let lost_keys: Vec<&String> = lost_faulty.iter().filter(|l| l.starts_with("key ")).collect();
+    assert!(lost_keys.is_empty(), "backend keys of the faulty node lost: {lost_keys:?}");
 }
 
 async fn start_cluster(database_url: Option<String>, extra: &str) -> Cluster {
@@ -631,7 +680,7 @@ async fn sigkill_a_node() {
     let samples = load.stop().await;
     let fault = Fault::node(victim, at, Some(healed));
     let f = figures(&load, &samples, &fault);
-    report(
+    let lost_faulty = report(
         &format!("SIGKILL node {}, restarted after {} s", NAMES[victim], (healed - at).as_secs()),
         &cluster,
         &load,
@@ -640,6 +689,7 @@ async fn sigkill_a_node() {
         None,
     )
     .await;
+    assert_backend_keys_kept(&load, &samples, &fault, &lost_faulty);
     let rerouted = f.rerouted_within.expect("the node had users");
     assert!(rerouted <= Duration::from_secs(2), "users of the killed node rerouted after {rerouted:?}");
 }
@@ -660,8 +710,9 @@ async fn sigstop_a_node_then_sigcont() {
     tokio::time::sleep(span(10, 15)).await;
     let samples = load.stop().await;
     let fault = Fault::node(victim, at, Some(healed));
-    report(&format!("SIGSTOP node {} for 20 s, then SIGCONT", NAMES[victim]), &cluster, &load, &samples, &fault, None)
-        .await;
+    let case = format!("SIGSTOP node {} for 20 s, then SIGCONT", NAMES[victim]);
+    let lost_faulty = report(&case, &cluster, &load, &samples, &fault, None).await;
+    assert_backend_keys_kept(&load, &samples, &fault, &lost_faulty);
 }
 
 /// A cluster on a PostgreSQL server of the test's own.
@@ -719,15 +770,24 @@ async fn rolling_restart() {
     tokio::time::sleep(span(3, 10)).await;
     let at = Instant::now();
     let mut windows = Vec::new();
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate() {
         // Graceful: SIGTERM drains, then the node starts again. The node is
-        // at fault from the signal until it answers /health again.
+        // at fault from the signal until it answers /health again and its
+        // peers count it up again (until then they hold its backend keys,
+        // 503 with Retry-After, rather than send them elsewhere).
         let from = Instant::now();
         cluster.nodes[i].proc.signal(Signal::TERM);
         cluster.nodes[i].proc.wait_exit(Duration::from_secs(30));
         let spec = cluster.nodes[i].spec.clone();
         cluster.nodes[i] = cluster.fx.spawn(&spec);
         cluster.nodes[i].wait_healthy().await;
+        let up = format!("sessionlb_node_up{{node=\"{}\"}}", cluster.nodes[i].address());
+        for (peer, peer_name) in NAMES.iter().enumerate().filter(|(p, _)| *p != i) {
+            eventually(Duration::from_secs(10), &format!("{peer_name} to count {name} up"), || async {
+                (cluster.metric(&cluster.nodes[peer], &up).await == 1.0).then_some(())
+            })
+            .await;
+        }
         windows.push((i, from, Some(Instant::now())));
         tokio::time::sleep(span(3, 5)).await;
     }
@@ -735,7 +795,9 @@ async fn rolling_restart() {
     tokio::time::sleep(span(5, 10)).await;
     let samples = load.stop().await;
     let fault = Fault { windows, at, healed: Some(healed) };
-    report("rolling restart (SIGTERM, start; A, B, C)", &cluster, &load, &samples, &fault, None).await;
+    let lost_faulty =
+        report("rolling restart (SIGTERM, start; A, B, C)", &cluster, &load, &samples, &fault, None).await;
+    assert_backend_keys_kept(&load, &samples, &fault, &lost_faulty);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

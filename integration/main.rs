@@ -1,8 +1,10 @@
 //! Integration tests: one binary (one link step) of modules that use real
 //! PostgreSQL, real `sessionlb` processes and real HTTP/WebSocket backends.
 
+mod backend_keys;
 mod cluster_core;
 mod common;
+mod contracts;
 mod failover;
 mod faults;
 mod fuzz_corpus;

@@ -3,12 +3,14 @@
 //! concurrent placement.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use sessionlb::balancer::Candidate;
 use sessionlb::balancer::user_hash::{HashKey, UserHashBalancer};
 use sessionlb::cluster::{NewSession, SessionKind};
+use sessionlb::config::LockSettings;
+use sessionlb::lock::LockManager;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::cluster::{Browser, Cluster, ClusterOptions, NAMES, TRUST_LOOPBACK};
@@ -180,6 +182,8 @@ async fn user_hash_is_stable_and_moves_only_the_removed_nodes_users() {
     }
     let moved: Vec<&String> = users.iter().filter(|u| first[*u] != after[*u]).collect();
     let on_gone: Vec<&String> = users.iter().filter(|u| first[*u] == NAMES[gone]).collect();
+    let moved_survivors = moved.iter().filter(|u| first[**u] != NAMES[gone]).count();
+    assert_eq!(moved_survivors, 0, "no user of a surviving node moved");
     assert_eq!(moved, on_gone, "exactly the removed node's users move");
     assert!(moved.len() as f64 <= 0.40 * 300.0, "{} of 300 users moved ({per_node:?})", moved.len());
     assert!(!moved.is_empty());
@@ -359,6 +363,62 @@ async fn concurrent_first_requests_of_one_user_create_one_session() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].key, "user:concurrent-ann");
     assert_eq!(Some(NAMES[c.index_of(rows[0].node_id.unwrap()).await.unwrap()]), backends.first().map(String::as_str));
+    // Each node placed under the cross-node lock (the registry's
+    // insert-if-absent alone would give the same row): one placement won,
+    // every placement that ran took the lock, none went without it.
+    assert_eq!(c.metric_all("sessionlb_placements_total").await, 1.0);
+    assert!(c.metric_all("sessionlb_lock_wait_seconds_count").await >= 1.0);
+    assert_eq!(c.metric_all("sessionlb_lock_failures_total").await, 0.0);
+}
+
+/// The cross-node lock, held by another process (this test, through
+/// sessionlb's lock API on the nodes' shared storage), holds a placement
+/// back: it waits until the lock is released, or until the lock timeout
+/// (`timeout`), after which it goes ahead on the registry's guard, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_placement_waits_for_the_cross_node_lock_held_elsewhere() {
+    const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+    let c =
+        Cluster::start(ClusterOptions { extra: format!("timeout = \"5s\"\n{TRUST_LOOPBACK}"), ..Default::default() })
+            .await;
+    let locks = LockManager::new(c.fx.path().join("shared"), &LockSettings::default()).unwrap();
+    let hold = |user: &'static str| {
+        let locks = locks.clone();
+        async move { locks.acquire(&format!("session:user:{user}"), Instant::now() + LOCK_TIMEOUT).await.unwrap() }
+    };
+
+    // Released while the placement waits: it places only then, with the lock.
+    let held = hold("waiting-bob").await;
+    let url = c.nodes[1].url("/");
+    let task = tokio::spawn(async move { Browser::as_user("waiting-bob").get(&url).await });
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        assert!(!task.is_finished(), "the request did not wait for the lock: {:?}", task.await);
+        let row = c.registry.get_session("user:waiting-bob").await.unwrap();
+        assert!(row.is_none(), "placed while another process held the lock: {row:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await.unwrap();
+    let reply = task.await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(c.registry.get_session("user:waiting-bob").await.unwrap().is_some());
+    let b = &c.nodes[1];
+    assert_eq!(c.metric(b, "sessionlb_lock_failures_total").await, 0.0, "B took the lock once it was released");
+    assert_eq!(c.metric(b, "sessionlb_lock_wait_seconds_count").await, 1.0);
+
+    // Held throughout: the placement waits the whole lock timeout, then
+    // goes ahead without the lock (counted and logged).
+    let held = hold("held-ann").await;
+    let started = Instant::now();
+    let reply = Browser::as_user("held-ann").get(&c.nodes[0].url("/")).await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(waited >= LOCK_TIMEOUT, "answered after {waited:?}, before the lock timeout");
+    let a = &c.nodes[0];
+    assert_eq!(c.metric(a, "sessionlb_lock_failures_total").await, 1.0);
+    assert_eq!(c.metric(a, "sessionlb_lock_wait_seconds_count").await, 0.0, "A never had the lock");
+    assert!(a.proc.log_text().contains("placing without the shared-storage lock"));
+    held.release().await.unwrap();
 }
 
 pub fn sessionlb_now() -> u64 {

@@ -43,6 +43,10 @@ async fn sticky_over_tls(c: &Cluster, mut browser: Browser) {
     let first = browser.get(&c.nodes[0].url("/")).await;
     assert_eq!(first.status, 200, "{}", first.body);
     let owner = first.backend().unwrap().to_string();
+    // Served over https, the pin cookie is marked Secure (`cookie-secure`
+    // follows `ssl-enabled`).
+    let set = first.headers.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(set.starts_with("sessionlb-affinity=") && set.ends_with("; Secure"), "{set:?}");
     for i in 0..30 {
         let reply = browser.get(&c.nodes[i % 3].url("/tls")).await;
         assert_eq!(

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub session_moves: IntCounterVec,
     /// Backend keys registered on this node.
     pub backend_keys_registered: IntCounter,
+    /// Requests for a backend key answered 503 + `Retry-After` because its
+    /// node cannot serve it now (the key keeps its placement), by reason.
+    pub backend_keys_held: IntCounterVec,
     pub registry_breaker_trips: IntCounter,
     /// Placements that lost a race and used the winner's node.
     pub placement_races_lost: IntCounter,
@@ -178,6 +181,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "sessionlb_backend_keys_registered_total",
             "Backend session keys registered on this node",
+        ),
+        backend_keys_held: counter_vec(
+            &r,
+            "sessionlb_backend_keys_held_total",
+            "Requests for a backend key whose node cannot serve it now, answered 503 with Retry-After (the key stays)",
+            &["reason"],
         ),
         registry_breaker_trips: counter(
             &r,

@@ -354,7 +354,8 @@ impl Browser {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         self.absorb(&headers);
-        let body = resp.text().await.unwrap_or_default();
+        // A body that cannot be read is a failure of the request, never an empty page.
+        let body = resp.text().await.unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
         Reply { status, headers, body }
     }
 
@@ -369,7 +370,7 @@ impl Browser {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         self.absorb(&headers);
-        let body = resp.text().await.unwrap_or_default();
+        let body = resp.text().await.unwrap_or_else(|e| panic!("POST {url}: reading the body: {e}"));
         Reply { status, headers, body }
     }
 

@@ -607,18 +607,25 @@ mod tests {
         let pid_file = dir.path().join("pid");
         let body = format!("#!/bin/sh\necho $$ > '{}'\nexec sleep 30\n", pid_file.display());
         let nodes = three_nodes();
-        let (choice, elapsed) =
-            choose_with(script(&dir, "sleeper", &body), Duration::from_millis(300), &request(Some("ann"), &nodes))
-                .await;
-        assert_eq!(choice, Choice { node: 2, fallback: Some("plug-in timed out after 300 ms".into()) });
-        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-        // On a very loaded machine the script may not have got as far as
-        // writing its pid; when it did, the process must be gone.
-        if let Ok(pid) = std::fs::read_to_string(&pid_file)
-            && let Ok(pid) = pid.trim().parse()
-        {
-            assert_process_ends(pid).await;
-        }
+        let sleeper = script(&dir, "sleeper", &body);
+        // On a very loaded machine the script may be killed before it wrote
+        // its pid: then the same case again with twice the timeout, until it
+        // did (it must, well before 20 s). The pid is then read for certain.
+        let mut timeout = Duration::from_millis(300);
+        let pid: u32 = loop {
+            let _ = std::fs::remove_file(&pid_file);
+            let (choice, elapsed) = choose_with(sleeper.clone(), timeout, &request(Some("ann"), &nodes)).await;
+            let expected = format!("plug-in timed out after {} ms", timeout.as_millis());
+            assert_eq!(choice, Choice { node: 2, fallback: Some(expected) });
+            assert!(elapsed < timeout + Duration::from_secs(10), "took {elapsed:?}");
+            if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()) {
+                break pid;
+            }
+            assert!(timeout < Duration::from_secs(20), "the plug-in never got as far as writing its pid");
+            timeout *= 2;
+        };
+        // The process that outlived its timeout (a `sleep 30` by now) is gone.
+        assert_process_ends(pid).await;
     }
 
     #[tokio::test]

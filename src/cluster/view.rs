@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
@@ -185,6 +186,9 @@ pub struct ClusterView {
     cluster: RwLock<Option<ClusterRecord>>,
     sessions: RwLock<SessionIndex>,
     unreachable: RwLock<HashSet<NodeId>>,
+    /// When each node that cannot serve now was first seen failing
+    /// (unreachable, not Online, or this node's backend down).
+    down_since: parking_lot::Mutex<HashMap<NodeId, Instant>>,
     moves: parking_lot::Mutex<VecDeque<SessionMove>>,
     /// Most sessions kept in memory.
     session_capacity: usize,
@@ -207,6 +211,7 @@ impl ClusterView {
             cluster: RwLock::new(None),
             sessions: RwLock::new(SessionIndex::default()),
             unreachable: RwLock::new(HashSet::new()),
+            down_since: parking_lot::Mutex::new(HashMap::new()),
             moves: parking_lot::Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
             session_capacity: capacity,
             at_capacity: AtomicBool::new(false),
@@ -256,6 +261,9 @@ impl ClusterView {
                         if n.status == NodeStatus::Online {
                             // A (re)started node is reachable until shown otherwise.
                             self.unreachable.write().remove(&n.id);
+                            self.down_since.lock().remove(&n.id);
+                        } else if prev.status == NodeStatus::Online {
+                            self.down_since.lock().entry(n.id).or_insert_with(Instant::now);
                         }
                     }
                     if prev.offline_mode != n.offline_mode {
@@ -268,6 +276,7 @@ impl ClusterView {
             if new.get(n.id).is_none() {
                 changes.removed.push(n.address());
                 self.unreachable.write().remove(&n.id);
+                self.down_since.lock().remove(&n.id);
             }
         }
         self.nodes.store(Arc::new(new));
@@ -299,7 +308,11 @@ impl ClusterView {
 
     /// Mark a peer unreachable; returns whether that is news.
     pub fn mark_unreachable(&self, id: NodeId) -> bool {
-        self.unreachable.write().insert(id)
+        let news = self.unreachable.write().insert(id);
+        if news {
+            self.note_unavailable(id, Instant::now());
+        }
+        news
     }
 
     /// Mark a peer reachable again; returns whether that is news.
@@ -307,7 +320,23 @@ impl ClusterView {
         if !self.unreachable.read().contains(&id) {
             return false;
         }
-        self.unreachable.write().remove(&id)
+        let news = self.unreachable.write().remove(&id);
+        if news && self.nodes().get(id).is_some_and(|n| n.status == NodeStatus::Online) {
+            self.note_available(id);
+        }
+        news
+    }
+
+    /// When `id` was first seen unable to serve in its current outage
+    /// (marked unreachable, seen leaving `Online`, or — this node — its
+    /// backend down); `now` if this is the first time.
+    pub fn note_unavailable(&self, id: NodeId, now: Instant) -> Instant {
+        *self.down_since.lock().entry(id).or_insert(now)
+    }
+
+    /// `id` serves again: a later outage is counted from its own start.
+    pub fn note_available(&self, id: NodeId) {
+        self.down_since.lock().remove(&id);
     }
 
     pub fn is_reachable(&self, id: NodeId) -> bool {
@@ -661,6 +690,55 @@ mod tests {
         let mut kept: Vec<String> = v.sessions().iter().map(|e| e.record.key.clone()).collect();
         kept.sort();
         assert_eq!(kept, ["mid", "new"]);
+    }
+
+    #[test]
+    fn an_outage_is_counted_from_when_the_node_was_first_seen_failing() {
+        let v = ClusterView::new(1);
+        let mut n = NodeRecord {
+            id: 2,
+            host: "b".into(),
+            port: 1,
+            ipv4: None,
+            status: NodeStatus::Online,
+            last_seen: None,
+            load: [0.0; 3],
+            cpus: 1,
+            router: false,
+            version: String::new(),
+            clock_skew_ms: None,
+            offline_mode: false,
+            started_at: None,
+            pins_recent: 0,
+        };
+        v.set_nodes(vec![n.clone()]);
+        let t0 = Instant::now();
+        let later = t0 + std::time::Duration::from_secs(5);
+        assert!(v.mark_unreachable(2));
+        let since = v.note_unavailable(2, later);
+        assert!(since <= Instant::now(), "the mark started the count, not the later look");
+        assert!(!v.mark_unreachable(2));
+        assert_eq!(v.note_unavailable(2, later), since, "marked again: still the same outage");
+        // Reachable again: the next outage starts a new count.
+        assert!(v.mark_reachable(2));
+        assert_eq!(v.note_unavailable(2, later), later);
+        v.note_available(2);
+        // A node seen leaving Online starts its count; coming back ends it.
+        n.status = NodeStatus::Offline;
+        v.set_nodes(vec![n.clone()]);
+        let stopped = v.note_unavailable(2, later);
+        assert!(stopped < later);
+        n.status = NodeStatus::Online;
+        v.set_nodes(vec![n.clone()]);
+        assert_eq!(v.note_unavailable(2, later), later);
+        // Unreachable while stopped: reachable again does not end the outage.
+        v.note_available(2);
+        n.status = NodeStatus::Offline;
+        v.set_nodes(vec![n]);
+        v.mark_unreachable(2);
+        let since = v.note_unavailable(2, later);
+        v.mark_reachable(2);
+        assert_eq!(v.note_unavailable(2, later), since, "still not Online");
     }
 
     #[test]

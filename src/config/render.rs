@@ -139,6 +139,7 @@ impl Config {
         };
         o.line("health-check-backend", q(check));
         o.line("health-check-backend-path", q(path));
+        o.line("backend-key-failover-after", d(c.backend_key_failover_after));
         o.line("balancer", q(self.balancer.kind.as_str()));
         o.line("custom-balancer-command", p(&self.balancer.custom_command));
         o.line("custom-balancer-timeout", d(self.balancer.custom_timeout));

@@ -110,6 +110,7 @@ fn read_keys(
             "`health-check-backend-path` must be a path starting with `/`, such as \"/health-check\"; found {backend_check_path:?}"
         ));
     }
+    let backend_key_failover_after = r.duration("backend-key-failover-after", Duration::from_secs(60), Duration::ZERO);
     let backend_health_check = if backend_check_http {
         BackendHealthCheck::Http { path: backend_check_path }
     } else {
@@ -289,6 +290,7 @@ fn read_keys(
             health_check_rise,
             health_check_fall,
             backend_health_check,
+            backend_key_failover_after,
         },
         balancer: BalancerConfig { kind, custom_command, custom_timeout, custom_max_running, user_hash_balance_factor },
         proxy: ProxyConfig {

@@ -229,6 +229,11 @@ pub struct ClusterConfig {
     /// Consecutive failed checks before a peer or the backend counts as down (default 2).
     pub health_check_fall: usize,
     pub backend_health_check: BackendHealthCheck,
+    /// How long a registered backend key whose node cannot serve it (down,
+    /// unreachable, stopped, its backend down) keeps its placement, answered
+    /// 503 with `Retry-After`, before it is re-placed (default 60 s; zero =
+    /// never). A deleted node's keys are re-placed at once.
+    pub backend_key_failover_after: Duration,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -250,6 +255,7 @@ impl fmt::Debug for ClusterConfig {
             health_check_rise,
             health_check_fall,
             backend_health_check,
+            backend_key_failover_after,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("database", database)
@@ -267,6 +273,7 @@ impl fmt::Debug for ClusterConfig {
             .field("health_check_rise", health_check_rise)
             .field("health_check_fall", health_check_fall)
             .field("backend_health_check", backend_health_check)
+            .field("backend_key_failover_after", backend_key_failover_after)
             .finish()
     }
 }

@@ -50,7 +50,8 @@ fn every_problem_is_reported_at_once_with_file_line_and_allowed_values() {
     // the unknown section is reported too, as an unknown key at its line
     assert!(
         text[5].contains(
-            ":7: unknown key `nonsense`; allowed top-level keys: access-log, access-log-format, backend, backend-tls,"
+            ":7: unknown key `nonsense`; allowed top-level keys: access-log, access-log-format, backend, \
+             backend-key-failover-after, backend-tls,"
         ),
         "{all}"
     );
@@ -567,6 +568,20 @@ fn shutdown_durations_are_whole_seconds() {
     }
     let c = parse("grace-period = \"2m\"\nshutdown-timeout = 0\n").unwrap();
     assert_eq!((c.server.grace_period, c.server.shutdown_timeout), (Duration::from_secs(120), Duration::ZERO));
+}
+
+#[test]
+fn backend_key_failover_after_has_a_default_zero_means_never_and_is_checked() {
+    assert_eq!(parse("").unwrap().cluster.backend_key_failover_after, Duration::from_secs(60));
+    let c = parse("backend-key-failover-after = \"2s\"\n").unwrap();
+    assert_eq!(c.cluster.backend_key_failover_after, Duration::from_secs(2));
+    let c = parse("backend-key-failover-after = 0\n").unwrap();
+    assert_eq!(c.cluster.backend_key_failover_after, Duration::ZERO, "0 = never re-placed");
+    assert!(c.render().contains("backend-key-failover-after = \"0s\""), "{}", c.render());
+    assert_eq!(parse(&c.render()).unwrap().cluster.backend_key_failover_after, Duration::ZERO);
+    let found = problems("backend-key-failover-after = \"later\"\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].to_string().contains(":1: `backend-key-failover-after` must be a duration"), "{found:?}");
 }
 
 #[test]

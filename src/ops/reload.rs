@@ -92,6 +92,7 @@ pub const RELOADABLE: &[&str] = &[
     "timeout",
     "forwarding-window",
     "forward-peer-check",
+    "backend-key-failover-after",
     "status-page-cidrs",
     "request-body-idle-timeout",
     "health-check-interval",
@@ -124,6 +125,7 @@ pub fn merge(started: &Config, new: &Config) -> Config {
     c.proxy.timeout = new.proxy.timeout;
     c.proxy.forwarding_window = new.proxy.forwarding_window;
     c.proxy.forward_peer_check = new.proxy.forward_peer_check;
+    c.cluster.backend_key_failover_after = new.cluster.backend_key_failover_after;
     c.proxy.status_page_cidrs = new.proxy.status_page_cidrs.clone();
     c.server.request_body_idle_timeout = new.server.request_body_idle_timeout;
     c.sessions.idle_timeout = new.sessions.idle_timeout;
@@ -369,7 +371,7 @@ mod tests {
             "balancer = \"custom\"\ncustom-balancer-command = \"/usr/local/bin/place\"\n\
              custom-balancer-timeout = \"3s\"\ncustom-balancer-max-running = 9\nuser-hash-balance-factor = 2.5\n\
              timeout = \"7s\"\nforwarding-window = \"90s\"\nhealth-check-interval = \"9s\"\n\
-             forward-peer-check = false\nstatus-page-cidrs = [\"10.0.0.0/8\"]\nrequest-body-idle-timeout = \"5m\"\n\
+             forward-peer-check = false\nbackend-key-failover-after = \"5m\"\nstatus-page-cidrs = [\"10.0.0.0/8\"]\nrequest-body-idle-timeout = \"5m\"\n\
              health-check-rise = 4\nhealth-check-fall = 5\nhealth-check-backend = \"http\"\n\
              health-check-backend-path = \"/ping\"\nlog-level = \"debug\"\ndiagnostics = \"stderr\"\n\
              drain-timeout = \"1m\"\naccess-log = \"stdout\"\naccess-log-format = \"json\"\n\

@@ -11,6 +11,14 @@
 //! needs `health-check-rise` successes. A draining peer (stopping, offline
 //! mode) answers 503 with [`DRAINING_HEADER`]: it still serves its sessions,
 //! so it counts as reachable. Runs on the control runtime.
+//!
+//! Deadlines: a probe, and a connect to a peer in the data path, may take
+//! [`check_deadline`] — about `health-check-interval`, never more than
+//! `timeout` — and rounds start every interval (a slow round delays the next
+//! one, it does not add a pause after it). So a peer that is frozen (its
+//! kernel still accepts connections) or cut off (connects hang) is found
+//! after about `health-check-fall` intervals, not `fall` × (interval +
+//! `timeout`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -33,6 +41,18 @@ use crate::config::{BackendHealthCheck, Config};
 
 /// Set on a `/health` 503 that means "draining, still serving my sessions".
 pub const DRAINING_HEADER: &str = "x-sessionlb-draining";
+
+/// The shortest deadline of a probe or a peer connect: a busy node (or
+/// machine) must not be taken for a dead one because of a short interval.
+pub const MIN_CHECK_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long one probe, or one TCP connect to a peer in the data path, may
+/// take: `health-check-interval` (at least [`MIN_CHECK_DEADLINE`]), and
+/// never more than `timeout`.
+pub fn check_deadline(config: &Config) -> Duration {
+    let timeout = config.proxy.timeout.unwrap_or(Duration::from_secs(10));
+    timeout.min(config.cluster.health_check_interval.max(MIN_CHECK_DEADLINE))
+}
 
 /// What the checks need.
 pub struct HealthChecks {
@@ -66,7 +86,7 @@ impl HealthChecks {
             backend,
             backend_up,
             interval,
-            timeout: config.proxy.timeout.unwrap_or(Duration::from_secs(10)).min(interval * 2),
+            timeout: check_deadline(config),
             tls: config.proxy.ssl_enabled,
             rise: config.cluster.health_check_rise,
             fall: config.cluster.health_check_fall,
@@ -102,9 +122,13 @@ impl HealthChecks {
         {
             tracing::error!(error = %e, "cannot set up the backend health check");
         }
+        // A round starts every interval; one that overran (each check is
+        // bounded by `timeout`) is followed by the next at once.
+        let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + self.interval, self.interval);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = rounds.tick() => {}
                 _ = shutdown.changed() => return,
             }
             if let Err(e) = peers.update(|_| {}).await {
@@ -181,6 +205,11 @@ impl HealthChecks {
         } else {
             last.get(&addr).copied().unwrap_or(false) || self.backend_up.load(Ordering::Relaxed)
         };
+        if up {
+            self.view.note_available(self.view.self_id());
+        } else {
+            self.view.note_unavailable(self.view.self_id(), std::time::Instant::now());
+        }
         if self.backend_up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!(backend = %addr, "local backend is up again");
@@ -306,6 +335,23 @@ mod tests {
             started_at: None,
             pins_recent: 0,
         }
+    }
+
+    #[test]
+    fn a_check_takes_about_an_interval_at_least_a_second_and_at_most_timeout() {
+        let config = |extra: &str| {
+            let text = format!("database = \"sqlite:///tmp/x.db\"\n{extra}");
+            Config::from_toml(std::path::Path::new("/etc/sessionlb/sessionlb.toml"), &text).unwrap()
+        };
+        assert_eq!(check_deadline(&config("")), Duration::from_secs(2), "the default interval, under the 10 s timeout");
+        let c = config("health-check-interval = \"5s\"\ntimeout = \"30s\"\n");
+        assert_eq!(check_deadline(&c), Duration::from_secs(5));
+        let c = config("health-check-interval = \"250ms\"\n");
+        assert_eq!(check_deadline(&c), MIN_CHECK_DEADLINE);
+        let c = config("health-check-interval = \"1m\"\ntimeout = \"3s\"\n");
+        assert_eq!(check_deadline(&c), Duration::from_secs(3));
+        let c = config("health-check-interval = \"4s\"\ntimeout = 0\n");
+        assert_eq!(check_deadline(&c), Duration::from_secs(4), "no timeout: the interval");
     }
 
     #[tokio::test]

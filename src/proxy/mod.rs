@@ -212,6 +212,7 @@ impl Router {
             here_serves: self.serves_locally(),
             balancer,
             degraded: &self.degraded,
+            key_failover_after: self.settings().config.cluster.backend_key_failover_after,
         }
     }
 
@@ -482,6 +483,8 @@ pub struct RequestCtx {
     pub client: Option<IpAddr>,
     /// The connection's head deadline, cleared while this request is served.
     pub conn_watch: Option<Arc<conn_limits::Watch>>,
+    /// A held backend key: answer 503 with this `Retry-After` (seconds).
+    pub retry_after: Option<u64>,
     pub in_flight: bool,
     /// Durations, tunnels and the drain's count of requests in progress.
     pub timing: crate::ops::traffic::RequestTiming,
@@ -631,6 +634,11 @@ impl ProxyHttp for Router {
         let timeout = self.settings().config.proxy.timeout;
         peer.options.connection_timeout = timeout;
         peer.options.total_connection_timeout = timeout;
+        if matches!(ctx.route, Route::Peer { .. }) {
+            // A peer cut off (connects hang) is given up on, marked and
+            // failed over after about a health-check interval, not `timeout`.
+            peer.options.connection_timeout = Some(health::check_deadline(&self.settings().config));
+        }
         // `timeout` never bounds proxied bodies, long polls or tunnels.
         peer.options.read_timeout = None;
         peer.options.write_timeout = None;
@@ -755,6 +763,7 @@ impl ProxyHttp for Router {
     ) -> Box<Error> {
         let failed = match ctx.route {
             Route::Local => {
+                self.view.note_unavailable(self.self_id, std::time::Instant::now());
                 if self.backend_up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(backend = ?self.backend, error = %e, "local backend refused a connection; marking it down");
                 }
@@ -859,6 +868,10 @@ impl ProxyHttp for Router {
             let _ = endpoints::respond_backend_down(session).await;
             return pingora::proxy::FailToProxy { error_code: 503, can_reuse_downstream: false };
         }
+        if let Some(secs) = ctx.retry_after {
+            let _ = respond_retry_later(session, secs).await;
+            return pingora::proxy::FailToProxy { error_code: 503, can_reuse_downstream: false };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ if !ctx.failed.is_empty() => {
@@ -902,10 +915,25 @@ impl ProxyHttp for Router {
         ctx.timing.finish(route, status);
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        // Client disconnects are routine for an IDE (tabs closed mid-request).
-        matches!(e.esource(), ErrorSource::Downstream)
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Client disconnects are routine for an IDE (tabs closed mid-request);
+        // a held backend key's 503 is an answer, not a failure of this node.
+        matches!(e.esource(), ErrorSource::Downstream) || ctx.retry_after.is_some()
     }
+}
+
+/// 503 with `Retry-After: secs`: the request's backend key stays on a node
+/// that cannot serve it now.
+async fn respond_retry_later(session: &mut Session, secs: u64) -> Result<()> {
+    let body = bytes::Bytes::from_static(b"this session's node is not available right now; retry shortly\n");
+    let mut resp = ResponseHeader::build(503, Some(5))?;
+    resp.insert_header("retry-after", secs.to_string())?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 impl Router {

@@ -5,7 +5,8 @@
 //!    verified user, the verified signed cookie (a pin, or a legacy v1
 //!    affinity cookie), the backend key in the path;
 //! 2. [`decide`] — where it goes, from memory only, in this order:
-//!    a registered backend key → the verified user's most recent session on
+//!    a registered backend key (held, 503 with `Retry-After`, while its node
+//!    is down, up to `backend-key-failover-after`) → the verified user's most recent session on
 //!    a node that can serve it → a legacy affinity cookie's session → for a
 //!    verified user: place the user (or the node it was placed on from
 //!    memory during a registry outage); for an anonymous browser: its pin,
@@ -211,6 +212,8 @@ pub struct Memory<'a> {
     pub here_serves: bool,
     pub balancer: &'a dyn Balancer,
     pub degraded: &'a DegradedPlacements,
+    /// `backend-key-failover-after` (zero: never).
+    pub key_failover_after: Duration,
 }
 
 impl Memory<'_> {
@@ -257,6 +260,9 @@ pub enum Decision {
     Session { entry: Arc<SessionEntry>, route: Route, found: Found },
     /// A registered session whose node cannot serve it: re-place it.
     Move { entry: Arc<SessionEntry>, reason: MoveReason, found: Found },
+    /// A backend key whose node cannot serve it now but may come back: it
+    /// keeps its placement; the request gets 503 with `Retry-After`.
+    Hold { entry: Arc<SessionEntry>, reason: MoveReason, retry_after: Duration },
     /// A verified user with no session a node can serve: place one.
     PlaceUser { user: String },
     /// A verified user placed from memory while the registry was unavailable.
@@ -269,11 +275,55 @@ pub enum Decision {
     NoNode,
 }
 
-fn by_session(m: &Memory<'_>, entry: Arc<SessionEntry>, found: Found) -> Decision {
+fn by_session(m: &Memory<'_>, entry: Arc<SessionEntry>, found: Found, now: Instant) -> Decision {
     match entry.record.node_id.ok_or(MoveReason::Deleted).and_then(|node| m.route_to(node)) {
         Ok(route) => Decision::Session { entry, route, found },
+        Err(reason) if found == Found::PathKey => {
+            match hold_backend_key(m.view, &entry, reason, m.key_failover_after, now) {
+                Some(retry_after) => Decision::Hold { entry, reason, retry_after },
+                None => Decision::Move { entry, reason, found },
+            }
+        }
         Err(reason) => Decision::Move { entry, reason, found },
     }
+}
+
+/// Whether a backend key whose node cannot serve it (for `reason`) keeps its
+/// placement now, and for how much longer at most ([`Duration::MAX`]: until
+/// its node is back). A backend key lives only in its node's backend: moving
+/// it elsewhere answers 404 and strands it there after its node is back. So
+/// while the node is down, unreachable, stopped or its backend down, the key
+/// stays, until `failover_after` (zero: never) has passed since the node was
+/// first seen failing. A deleted node (or one that became a router) never
+/// takes its keys back: they move at once, as do sessions of other kinds.
+pub fn hold_backend_key(
+    view: &ClusterView,
+    entry: &SessionEntry,
+    reason: MoveReason,
+    failover_after: Duration,
+    now: Instant,
+) -> Option<Duration> {
+    if entry.record.kind != SessionKind::Backend {
+        return None;
+    }
+    let node = entry.record.node_id?;
+    match reason {
+        MoveReason::Deleted | MoveReason::Router => return None,
+        MoveReason::Stopped | MoveReason::Unreachable | MoveReason::BackendDown | MoveReason::ConnectFailure => {}
+    }
+    let since = view.note_unavailable(node, now);
+    if failover_after.is_zero() {
+        return Some(Duration::MAX);
+    }
+    let down_for = now.saturating_duration_since(since);
+    (down_for < failover_after).then(|| failover_after - down_for)
+}
+
+/// The `Retry-After` seconds of a held backend key: when its node is next
+/// checked (`health-check-interval`), or when the key would move, whichever
+/// is sooner; at least 1.
+pub fn retry_after_secs(left: Duration, check_interval: Duration) -> u64 {
+    left.min(check_interval).as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// Decide where a request goes, from memory only (see the module doc for
@@ -285,17 +335,17 @@ pub fn decide(m: &Memory<'_>, facts: &RequestFacts, now: Instant, now_secs: u64)
     if let Some(entry) =
         facts.path_key.as_deref().and_then(|k| m.view.session(k)).or_else(|| facts.path_session.clone())
     {
-        return by_session(m, entry, Found::PathKey);
+        return by_session(m, entry, Found::PathKey, now);
     }
     let legacy = facts.cookie.as_deref().and_then(AffinityCookie::legacy).and_then(|a| m.view.session(a.session_key()));
     if let Some(user) = &facts.user {
         // 2. The user's most recent session on a node that can serve it.
         if let Some(entry) = m.view.latest_session_where(user, |node| m.route_to(node).is_ok()) {
-            return by_session(m, entry, Found::User);
+            return by_session(m, entry, Found::User, now);
         }
         // 3. A legacy cookie's session, while its node serves it.
         if let Some(entry) = legacy.filter(|e| e.record.node_id.is_some_and(|n| m.route_to(n).is_ok())) {
-            return by_session(m, entry, Found::Legacy);
+            return by_session(m, entry, Found::Legacy, now);
         }
         // 4. Placed from memory during a registry outage, not registered yet.
         if let Some(node) = m.degraded.node_of(user)
@@ -307,7 +357,7 @@ pub fn decide(m: &Memory<'_>, facts: &RequestFacts, now: Instant, now_secs: u64)
     }
     // Anonymous: a legacy cookie's session (re-placed if its node failed), else the pin.
     if let Some(entry) = legacy {
-        return by_session(m, entry, Found::Legacy);
+        return by_session(m, entry, Found::Legacy, now);
     }
     let (id, reason) = match facts.pin() {
         Some(pin) => match m.route_to(pin.node) {
@@ -355,6 +405,9 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
                 pin_to = Some((node, if found == Found::User { "user" } else { "new" }));
             }
             ctx.via = Via::Session(entry);
+        }
+        Decision::Hold { entry, reason, retry_after } => {
+            return hold(r, ctx, &entry, reason, retry_after);
         }
         Decision::Move { entry, reason, found } => {
             let moved = move_session(r, ctx, &memory, balancer.clone(), entry, reason, Vec::new()).await?;
@@ -421,6 +474,22 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
     Ok(())
 }
 
+/// Answer a request for a held backend key: 503 with `Retry-After`
+/// (written by `fail_to_proxy`), the key's placement untouched.
+fn hold(r: &Router, ctx: &mut RequestCtx, entry: &SessionEntry, reason: MoveReason, left: Duration) -> Result<()> {
+    let secs = retry_after_secs(left, r.config.cluster.health_check_interval);
+    ctx.retry_after = Some(secs);
+    METRICS.backend_keys_held.with_label_values(&[reason.as_str()]).inc();
+    tracing::debug!(
+        key = %entry.record.key,
+        node = ?entry.record.node_id,
+        reason = reason.as_str(),
+        retry_after = secs,
+        "backend key's node cannot serve it: 503, the key stays"
+    );
+    Err(status_error(503, "the backend key's node cannot serve it now; retry later"))
+}
+
 /// Set the cookie of a new anonymous pin and count it.
 fn issue_anonymous_pin(r: &Router, ctx: &mut RequestCtx, pin: Pin, reason: &'static str, now: Instant) {
     let recent = r.view.pins().record(pin.node, now);
@@ -467,17 +536,32 @@ async fn place_user(
         METRICS.no_node_available.inc();
         return Err(status_error(503, "no node can take a new session"));
     }
+    let key = user_session_key(user);
+    // The user's session on a node that cannot serve it: placing it again
+    // moves it, counted with the reason (as `move_session` counts its moves).
+    let leaving = m
+        .view
+        .session(&key)
+        .and_then(|e| e.record.node_id)
+        .and_then(|node| m.route_to(node).err().map(|why| (node, why)));
     let job = Job {
-        key: user_session_key(user),
+        key,
         kind: SessionKind::User,
         user: Some(user.to_string()),
         candidates,
         exclude: Vec::new(),
-        moving: None,
+        moving: leaving.map(|(_, why)| why),
     };
     match placement::run(r.placer(balancer), job, &r.control, r.placement_limit()).await {
         Ok(placed) => {
             r.placements.succeeded(started);
+            if let Some((from, why)) = leaving
+                && placed.won
+                && placed.entry.record.node_id != Some(from)
+            {
+                METRICS.session_moves.with_label_values(&[why.as_str()]).inc();
+                tracing::info!(key = %placed.entry.record.key, from, to = ?placed.entry.record.node_id, reason = why.as_str(), "session moved");
+            }
             let node = placed.entry.record.node_id.ok_or(MoveReason::Deleted);
             match node.and_then(|n| m.route_to(n).map(|route| (n, route))) {
                 Ok((node, route)) => {
@@ -617,6 +701,32 @@ pub async fn fail_over(r: &Router, ctx: &mut RequestCtx) -> Result<()> {
     let failed = ctx.failed.clone();
     let now = Instant::now();
     match std::mem::take(&mut ctx.via) {
+        Via::Session(entry) if entry.record.kind == SessionKind::Backend => {
+            if ctx.path_key.as_deref() == Some(entry.record.key.as_str()) {
+                // The key itself was asked for: it stays on its node while it may come back.
+                if let Some(left) =
+                    hold_backend_key(&r.view, &entry, reason, r.settings().config.cluster.backend_key_failover_after, now)
+                {
+                    let result = hold(r, ctx, &entry, reason, left);
+                    ctx.via = Via::Session(entry);
+                    return result;
+                }
+            } else if let Some(user) = ctx.user.clone() {
+                // A user routed by their latest backend key: the user moves, the key does not.
+                entry.stream_closed();
+                let node = place_user(r, ctx, &memory, balancer.clone(), &user).await?;
+                if let Via::Session(placed) = &ctx.via {
+                    placed.stream_opened();
+                }
+                let pin = ctx.browser_pin.clone();
+                repin(r, ctx, pin.as_ref(), node, "failover", super::now_secs());
+                return Ok(());
+            }
+            let moved = move_session(r, ctx, &memory, balancer.clone(), entry.clone(), reason, failed).await?;
+            entry.stream_closed();
+            moved.stream_opened();
+            ctx.via = Via::Session(moved);
+        }
         Via::Session(entry) => {
             let moved = move_session(r, ctx, &memory, balancer.clone(), entry.clone(), reason, failed).await?;
             // The in-flight count moves with the request.

@@ -50,19 +50,44 @@ struct Case {
     view: ClusterView,
     degraded: DegradedPlacements,
     here_serves: bool,
+    key_failover_after: Duration,
 }
 
 impl Case {
     fn new(view: ClusterView) -> Case {
-        Case { view, degraded: DegradedPlacements::default(), here_serves: true }
+        Case {
+            view,
+            degraded: DegradedPlacements::default(),
+            here_serves: true,
+            key_failover_after: Duration::from_secs(60),
+        }
     }
 
     fn decide(&self, facts: &RequestFacts) -> Decision {
         self.decide_with(&SessionsBalancer, facts)
     }
 
+    fn decide_at(&self, facts: &RequestFacts, now: Instant) -> Decision {
+        let m = Memory {
+            view: &self.view,
+            here: 1,
+            here_serves: self.here_serves,
+            balancer: &SessionsBalancer,
+            degraded: &self.degraded,
+            key_failover_after: self.key_failover_after,
+        };
+        decide(&m, facts, now, 1_000_000)
+    }
+
     fn decide_with(&self, balancer: &dyn Balancer, facts: &RequestFacts) -> Decision {
-        let m = Memory { view: &self.view, here: 1, here_serves: self.here_serves, balancer, degraded: &self.degraded };
+        let m = Memory {
+            view: &self.view,
+            here: 1,
+            here_serves: self.here_serves,
+            balancer,
+            degraded: &self.degraded,
+            key_failover_after: self.key_failover_after,
+        };
         decide(&m, facts, Instant::now(), 1_000_000)
     }
 }
@@ -105,29 +130,83 @@ fn a_registered_backend_key_wins_over_the_users_other_sessions() {
 }
 
 #[test]
-fn a_backend_key_on_a_failed_node_is_moved() {
-    for (fourth, reason) in [
-        (NodeStatus::Offline, MoveReason::Stopped),
-        (NodeStatus::Deleting, MoveReason::Deleted),
-        (NodeStatus::Starting, MoveReason::Stopped),
-    ] {
+fn a_backend_key_of_a_node_that_may_come_back_is_held_then_moved_after_the_failover_delay() {
+    let key = || RequestFacts { path_key: Some("k1".into()), ..Default::default() };
+    for (fourth, reason) in [(NodeStatus::Offline, MoveReason::Stopped), (NodeStatus::Starting, MoveReason::Stopped)] {
         let c = Case::new(view_with(|n| n.status = fourth));
         c.view.upsert_session(session("k1", 4, None, SessionKind::Backend, 1));
-        let facts = RequestFacts { path_key: Some("k1".into()), ..Default::default() };
+        let t0 = Instant::now();
         assert!(
-            matches!(c.decide(&facts), Decision::Move { reason: r, found: Found::PathKey, .. } if r == reason),
+            matches!(c.decide_at(&key(), t0), Decision::Hold { reason: r, retry_after, .. } if r == reason && retry_after == Duration::from_secs(60)),
+            "{fourth:?}"
+        );
+        // Counted from when the node was first seen failing, not per request.
+        let later = t0 + Duration::from_secs(59);
+        assert!(
+            matches!(c.decide_at(&key(), later), Decision::Hold { retry_after, .. } if retry_after == Duration::from_secs(1))
+        );
+        let past = t0 + Duration::from_secs(60);
+        assert!(
+            matches!(c.decide_at(&key(), past), Decision::Move { reason: r, found: Found::PathKey, .. } if r == reason),
             "{fourth:?}"
         );
     }
+    // Unreachable: counted from the mark.
     let c = Case::new(view_with(|_| {}));
     c.view.upsert_session(session("k1", 4, None, SessionKind::Backend, 1));
     c.view.mark_unreachable(4);
-    let facts = RequestFacts { path_key: Some("k1".into()), ..Default::default() };
-    assert!(matches!(c.decide(&facts), Decision::Move { reason: MoveReason::Unreachable, .. }));
+    let marked = Instant::now();
+    assert!(matches!(c.decide(&key()), Decision::Hold { reason: MoveReason::Unreachable, .. }));
+    let past = marked + Duration::from_secs(61);
+    assert!(matches!(c.decide_at(&key(), past), Decision::Move { reason: MoveReason::Unreachable, .. }));
+    // Reachable again and down again: a new count.
+    c.view.mark_reachable(4);
+    assert!(matches!(c.decide(&key()), Decision::Session { route, .. } if route == peer(4)));
+    c.view.mark_unreachable(4);
+    let soon = Instant::now() + Duration::from_secs(30);
+    assert!(matches!(c.decide_at(&key(), soon), Decision::Hold { .. }));
+    // This node's backend down: its own keys are held too.
+    let mut c = Case::new(view_with(|_| {}));
+    c.here_serves = false;
+    c.view.upsert_session(session("k1", 1, None, SessionKind::Backend, 1));
+    assert!(matches!(c.decide(&key()), Decision::Hold { reason: MoveReason::BackendDown, .. }));
+    // Zero: never moved.
+    let mut c = Case::new(view_with(|n| n.status = NodeStatus::Offline));
+    c.key_failover_after = Duration::ZERO;
+    c.view.upsert_session(session("k1", 4, None, SessionKind::Backend, 1));
+    let far = Instant::now() + Duration::from_secs(365 * 86_400);
+    assert!(matches!(c.decide_at(&key(), far), Decision::Hold { retry_after: Duration::MAX, .. }));
+}
+
+#[test]
+fn a_backend_key_of_a_deleted_node_or_a_router_moves_at_once_and_users_keep_moving() {
+    let key = || RequestFacts { path_key: Some("k1".into()), ..Default::default() };
+    for (change, reason) in [
+        ((|n| n.status = NodeStatus::Deleting) as fn(&mut NodeRecord), MoveReason::Deleted),
+        (|n| n.router = true, MoveReason::Router),
+    ] {
+        let c = Case::new(view_with(change));
+        c.view.upsert_session(session("k1", 4, None, SessionKind::Backend, 1));
+        assert!(matches!(c.decide(&key()), Decision::Move { reason: r, found: Found::PathKey, .. } if r == reason));
+    }
     // A node deleted from the registry (not in the view at all).
+    let c = Case::new(view_with(|_| {}));
     c.view.upsert_session(session("k2", 9, None, SessionKind::Backend, 1));
     let facts = RequestFacts { path_key: Some("k2".into()), ..Default::default() };
     assert!(matches!(c.decide(&facts), Decision::Move { reason: MoveReason::Deleted, .. }));
+    // A user's own session on an unreachable node: placed anew at once.
+    c.view.upsert_session(session("user:ann", 4, Some("ann"), SessionKind::User, 1));
+    c.view.mark_unreachable(4);
+    assert!(matches!(c.decide(&user("ann")), Decision::PlaceUser { .. }));
+}
+
+#[test]
+fn retry_after_is_the_check_interval_or_what_is_left_and_at_least_a_second() {
+    let check = Duration::from_secs(2);
+    assert_eq!(retry_after_secs(Duration::from_secs(50), check), 2);
+    assert_eq!(retry_after_secs(Duration::from_millis(1500), check), 2);
+    assert_eq!(retry_after_secs(Duration::from_millis(10), check), 1);
+    assert_eq!(retry_after_secs(Duration::MAX, Duration::from_millis(100)), 1);
 }
 
 #[test]
