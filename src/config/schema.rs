@@ -137,7 +137,7 @@ fn read_keys(
             "`ssl-enabled = true` needs both `ssl-certificate` and `ssl-certificate-key`".into(),
         );
     }
-    let forwarding_window = r.duration("forwarding-window", Duration::from_secs(5), Duration::from_secs(1));
+    let forwarding_window = r.duration("forwarding-window", Duration::from_secs(10), Duration::from_secs(1));
     let forward_peer_check = r.bool("forward-peer-check", true);
     let status_page_set = r.is_set("status-page-cidrs");
     let status_page_cidrs = r.list(

@@ -639,7 +639,7 @@ fn rendered_strings_with_control_characters_parse_back_as_toml() {
 #[test]
 fn security_settings_have_defaults_and_checked_values() {
     let c = parse("").unwrap();
-    assert_eq!(c.proxy.forwarding_window, Duration::from_secs(5));
+    assert_eq!(c.proxy.forwarding_window, Duration::from_secs(10));
     assert!(c.proxy.forward_peer_check);
     let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
     assert_eq!(c.proxy.status_page_cidrs, loopback);

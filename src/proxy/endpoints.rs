@@ -213,25 +213,38 @@ const GATHER_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Peers' reports gathered last, and when. The lock is held while
 /// gathering, so concurrent status requests share one round of calls.
-static PEER_REPORTS: tokio::sync::Mutex<Option<(std::time::Instant, BTreeMap<NodeId, NodeInfo>)>> =
-    tokio::sync::Mutex::const_new(None);
+/// (when, the peers asked, their reports)
+type PeerReports = (std::time::Instant, Vec<NodeId>, BTreeMap<NodeId, NodeInfo>);
+static PEER_REPORTS: tokio::sync::Mutex<Option<PeerReports>> = tokio::sync::Mutex::const_new(None);
 
 /// Every online node's report: this node's fresh, peers' from the last
-/// second's round of calls, else asked now.
+/// second's round of calls (if the same peers are to be asked: one that
+/// became reachable or unreachable since is seen at once), else asked now.
 async fn gather(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
+    let peers = peers_to_ask(r);
     let mut cached = PEER_REPORTS.lock().await;
     let mut out = match cached.as_ref() {
-        Some((at, infos)) if at.elapsed() < GATHER_CACHE => infos.clone(),
+        Some((at, asked, infos)) if at.elapsed() < GATHER_CACHE && *asked == peers => infos.clone(),
         _ => {
             let infos = gather_peers(r).await;
             METRICS.status_peer_rounds.inc();
-            *cached = Some((std::time::Instant::now(), infos.clone()));
+            *cached = Some((std::time::Instant::now(), peers, infos.clone()));
             infos
         }
     };
     drop(cached);
     out.insert(r.self_id, self_info(r));
     out
+}
+
+/// Peers known to be down are not asked.
+fn should_ask(r: &Router, n: &crate::cluster::NodeRecord) -> bool {
+    n.id != r.self_id && n.status == NodeStatus::Online && !n.router && r.view.is_reachable(n.id)
+}
+
+/// The peers a status request asks now.
+fn peers_to_ask(r: &Router) -> Vec<NodeId> {
+    r.view.nodes().nodes.iter().filter(|n| should_ask(r, n)).map(|n| n.id).collect()
 }
 
 /// Ask every other online node for its report, concurrently, each bounded by `timeout`.
@@ -241,11 +254,7 @@ async fn gather_peers(r: &Router) -> BTreeMap<NodeId, NodeInfo> {
     // Peers known to be down are not asked, and no peer may hold the page up
     // for long: a frozen node answers nothing.
     let wait = r.control_timeout().min(GATHER_TIMEOUT);
-    for n in nodes
-        .nodes
-        .iter()
-        .filter(|n| n.id != r.self_id && n.status == NodeStatus::Online && !n.router && r.view.is_reachable(n.id))
-    {
+    for n in nodes.nodes.iter().filter(|n| should_ask(r, n)) {
         let Some(addr) = n.socket_addr() else { continue };
         let scheme = if r.config.proxy.ssl_enabled { "https" } else { "http" };
         let host = addr.to_string();

@@ -16,7 +16,7 @@
 //! body before the first byte is forwarded (uploads are streamed) or a
 //! chunk-signing framing of our own between nodes. A captured header cannot
 //! be reused with another body, though: it is accepted once, from its
-//! sender's address, within the window (5 s by default); `ssl-enabled`
+//! sender's address, within the window (10 s by default); `ssl-enabled`
 //! between nodes keeps it from being read at all.
 
 use base64::Engine;
