@@ -87,7 +87,10 @@ async fn forged_or_replayed_forwarding_headers_get_403() {
     let key = c.key();
     let (a, b, cc) = (c.node_id(0).await, c.node_id(1).await, c.node_id(2).await);
     let host = c.nodes[1].address();
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    // From A's address: a header signed by A is only accepted from there
+    // (`forward-peer-check`), so the cases below test the header itself.
+    let a_address: std::net::IpAddr = c.nodes[0].spec.ip.parse().unwrap();
+    let client = reqwest::Client::builder().no_proxy().local_address(a_address).build().unwrap();
     let send = |path: &'static str, header: String| {
         let client = client.clone();
         let url = c.nodes[1].url(path);
@@ -384,8 +387,10 @@ async fn database_outage_does_not_stop_known_sessions() {
     .await;
 }
 
+/// Who may read it: `status_page_is_refused_to_a_client_outside_the_cluster`
+/// (below) and `security::status_page_is_restricted_to_status_page_cidrs_…`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_page_lists_nodes_and_sessions_and_is_restricted() {
+async fn status_page_lists_nodes_and_sessions() {
     let c = Cluster::start(users()).await;
     let mut ann = Browser::as_user("ann");
     let ann_backend = ann.get(&c.nodes[0].url("/")).await.backend().unwrap().to_string();
