@@ -1,7 +1,9 @@
 //! The signed node-to-node forwarding header, and the replay cache.
 //!
-//! `X-Sessionlb-Forward: v2;<sender>;<target>;<time ms>;<key>;<user>;<mac>`
-//! where key and user are base64url (user empty when anonymous) and mac is
+//! `X-Sessionlb-Forward: v2;<sender>;<target>;<time ms>;<nonce>;<key>;<user>;<mac>`
+//! where nonce is 16 lowercase hex digits, random per request (so that two
+//! equal requests forwarded in the same millisecond carry different headers),
+//! key and user are base64url (user empty when anonymous) and mac is
 //! HMAC-SHA256 with the secure cookie key over a domain label, every field,
 //! the request's method, Host and path-and-query, and its body framing
 //! (`Content-Length` value, chunked, or none). The target checks that it is
@@ -84,6 +86,7 @@ fn mac(
     sender: &str,
     target: &str,
     time: &str,
+    nonce: &str,
     skey: &str,
     user: &str,
     req: &RequestLine<'_>,
@@ -91,7 +94,7 @@ fn mac(
 ) -> hmac::Hmac<sha2::Sha256> {
     let mut m = key.mac();
     m.update(b"sessionlb forward\0v2");
-    for part in [sender, target, time, skey, user, req.method, req.host, req.path_and_query, framing] {
+    for part in [sender, target, time, nonce, skey, user, req.method, req.host, req.path_and_query, framing] {
         m.update(b"\0");
         m.update(part.as_bytes());
     }
@@ -121,7 +124,8 @@ pub fn sign(
     sign_framed(key, sender, target, now_ms, session_key, user, req, "")
 }
 
-/// Build the header value for a request with body `framing` (see [`framing`]).
+/// Build the header value for a request with body `framing` (see [`framing`]),
+/// with a fresh random nonce.
 #[allow(clippy::too_many_arguments)]
 pub fn sign_framed(
     key: &SecureKey,
@@ -133,11 +137,39 @@ pub fn sign_framed(
     req: &RequestLine<'_>,
     framing: &str,
 ) -> String {
+    sign_with_nonce(key, sender, target, now_ms, rand::random(), session_key, user, req, framing)
+}
+
+/// [`sign_framed`] with a given nonce (tests, and the fuzz target's check
+/// that a verified header has no second spelling).
+#[allow(clippy::too_many_arguments)]
+pub fn sign_with_nonce(
+    key: &SecureKey,
+    sender: NodeId,
+    target: NodeId,
+    now_ms: i64,
+    nonce: u64,
+    session_key: &str,
+    user: Option<&str>,
+    req: &RequestLine<'_>,
+    framing: &str,
+) -> String {
     let skey = B64.encode(session_key);
     let user = user.map(|u| B64.encode(u)).unwrap_or_default();
-    let (sender, target, time) = (sender.to_string(), target.to_string(), now_ms.to_string());
-    let tag = mac(key, &sender, &target, &time, &skey, &user, req, framing).finalize().into_bytes();
-    format!("{VERSION};{sender};{target};{time};{skey};{user};{}", B64.encode(tag))
+    let (sender, target, time, nonce) = (sender.to_string(), target.to_string(), now_ms.to_string(), format!("{nonce:016x}"));
+    let tag = mac(key, &sender, &target, &time, &nonce, &skey, &user, req, framing).finalize().into_bytes();
+    format!("{VERSION};{sender};{target};{time};{nonce};{skey};{user};{}", B64.encode(tag))
+}
+
+/// The nonce of a header value (its fifth field), if it has one.
+pub fn nonce_of(value: &str) -> Option<u64> {
+    let nonce = value.split(';').nth(4)?;
+    is_nonce(nonce).then(|| u64::from_str_radix(nonce, 16).ok()).flatten()
+}
+
+/// Exactly 16 lowercase hex digits: one spelling per nonce.
+fn is_nonce(text: &str) -> bool {
+    text.len() == 16 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Verify a header value of a request without a body received by node
@@ -167,14 +199,17 @@ pub fn verify_framed(
     framing: &str,
 ) -> Result<Forwarded, ForwardRejection> {
     let fields: Vec<&str> = value.split(';').collect();
-    let [VERSION, sender, target, time, skey, user, tag] = fields[..] else {
+    let [VERSION, sender, target, time, nonce, skey, user, tag] = fields[..] else {
         return Err(ForwardRejection::Malformed);
     };
+    if !is_nonce(nonce) {
+        return Err(ForwardRejection::Malformed);
+    }
     let sender_id: NodeId = sender.parse().map_err(|_| ForwardRejection::Malformed)?;
     let target_id: NodeId = target.parse().map_err(|_| ForwardRejection::Malformed)?;
     let at: i64 = time.parse().map_err(|_| ForwardRejection::Malformed)?;
     let tag = B64.decode(tag).map_err(|_| ForwardRejection::Malformed)?;
-    mac(key, sender, target, time, skey, user, req, framing)
+    mac(key, sender, target, time, nonce, skey, user, req, framing)
         .verify_slice(&tag)
         .map_err(|_| ForwardRejection::BadMac)?;
     if target_id != me {
@@ -306,6 +341,29 @@ mod tests {
         // A v1 header (no framing) is refused as malformed.
         let v1 = h.replacen("v2;", "v1;", 1);
         assert_eq!(verify(&k, &v1, 2, |_| true, 10_000, 30_000, &REQ), Err(ForwardRejection::Malformed));
+    }
+
+    #[test]
+    fn equal_requests_in_the_same_millisecond_carry_different_headers() {
+        // Two browsers of one session opening the same WebSocket at once are
+        // two requests, not a replay.
+        let cache = ReplayCache::new(100);
+        let (a, b) = (sign(&key(), 1, 2, 10_000, "k", None, &REQ), sign(&key(), 1, 2, 10_000, "k", None, &REQ));
+        assert_ne!(a, b);
+        for h in [&a, &b] {
+            assert!(verify(&key(), h, 2, |_| true, 10_000, 5_000, &REQ).is_ok());
+            let (at, id) = replay_id(h).unwrap();
+            assert_eq!(cache.check(at, id, 10_000, 5_000), Ok(()));
+        }
+        // The nonce is covered by the MAC and has one spelling.
+        let nonce = nonce_of(&a).unwrap();
+        assert_eq!(sign_with_nonce(&key(), 1, 2, 10_000, nonce, "k", None, &REQ, ""), a);
+        let upper = a.replacen(&format!("{nonce:016x}"), &format!("{nonce:016X}"), 1);
+        if upper != a {
+            assert_eq!(verify(&key(), &upper, 2, |_| true, 10_000, 5_000, &REQ), Err(ForwardRejection::Malformed));
+        }
+        let other = a.replacen(&format!("{nonce:016x}"), &format!("{:016x}", nonce ^ 1), 1);
+        assert_eq!(verify(&key(), &other, 2, |_| true, 10_000, 5_000, &REQ), Err(ForwardRejection::BadMac));
     }
 
     #[test]

@@ -477,7 +477,7 @@ pub async fn route(r: &Router, session: &mut Session, ctx: &mut RequestCtx) -> R
 /// Answer a request for a held backend key: 503 with `Retry-After`
 /// (written by `fail_to_proxy`), the key's placement untouched.
 fn hold(r: &Router, ctx: &mut RequestCtx, entry: &SessionEntry, reason: MoveReason, left: Duration) -> Result<()> {
-    let secs = retry_after_secs(left, r.config.cluster.health_check_interval);
+    let secs = retry_after_secs(left, r.settings().config.cluster.health_check_interval);
     ctx.retry_after = Some(secs);
     METRICS.backend_keys_held.with_label_values(&[reason.as_str()]).inc();
     tracing::debug!(
