@@ -585,6 +585,25 @@ fn backend_key_failover_after_has_a_default_zero_means_never_and_is_checked() {
 }
 
 #[test]
+fn access_log_is_off_by_default_and_takes_stdout_or_an_absolute_path() {
+    let c = parse("").unwrap();
+    assert_eq!(c.server.access_log, AccessLogTarget::Off);
+    assert_eq!(c.server.access_log_format, LogFormat::Plain);
+    let c = parse("access-log = \"stdout\"\naccess-log-format = \"json\"\n").unwrap();
+    assert_eq!((c.server.access_log.clone(), c.server.access_log_format), (AccessLogTarget::Stdout, LogFormat::Json));
+    assert_eq!(parse(&c.render()).unwrap().render(), c.render());
+    let c = parse("access-log = \"/var/log/sessionlb/access.log\"\n").unwrap();
+    assert_eq!(c.server.access_log, AccessLogTarget::File("/var/log/sessionlb/access.log".into()));
+    assert!(c.render().contains("access-log = \"/var/log/sessionlb/access.log\""));
+
+    let found = problems("access-log = \"logs/access.log\"\naccess-log-format = \"csv\"\n");
+    let text: Vec<String> = found.iter().map(|p| p.to_string()).collect();
+    assert_eq!(found.len(), 2, "{text:#?}");
+    assert!(text[0].contains(":1: `access-log` must be \"\" (off), \"stdout\" or an absolute file path"), "{text:#?}");
+    assert!(text[1].contains(":2: `access-log-format` must be one of plain, json"), "{text:#?}");
+}
+
+#[test]
 fn operations_settings_have_defaults_and_checked_values() {
     let c = parse("").unwrap();
     assert_eq!(c.server.metrics_address, Some("127.0.0.1:9787".parse().unwrap()));
