@@ -381,3 +381,58 @@ async fn notifications_carry_the_database_time_of_the_change(b: Backend) {
     let mean = (METRICS.notification_lag.get_sample_sum() - sum) / observed as f64;
     assert!((0.0..5.0).contains(&mean), "mean lag {mean}s");
 }
+
+/// Issue 12: an idle node must not keep its pool open. A burst of work
+/// (three cluster checks queued behind the cluster lock, which a test
+/// connection holds) opens three pooled connections; once the work is done
+/// the pool closes them again, down to the LISTEN connection and at most
+/// one pooled connection. (sqlx hands idle connections out first in, first
+/// out, so with a long idle timeout they all stayed open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_closes_the_connections_a_burst_opened() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let app = format!("pooltest_{}", hex::encode(rand::random::<[u8; 4]>()));
+    let url = sessionlb::config::DatabaseUrl::parse(&format!("{}?application_name={app}", db.url)).unwrap();
+    let r = sessionlb::cluster::connect(&url, Duration::from_millis(50)).await.unwrap();
+    let _changes = r.subscribe().await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // The cluster lock (`slb1`, see postgres.rs) held from outside: each join waits on its own connection.
+    sqlx::query("SELECT pg_advisory_lock(1936482865)").execute(&mut admin).await.unwrap();
+    let ids: Vec<NodeId> =
+        futures::future::join_all(["a", "b", "c"].map(|h| async { r.register_node(&reg(h, 8787)).await.unwrap() }))
+            .await;
+    let joins: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let r = r.clone();
+            tokio::spawn(async move { r.join_cluster(id, "sha256:aa", "http", FRESH).await.unwrap() })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while connections_of(&mut admin, &app).await < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the three joins never held three connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("SELECT pg_advisory_unlock(1936482865)").execute(&mut admin).await.unwrap();
+    for j in joins {
+        j.await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let n = connections_of(&mut admin, &app).await;
+        if n <= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} connections still open 40 s after the burst");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn connections_of(admin: &mut sqlx::PgConnection, app: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+        .bind(app)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
