@@ -436,3 +436,59 @@ async fn connections_of(admin: &mut sqlx::PgConnection, app: &str) -> i64 {
         .await
         .unwrap()
 }
+
+/// Issue 12: a statement that changes many sessions is announced in a few
+/// batched notifications (migration 0006), not one per row; one-row
+/// statements keep the payload earlier versions know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_rows_changed_by_one_statement_are_announced_in_batches() {
+    let db = TestDb::postgres().await;
+    let r = db.registry().await;
+    let a = online_node(&r, "a", "sha256:aa").await;
+    online_node(&r, "b", "sha256:aa").await;
+    let keys: Vec<String> = (0..300).map(|i| format!("batch-{i:03}")).collect();
+    for key in &keys {
+        r.place_session(&NewSession { key, node_id: a, user_name: Some("ann"), kind: SessionKind::Affinity })
+            .await
+            .unwrap();
+    }
+    let mut rx = r.subscribe().await.unwrap();
+    // One statement releases all 300 (node deleted), one row is placed again, then all expire.
+    assert!(matches!(r.delete_node(a, true).await.unwrap(), DeleteOutcome::Deleted { sessions_released: 300 }));
+    r.place_session(&NewSession { key: "single", node_id: 2, user_name: None, kind: SessionKind::Affinity })
+        .await
+        .unwrap();
+    let mut released = Vec::new();
+    let mut notifications = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ChangeEvent::Sessions { s })) => {
+                notifications += 1;
+                released.extend(s.into_iter().map(|s| (s.key, s.node_id)));
+            }
+            Ok(Some(ChangeEvent::Session(s))) if s.key == "single" => break,
+            Ok(Some(ChangeEvent::Node { .. })) => {}
+            other => panic!("unexpected ({other:?}) after {notifications} batches"),
+        }
+    }
+    released.sort();
+    assert_eq!(released, keys.iter().map(|k| (k.clone(), None)).collect::<Vec<_>>());
+    assert!(notifications <= 10, "300 released sessions took {notifications} notifications");
+    // Deleting them all at once: batches of keys.
+    let now = r.now_ms().await.unwrap();
+    eventually(Duration::from_secs(5), "a millisecond on the database clock", || {
+        let r = r.clone();
+        async move { (r.now_ms().await.unwrap() > now).then_some(()) }
+    })
+    .await;
+    assert_eq!(r.expire_idle_sessions(Duration::ZERO).await.unwrap(), 301);
+    let mut ended = Vec::new();
+    while ended.len() < 301 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ChangeEvent::SessionDeletes { keys })) => ended.extend(keys),
+            other => panic!("unexpected ({other:?}) after {} ended", ended.len()),
+        }
+    }
+    assert!(ended.contains(&"single".to_string()) && ended.contains(&"batch-299".to_string()));
+}

@@ -166,6 +166,15 @@ pub struct SessionMove {
     pub at_ms: i64,
 }
 
+/// One announced change to the sessions (see [`ClusterView::apply_session_changes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionChange {
+    /// Added, moved, or its user set.
+    Upsert(SessionRecord),
+    /// Ended.
+    Remove(String),
+}
+
 /// How many recent moves the view keeps.
 pub const RECENT_MOVES: usize = 20;
 
@@ -393,6 +402,30 @@ impl ClusterView {
         self.moves.lock().iter().rev().cloned().collect()
     }
 
+    /// Apply a batch of announced changes, in order, under one write lock
+    /// (a burst of notifications costs one lock, not one per change).
+    pub fn apply_session_changes(&self, changes: impl IntoIterator<Item = SessionChange>) {
+        let mut not_kept = 0;
+        {
+            let mut index = self.sessions.write();
+            for change in changes {
+                match change {
+                    SessionChange::Upsert(record) => {
+                        self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
+                        if !index.insert(record, None, self.session_capacity).1 {
+                            not_kept += 1;
+                        }
+                    }
+                    SessionChange::Remove(key) => {
+                        index.remove(&key);
+                    }
+                }
+            }
+            METRICS.view_sessions.set(index.by_key.len() as i64);
+        }
+        self.note_capacity(not_kept == 0, not_kept);
+    }
+
     pub fn remove_session(&self, key: &str) {
         let mut index = self.sessions.write();
         index.remove(key);
@@ -502,6 +535,26 @@ mod tests {
             created: 1,
             last_active,
         }
+    }
+
+    #[test]
+    fn a_batch_of_changes_applies_in_order_and_keeps_activity() {
+        let v = ClusterView::new(1);
+        let kept = v.upsert_session(session("a", Some(1), Some("ann"), 1));
+        kept.touch(50);
+        v.apply_session_changes([
+            SessionChange::Upsert(session("b", Some(2), None, 1)),
+            SessionChange::Upsert(session("a", Some(2), Some("ann"), 1)),
+            SessionChange::Remove("b".into()),
+            SessionChange::Upsert(session("b", Some(3), None, 1)),
+            SessionChange::Remove("never-seen".into()),
+        ]);
+        assert_eq!(v.session("a").unwrap().record.node_id, Some(2));
+        assert_eq!(v.session("b").unwrap().record.node_id, Some(3), "the later change wins");
+        assert_eq!(v.session_counts(), HashMap::from([(2, 1), (3, 1)]));
+        assert_eq!(v.take_active_keys(), vec!["a".to_string()], "a's activity carried over");
+        assert_eq!(v.recent_moves()[0].key, "a");
+        assert_eq!(v.latest_session_of("ann").unwrap().record.node_id, Some(2));
     }
 
     #[test]
