@@ -5,7 +5,8 @@
 //! `Resync` (lost connection, pruned log) reloads everything, retrying
 //! until the database answers.
 //! Nodes' measurements (load reports, check-ins) are not announced: the node
-//! table is re-read on a fixed period for them.
+//! table (only it: the cluster record's changes are announced) is re-read on
+//! a fixed period for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,12 @@ async fn reload_nodes(registry: &dyn Registry, view: &ClusterView) -> Result<Nod
     Ok(view.set_nodes(nodes))
 }
 
+/// The periodic re-read: node measurements only (the cluster record's
+/// changes are announced).
+async fn reread_measurements(registry: &dyn Registry, view: &ClusterView) -> Result<NodeChanges> {
+    Ok(view.set_nodes(registry.list_nodes().await?))
+}
+
 /// Follow notifications until `shutdown` turns true, and re-read the node
 /// table every `measurements_every` (load reports and check-ins are not
 /// announced). Sends `true` on `self_deleted` when this node's row disappears.
@@ -70,7 +77,7 @@ pub async fn follow(
                 }
             },
             _ = measurements.tick() => {
-                match reload_nodes(registry.as_ref(), &view).await {
+                match reread_measurements(registry.as_ref(), &view).await {
                     Ok(c) => report(&view, &c, &self_deleted),
                     Err(e) => tracing::debug!(error = %e, "re-reading node measurements failed"),
                 }
