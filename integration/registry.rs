@@ -492,3 +492,58 @@ async fn many_rows_changed_by_one_statement_are_announced_in_batches() {
     }
     assert!(ended.contains(&"single".to_string()) && ended.contains(&"batch-299".to_string()));
 }
+
+/// Issue 12 (migration 0007): expiry runs once per period for the whole
+/// cluster (a second node's call within the period does nothing), and
+/// activity writes are HOT updates (no index holds `last_active`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_runs_once_per_period_for_the_cluster_and_activity_writes_are_hot() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let (r1, r2) = (db.registry().await, db.registry().await);
+    let a = online_node(&r1, "a", "sha256:aa").await;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let stale = |key: &'static str| {
+        sqlx::query(
+            "INSERT INTO sessionlb.sessionlb_sessions (key, node_id, kind, created, last_active) \
+             VALUES ($1, $2, 'affinity', 0, 0)",
+        )
+        .bind(key)
+        .bind(a)
+    };
+    let idle = Duration::from_secs(40); // period 10 s: the second call below is within it
+    stale("idle-1").execute(&mut admin).await.unwrap();
+    assert_eq!(r1.expire_idle_sessions(idle).await.unwrap(), 1);
+    stale("idle-2").execute(&mut admin).await.unwrap();
+    assert_eq!(r2.expire_idle_sessions(idle).await.unwrap(), 0, "another node expired within the period");
+    assert!(r2.get_session("idle-2").await.unwrap().is_some());
+    // A period later (moved back by hand), the next call does it.
+    sqlx::query("UPDATE sessionlb.sessionlb_housekeeping SET last_run = last_run - 10000 WHERE task = 'expiry'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(r2.expire_idle_sessions(idle).await.unwrap(), 1);
+
+    // Activity writes: every update of the table is HOT.
+    r1.place_session(&NewSession { key: "busy", node_id: a, user_name: Some("ann"), kind: SessionKind::User })
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(r1.touch_sessions(&["busy".to_string()]).await.unwrap(), 1);
+    }
+    let (updates, hot) = eventually(Duration::from_secs(20), "the table's update statistics", || {
+        let url = db.url.clone();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            let (u, h): (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessionlb_sessions'",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            (u >= 10).then_some((u, h))
+        }
+    })
+    .await;
+    assert_eq!(hot, updates, "{hot} of {updates} updates were HOT");
+}

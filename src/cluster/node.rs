@@ -267,7 +267,7 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
     }));
 
     let c = ctx.clone();
-    let expiry_every = (cfg.sessions.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let expiry_every = super::registry::expiry_period(cfg.sessions.idle_timeout);
     tasks.push(every(expiry_every, shutdown, move || {
         let c = c.clone();
         async move {
