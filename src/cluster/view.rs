@@ -94,11 +94,41 @@ impl SessionEntry {
     }
 }
 
+/// An entry in the key index, hashed and compared by its record's key, so
+/// that the key is stored once (in the record), not again as the map's key.
+#[derive(Debug, Clone)]
+struct ByKey(Arc<SessionEntry>);
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: `Borrow<str>` lookups must agree.
+        self.0.record.key.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.record.key == other.0.record.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl std::borrow::Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.record.key
+    }
+}
+
+/// The sessions, indexed (issue 12: about 480 bytes per session in round 1,
+/// with the key stored three times and a hash set per user; now the key
+/// lives only in the record and a user's sessions are a short vector of the
+/// entries themselves).
 #[derive(Debug, Default)]
 struct SessionIndex {
-    by_key: HashMap<String, Arc<SessionEntry>>,
+    by_key: HashSet<ByKey>,
     per_node: HashMap<NodeId, usize>,
-    by_user: HashMap<String, HashSet<String>>,
+    by_user: HashMap<String, Vec<Arc<SessionEntry>>>,
 }
 
 impl SessionIndex {
@@ -112,27 +142,39 @@ impl SessionIndex {
         activity: Option<Arc<Activity>>,
         capacity: usize,
     ) -> (Arc<SessionEntry>, bool) {
-        let key = record.key.clone();
-        let known = self.by_key.get(&key).map(|e| e.activity.clone());
+        let known = self.get(&record.key).map(|e| e.activity.clone());
         let kept = known.is_some() || self.by_key.len() < capacity;
         let activity = activity.or(known).unwrap_or_default();
         let fresh = Arc::new(SessionEntry { record, activity });
         if !kept {
             return (fresh, false);
         }
-        self.remove(&key);
+        self.remove(&fresh.record.key);
         if let Some(node) = fresh.record.node_id {
             *self.per_node.entry(node).or_default() += 1;
         }
         if let Some(user) = &fresh.record.user_name {
-            self.by_user.entry(user.clone()).or_default().insert(key.clone());
+            match self.by_user.get_mut(user.as_str()) {
+                Some(entries) => entries.push(fresh.clone()),
+                None => {
+                    self.by_user.insert(user.clone(), vec![fresh.clone()]);
+                }
+            }
         }
-        self.by_key.insert(key, fresh.clone());
+        self.by_key.insert(ByKey(fresh.clone()));
         (fresh, true)
     }
 
+    fn get(&self, key: &str) -> Option<&Arc<SessionEntry>> {
+        self.by_key.get(key).map(|e| &e.0)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<SessionEntry>> {
+        self.by_key.iter().map(|e| &e.0)
+    }
+
     fn remove(&mut self, key: &str) -> Option<Arc<SessionEntry>> {
-        let old = self.by_key.remove(key)?;
+        let old = self.by_key.take(key)?.0;
         if let Some(node) = old.record.node_id
             && let Some(n) = self.per_node.get_mut(&node)
         {
@@ -142,10 +184,10 @@ impl SessionIndex {
             }
         }
         if let Some(user) = &old.record.user_name
-            && let Some(keys) = self.by_user.get_mut(user)
+            && let Some(entries) = self.by_user.get_mut(user.as_str())
         {
-            keys.remove(key);
-            if keys.is_empty() {
+            entries.retain(|e| !Arc::ptr_eq(e, &old));
+            if entries.is_empty() {
                 self.by_user.remove(user);
             }
         }
@@ -338,7 +380,7 @@ impl ClusterView {
     // --- sessions
 
     pub fn session(&self, key: &str) -> Option<Arc<SessionEntry>> {
-        self.sessions.read().by_key.get(key).cloned()
+        self.sessions.read().get(key).cloned()
     }
 
     /// The user's most recently active session that has a node.
@@ -353,7 +395,6 @@ impl ClusterView {
             .by_user
             .get(user)?
             .iter()
-            .filter_map(|k| index.by_key.get(k))
             .filter(|e| e.record.node_id.is_some_and(&usable))
             .max_by(|a, b| {
                 let recency = |e: &SessionEntry| (e.record.last_active.max(e.last_request()), e.record.created);
@@ -367,7 +408,7 @@ impl ClusterView {
     pub fn upsert_session(&self, record: SessionRecord) -> Arc<SessionEntry> {
         let (entry, kept) = {
             let mut index = self.sessions.write();
-            self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
+            self.note_move(index.get(&record.key).map(|e| &e.record), &record);
             let result = index.insert(record, None, self.session_capacity);
             METRICS.view_sessions.set(index.by_key.len() as i64);
             result
@@ -411,7 +452,7 @@ impl ClusterView {
             for change in changes {
                 match change {
                     SessionChange::Upsert(record) => {
-                        self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
+                        self.note_move(index.get(&record.key).map(|e| &e.record), &record);
                         if !index.insert(record, None, self.session_capacity).1 {
                             not_kept += 1;
                         }
@@ -443,7 +484,7 @@ impl ClusterView {
             let mut index = self.sessions.write();
             let mut fresh = SessionIndex::default();
             for r in records {
-                let old = index.by_key.get(&r.key);
+                let old = index.get(&r.key);
                 self.note_move(old.map(|e| &e.record), &r);
                 let activity = old.map(|e| e.activity.clone());
                 if !fresh.insert(r, activity, self.session_capacity).1 {
@@ -492,7 +533,7 @@ impl ClusterView {
 
     /// All sessions (for the status page), sorted by key.
     pub fn sessions(&self) -> Vec<Arc<SessionEntry>> {
-        let mut all: Vec<_> = self.sessions.read().by_key.values().cloned().collect();
+        let mut all: Vec<_> = self.sessions.read().entries().cloned().collect();
         all.sort_by(|a, b| a.record.key.cmp(&b.record.key));
         all
     }
@@ -502,8 +543,7 @@ impl ClusterView {
     pub fn take_active_keys(&self) -> Vec<String> {
         let index = self.sessions.read();
         index
-            .by_key
-            .values()
+            .entries()
             .filter(|e| e.activity.last_request.swap(0, Ordering::Relaxed) != 0 || e.open_streams() > 0)
             .map(|e| e.record.key.clone())
             .collect()
@@ -515,7 +555,7 @@ impl ClusterView {
     pub fn restore_active_keys(&self, keys: &[String], now_ms: i64) {
         let index = self.sessions.read();
         for key in keys {
-            if let Some(entry) = index.by_key.get(key) {
+            if let Some(entry) = index.get(key) {
                 entry.touch(now_ms);
             }
         }
