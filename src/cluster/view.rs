@@ -765,3 +765,36 @@ mod tests {
         assert!(v.latest_session_where("ann", |_| false).is_none());
     }
 }
+
+/// The view's memory per session, measured (issue 12): not a test, run with
+/// `cargo test --release --lib view_memory -- --ignored --nocapture`.
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn view_memory_per_session() {
+        let v = ClusterView::new(1);
+        let n = 100_000;
+        let before = rss_bytes();
+        for i in 0..n {
+            // Keys and users as the bulk phase of bench/scale.sh writes them.
+            v.upsert_session(SessionRecord {
+                key: format!("user:bulk-{i}"),
+                node_id: Some(i % 50),
+                user_name: Some(format!("bulk-{i}")),
+                kind: SessionKind::User,
+                created: 1,
+                last_active: 1,
+            });
+        }
+        let after = rss_bytes();
+        println!("view memory: {} bytes per session ({n} sessions)", (after - before) / n as u64);
+    }
+}
