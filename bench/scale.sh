@@ -269,7 +269,7 @@ join_phase() {
 	JOIN=$((NODES + 1))
 	start_backend_of "$JOIN"
 	[[ $BACKENDS == shared ]] || wait_health "backend-$(name_of $JOIN)" "http://$(backend_of $JOIN)/bench" 10
-	want=$(psql -X -Atq -d "$PG_REGISTRY" -c 'SELECT count(*) FROM sessionlb.sessionlb_sessions')
+	want=$(PGOPTIONS='-c search_path=sessionlb,public' psql -X -Atq -d "$PG_REGISTRY" -c 'SELECT count(*) FROM sessionlb_sessions')
 	start_node "$JOIN"
 	started_us=${NODE_T0[$JOIN]/./}
 	driver join join --join-node "$(name_of $JOIN)" --started-ns "${started_us}000" --sessions "$want"

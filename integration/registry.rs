@@ -381,3 +381,169 @@ async fn notifications_carry_the_database_time_of_the_change(b: Backend) {
     let mean = (METRICS.notification_lag.get_sample_sum() - sum) / observed as f64;
     assert!((0.0..5.0).contains(&mean), "mean lag {mean}s");
 }
+
+/// Issue 12: an idle node must not keep its pool open. A burst of work
+/// (three cluster checks queued behind the cluster lock, which a test
+/// connection holds) opens three pooled connections; once the work is done
+/// the pool closes them again, down to the LISTEN connection and at most
+/// one pooled connection. (sqlx hands idle connections out first in, first
+/// out, so with a long idle timeout they all stayed open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_closes_the_connections_a_burst_opened() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let app = format!("pooltest_{}", hex::encode(rand::random::<[u8; 4]>()));
+    let url = sessionlb::config::DatabaseUrl::parse(&format!("{}?application_name={app}", db.url)).unwrap();
+    let r = sessionlb::cluster::connect(&url, Duration::from_millis(50)).await.unwrap();
+    let _changes = r.subscribe().await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // The cluster lock (`slb1`, see postgres.rs) held from outside: each join waits on its own connection.
+    sqlx::query("SELECT pg_advisory_lock(1936482865)").execute(&mut admin).await.unwrap();
+    let ids: Vec<NodeId> =
+        futures::future::join_all(["a", "b", "c"].map(|h| async { r.register_node(&reg(h, 8787)).await.unwrap() }))
+            .await;
+    let joins: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let r = r.clone();
+            tokio::spawn(async move { r.join_cluster(id, "sha256:aa", "http", FRESH).await.unwrap() })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while connections_of(&mut admin, &app).await < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the three joins never held three connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("SELECT pg_advisory_unlock(1936482865)").execute(&mut admin).await.unwrap();
+    for j in joins {
+        j.await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let n = connections_of(&mut admin, &app).await;
+        if n <= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} connections still open 40 s after the burst");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn connections_of(admin: &mut sqlx::PgConnection, app: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+        .bind(app)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// Issue 12: a statement that changes many sessions is announced in a few
+/// batched notifications (migration 0006), not one per row; one-row
+/// statements keep the payload earlier versions know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_rows_changed_by_one_statement_are_announced_in_batches() {
+    let db = TestDb::postgres().await;
+    let r = db.registry().await;
+    let a = online_node(&r, "a", "sha256:aa").await;
+    online_node(&r, "b", "sha256:aa").await;
+    let keys: Vec<String> = (0..300).map(|i| format!("batch-{i:03}")).collect();
+    for key in &keys {
+        r.place_session(&NewSession { key, node_id: a, user_name: Some("ann"), kind: SessionKind::Affinity })
+            .await
+            .unwrap();
+    }
+    let mut rx = r.subscribe().await.unwrap();
+    // One statement releases all 300 (node deleted), one row is placed again, then all expire.
+    assert!(matches!(r.delete_node(a, true).await.unwrap(), DeleteOutcome::Deleted { sessions_released: 300 }));
+    r.place_session(&NewSession { key: "single", node_id: 2, user_name: None, kind: SessionKind::Affinity })
+        .await
+        .unwrap();
+    let mut released = Vec::new();
+    let mut notifications = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ChangeEvent::Sessions { s })) => {
+                notifications += 1;
+                released.extend(s.into_iter().map(|s| (s.key, s.node_id)));
+            }
+            Ok(Some(ChangeEvent::Session(s))) if s.key == "single" => break,
+            Ok(Some(ChangeEvent::Node { .. })) => {}
+            other => panic!("unexpected ({other:?}) after {notifications} batches"),
+        }
+    }
+    released.sort();
+    assert_eq!(released, keys.iter().map(|k| (k.clone(), None)).collect::<Vec<_>>());
+    assert!(notifications <= 10, "300 released sessions took {notifications} notifications");
+    // Deleting them all at once: batches of keys.
+    let now = r.now_ms().await.unwrap();
+    eventually(Duration::from_secs(5), "a millisecond on the database clock", || {
+        let r = r.clone();
+        async move { (r.now_ms().await.unwrap() > now).then_some(()) }
+    })
+    .await;
+    assert_eq!(r.expire_idle_sessions(Duration::ZERO).await.unwrap(), 301);
+    let mut ended = Vec::new();
+    while ended.len() < 301 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ChangeEvent::SessionDeletes { keys })) => ended.extend(keys),
+            other => panic!("unexpected ({other:?}) after {} ended", ended.len()),
+        }
+    }
+    assert!(ended.contains(&"single".to_string()) && ended.contains(&"batch-299".to_string()));
+}
+
+/// Issue 12 (migration 0007): expiry runs once per period for the whole
+/// cluster (a second node's call within the period does nothing), and
+/// activity writes are HOT updates (no index holds `last_active`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_runs_once_per_period_for_the_cluster_and_activity_writes_are_hot() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let (r1, r2) = (db.registry().await, db.registry().await);
+    let a = online_node(&r1, "a", "sha256:aa").await;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let stale = |key: &'static str| {
+        sqlx::query(
+            "INSERT INTO sessionlb.sessionlb_sessions (key, node_id, kind, created, last_active) \
+             VALUES ($1, $2, 'affinity', 0, 0)",
+        )
+        .bind(key)
+        .bind(a)
+    };
+    let idle = Duration::from_secs(40); // period 10 s: the second call below is within it
+    stale("idle-1").execute(&mut admin).await.unwrap();
+    assert_eq!(r1.expire_idle_sessions(idle).await.unwrap(), 1);
+    stale("idle-2").execute(&mut admin).await.unwrap();
+    assert_eq!(r2.expire_idle_sessions(idle).await.unwrap(), 0, "another node expired within the period");
+    assert!(r2.get_session("idle-2").await.unwrap().is_some());
+    // A period later (moved back by hand), the next call does it.
+    sqlx::query("UPDATE sessionlb.sessionlb_housekeeping SET last_run = last_run - 10000 WHERE task = 'expiry'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(r2.expire_idle_sessions(idle).await.unwrap(), 1);
+
+    // Activity writes: every update of the table is HOT.
+    r1.place_session(&NewSession { key: "busy", node_id: a, user_name: Some("ann"), kind: SessionKind::User })
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(r1.touch_sessions(&["busy".to_string()]).await.unwrap(), 1);
+    }
+    let (updates, hot) = eventually(Duration::from_secs(20), "the table's update statistics", || {
+        let url = db.url.clone();
+        async move {
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            let (u, h): (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessionlb_sessions'",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            (u >= 10).then_some((u, h))
+        }
+    })
+    .await;
+    assert_eq!(hot, updates, "{hot} of {updates} updates were HOT");
+}

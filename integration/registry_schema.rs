@@ -112,6 +112,7 @@ async fn a_registry_left_in_public_stays_while_a_node_is_online_and_moves_when_n
             "public._sqlx_migrations",
             "sessionlb._sqlx_migrations",
             "sessionlb.sessionlb_cluster",
+            "sessionlb.sessionlb_housekeeping",
             "sessionlb.sessionlb_nodes",
             "sessionlb.sessionlb_sessions"
         ]

@@ -130,6 +130,7 @@ async fn assert_registry_in_its_schema(db: &TestDb) {
         ("public", "workbench_user_settings"),
         ("sessionlb", "_sqlx_migrations"),
         ("sessionlb", "sessionlb_cluster"),
+        ("sessionlb", "sessionlb_housekeeping"),
         ("sessionlb", "sessionlb_nodes"),
         ("sessionlb", "sessionlb_sessions"),
     ]

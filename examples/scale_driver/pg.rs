@@ -174,12 +174,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry's tables live in the schema `sessionlb` (the nodes'
-    /// default `database-schema`).
+    /// The registry's tables are in the nodes' `database-schema` (default
+    /// `sessionlb`; `public` for a registry of before 0.2).
     pub async fn connect(url: &str) -> anyhow::Result<Registry> {
-        let mut conn = PgConnection::connect(url).await?;
-        sqlx::query("SET search_path = sessionlb, public").execute(&mut conn).await?;
-        Ok(Registry { conn })
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        let options = options.options([("search_path", "sessionlb, public")]);
+        Ok(Registry { conn: PgConnection::connect_with(&options).await? })
     }
 
     pub async fn session_count(&mut self) -> anyhow::Result<u64> {

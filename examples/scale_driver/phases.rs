@@ -28,12 +28,14 @@ pub async fn rest(
     let window = procs.start();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut peak = monitor.connections().await?;
+    let mut last = peak.clone();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2).min(deadline - Instant::now())).await;
         let c = monitor.connections().await?;
         if c.total() > peak.total() {
-            peak = c;
+            peak = c.clone();
         }
+        last = c;
     }
     let costs = procs.finish(&window);
     let counters_after = monitor.counters().await?;
@@ -43,6 +45,9 @@ pub async fn rest(
     let secs = costs.seconds;
     let per_node: Vec<f64> = procs.nodes.iter().map(|n| peak.per_app.get(&n.name).map_or(0, |c| c.0) as f64).collect();
     let (cmin, cmed, cmax) = spread(&per_node);
+    // At the end of the window: what an idle node settles to (pools close idle connections).
+    let settled: Vec<f64> = procs.nodes.iter().map(|n| last.per_app.get(&n.name).map_or(0, |c| c.0) as f64).collect();
+    let (lmin, lmed, lmax) = spread(&settled);
     let (smin, _, smax) = spread(&sessions);
     let others: u64 =
         peak.per_app.iter().filter(|(app, _)| !procs.nodes.iter().any(|n| &&n.name == app)).map(|(_, c)| c.0).sum();
@@ -53,6 +58,10 @@ pub async fn rest(
         "- PostgreSQL connections to the registry: **{} in total** (peak over the window; {others} not from nodes), \
          per node min {cmin:.0} / median {cmed:.0} / max {cmax:.0}\n",
         peak.total() - others
+    );
+    md += &format!(
+        "- at the end of the window: {} in total, per node min {lmin:.0} / median {lmed:.0} / max {lmax:.0}\n",
+        settled.iter().sum::<f64>()
     );
     md += &format!(
         "- **registry at rest: {:.1} statements/s** (pg_stat_statements), {:.1} transactions/s (pg_stat_database, \
@@ -67,6 +76,7 @@ pub async fn rest(
         "nodes": procs.nodes.len(),
         "view_sessions": { "min": smin, "max": smax },
         "pg_connections": { "total": peak.total() - others, "per_node_min": cmin, "per_node_median": cmed, "per_node_max": cmax },
+        "pg_connections_at_end": { "total": settled.iter().sum::<f64>(), "per_node_min": lmin, "per_node_median": lmed, "per_node_max": lmax },
         "statements_per_s": finite(calls as f64 / secs),
         "xacts_per_s": finite(xacts as f64 / secs),
         "top_statements": crate::pg::deltas_json(&statements, secs, 8),

@@ -32,6 +32,38 @@ pub fn format_fraction(x: f64) -> String {
     format!("{rounded}")
 }
 
+/// What a node last wrote of its load, to skip writes that tell nothing new.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadReport {
+    pub load: [f64; 3],
+    pub cpus: u32,
+    pub pins_recent: u64,
+}
+
+/// Smallest change of a load average per CPU worth a write (issue 12: 50
+/// idle nodes wrote their unchanged load every `load-report-interval`).
+pub const LOAD_REPORT_STEP: f64 = 0.05;
+
+impl LoadReport {
+    /// Whether `self` should be written, given the report written last and
+    /// how long ago: when there is none, when it is older than `max_age`,
+    /// when the CPUs or the recent pins changed, or when a load average per
+    /// CPU moved by [`LOAD_REPORT_STEP`] or more.
+    pub fn worth_writing(
+        &self,
+        last: Option<&LoadReport>,
+        age: std::time::Duration,
+        max_age: std::time::Duration,
+    ) -> bool {
+        let Some(last) = last else { return true };
+        if age >= max_age || self.cpus != last.cpus || self.pins_recent != last.pins_recent {
+            return true;
+        }
+        let (now, then) = (per_cpu(self.load, self.cpus), per_cpu(last.load, last.cpus));
+        now.iter().zip(then).any(|(a, b)| (a - b).abs() >= LOAD_REPORT_STEP)
+    }
+}
+
 /// CPUs available to this process.
 pub fn cpu_count() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
@@ -40,6 +72,23 @@ pub fn cpu_count() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_report_is_written_only_when_it_says_something_new() {
+        use std::time::Duration;
+        let max = Duration::from_secs(300);
+        let last = LoadReport { load: [1.0, 1.0, 1.0], cpus: 4, pins_recent: 3 };
+        let now = |load: [f64; 3], cpus, pins_recent| LoadReport { load, cpus, pins_recent };
+        let young = Duration::from_secs(5);
+        assert!(last.worth_writing(None, young, max), "the first report");
+        assert!(!now([1.1, 1.0, 1.0], 4, 3).worth_writing(Some(&last), young, max), "0.025 per CPU: noise");
+        assert!(now([1.3, 1.0, 1.0], 4, 3).worth_writing(Some(&last), young, max), "0.075 per CPU");
+        assert!(now([1.0, 1.0, 0.7], 4, 3).worth_writing(Some(&last), young, max), "any of the three");
+        assert!(now([1.0, 1.0, 1.0], 2, 3).worth_writing(Some(&last), young, max), "CPUs changed");
+        assert!(now([1.0, 1.0, 1.0], 4, 4).worth_writing(Some(&last), young, max), "pins changed");
+        assert!(last.worth_writing(Some(&last), max, max), "unchanged but old");
+        assert!(!last.worth_writing(Some(&last), young, max));
+    }
 
     #[test]
     fn parses_proc_loadavg() {

@@ -212,6 +212,11 @@ pub enum ChangeEvent {
     Session(SessionRecord),
     /// A session ended.
     SessionDelete { key: String },
+    /// Sessions added, moved or given a user by one statement (PostgreSQL
+    /// announces a statement that changes several rows in batches).
+    Sessions { s: Vec<SessionRecord> },
+    /// Sessions ended by one statement.
+    SessionDeletes { keys: Vec<String> },
     /// Notifications may have been lost (connection lost, log pruned):
     /// reload everything.
     #[serde(skip)]
@@ -321,6 +326,20 @@ mod tests {
         );
         assert!(matches!(ev, ChangeEvent::Session(SessionRecord { node_id: None, .. })));
         assert_eq!(ChangeEvent::from_payload("garbage"), ChangeEvent::Resync);
+        // A statement that changed several rows (migration 0006), as PostgreSQL formats it.
+        let ev = ChangeEvent::from_payload(
+            r#"{"t":"sessions","at":5,"s":[{"key" : "a", "node_id" : 1, "user_name" : null, "kind" : "affinity", "created" : 1, "last_active" : 1},{"key" : "b", "node_id" : 2, "user_name" : "bo", "kind" : "user", "created" : 1, "last_active" : 2}]}"#,
+        );
+        let ChangeEvent::Sessions { s } = ev else { panic!("{ev:?}") };
+        assert_eq!((s[0].key.as_str(), s[1].node_id, s[1].user_name.as_deref()), ("a", Some(2), Some("bo")));
+        assert_eq!(
+            ChangeEvent::from_payload(r#"{"t":"session_deletes","at":5,"keys":["a","b"]}"#),
+            ChangeEvent::SessionDeletes { keys: vec!["a".into(), "b".into()] }
+        );
+        assert_eq!(
+            ChangeEvent::from_payload(r#"{"t":"session_delete","at":5,"key":"a"}"#),
+            ChangeEvent::SessionDelete { key: "a".into() }
+        );
         // Payloads carry the time of the change; older ones do not.
         assert_eq!(ChangeEvent::from_payload(r#"{"t":"cluster","at":1700000000123}"#), ChangeEvent::Cluster);
         assert_eq!(ChangeEvent::from_payload(r#"{"t":"node","id":7,"at":5}"#), ChangeEvent::Node { id: 7 });

@@ -222,16 +222,28 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
         }
     }));
 
+    // Load reports are written when they change (see LoadReport::worth_writing)
+    // or are older than the check-in interval: an idle cluster writes almost none.
     let c = ctx.clone();
+    let last_report: Arc<parking_lot::Mutex<Option<(load::LoadReport, std::time::Instant)>>> = Arc::default();
+    let max_age = cfg.cluster.checkin_interval;
     tasks.push(every(cfg.cluster.load_report_interval, shutdown.clone(), move || {
         let c = c.clone();
+        let last_report = last_report.clone();
         async move {
             let pins = c.view.pins().total(std::time::Instant::now());
             crate::metrics::METRICS.pins_recent.set(pins as i64);
             match load::read_loadavg(&c.config.node.loadavg_path) {
                 Ok(avg) => {
-                    if let Err(e) = c.registry.report_load(c.id, avg, load::cpu_count(), pins).await {
-                        tracing::debug!(error = %e, "load report failed");
+                    let report = load::LoadReport { load: avg, cpus: load::cpu_count(), pins_recent: pins };
+                    let last = *last_report.lock();
+                    let age = last.map_or(std::time::Duration::MAX, |(_, at)| at.elapsed());
+                    if !report.worth_writing(last.as_ref().map(|(r, _)| r), age, max_age) {
+                        return;
+                    }
+                    match c.registry.report_load(c.id, avg, report.cpus, pins).await {
+                        Ok(()) => *last_report.lock() = Some((report, std::time::Instant::now())),
+                        Err(e) => tracing::debug!(error = %e, "load report failed"),
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read the load average"),
@@ -257,7 +269,7 @@ pub fn spawn_background(ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) 
     }));
 
     let c = ctx.clone();
-    let expiry_every = (cfg.sessions.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let expiry_every = super::registry::expiry_period(cfg.sessions.idle_timeout);
     tasks.push(every(expiry_every, shutdown, move || {
         let c = c.clone();
         async move {

@@ -33,8 +33,15 @@ const CLUSTER_LOCK_ID: i64 = 0x736c_6231;
 /// Advisory lock id taken while the registry's schema is created or moved into ("slbS").
 const SCHEMA_LOCK_ID: i64 = 0x736c_6253;
 
-/// Idle pooled connections beyond the first are closed after this long.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pooled connections idle this long are closed. sqlx hands out idle
+/// connections first in, first out, so periodic work (a load report every
+/// few seconds) touches every idle connection in turn: a timeout of a
+/// minute kept a whole pool open forever on an idle node (4 connections per
+/// node at rest, 7 after a burst, in round 1 of issue 12); ten seconds still
+/// kept two or three (an idle node's statements come every 2.5 s). Five
+/// lets an idle node fall back to one or two pooled connections plus the
+/// LISTEN one; connections are only opened when work runs concurrently.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The registry on PostgreSQL.
 pub struct PgRegistry {
@@ -56,8 +63,10 @@ impl PgRegistry {
     /// Connect, make sure the schema exists (moving a registry left in
     /// `public` when that is safe), and run migrations (which take their own
     /// advisory lock, so nodes starting together are safe). The pool holds
-    /// at most `pool_size` connections for work plus one for LISTEN; idle
-    /// ones beyond the first are closed after a minute.
+    /// at most `pool_size` connections for work plus one for LISTEN, keeps
+    /// none open for their own sake, and closes idle ones after
+    /// [`IDLE_TIMEOUT`]: `nodes × (pool_size + 1)` bounds the cluster's
+    /// connections.
     pub async fn connect_with(url: &str, options: &RegistryOptions) -> Result<PgRegistry> {
         if !valid_schema_name(&options.schema) {
             return Err(RegistryError::Schema(format!("{:?} is not a valid schema name", options.schema)));
@@ -71,7 +80,7 @@ impl PgRegistry {
         let _ = conn.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1) + 1)
-            .min_connections(1)
+            .min_connections(0)
             .idle_timeout(IDLE_TIMEOUT)
             .acquire_timeout(timeout)
             .connect_with(base.options([("search_path", schema.as_str())]))
@@ -299,7 +308,12 @@ impl_registry!(
     PgRegistry,
     sqlx::Postgres,
     now = "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)",
-    keys_in_json = "(SELECT json_array_elements_text(CAST($1 AS json)))"
+    keys_in_json = "(SELECT json_array_elements_text(CAST($1 AS json)))",
+    // One node per period (the `expiry` row, migration 0007); the cutoff is
+    // computed once (an init plan), not per row; no run, no scan.
+    expire = "WITH gate AS (UPDATE sessionlb_housekeeping SET last_run = CAST(extract(epoch FROM now()) * 1000 AS BIGINT) \
+              WHERE task = 'expiry' AND last_run <= CAST(extract(epoch FROM now()) * 1000 AS BIGINT) - $2 RETURNING last_run) \
+              DELETE FROM sessionlb_sessions WHERE EXISTS (SELECT 1 FROM gate) AND last_active < (SELECT last_run FROM gate) - $1"
 );
 
 #[cfg(test)]

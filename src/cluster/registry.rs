@@ -60,6 +60,12 @@ pub struct NewSession<'a> {
     pub kind: SessionKind,
 }
 
+/// How often a node ends idle sessions (`idle-timeout` / 4, between 0.1
+/// and 60 s); on PostgreSQL one node per period does it for the cluster.
+pub fn expiry_period(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
+
 /// Notifications of registry changes, in order; `Resync` when some may
 /// have been lost.
 pub type ChangeStream = mpsc::Receiver<ChangeEvent>;
@@ -130,7 +136,9 @@ pub trait Registry: Send + Sync + 'static {
     async fn touch_sessions(&self, keys: &[String]) -> Result<u64>;
     /// Set the user of a session whose user was unknown.
     async fn set_session_user(&self, key: &str, user: &str) -> Result<()>;
-    /// End sessions idle for longer than `idle`; returns how many.
+    /// End sessions idle for longer than `idle`; returns how many. On
+    /// PostgreSQL one node per [`expiry_period`] does it for the cluster: a
+    /// call within 90 % of that period of another node's does nothing (0).
     async fn expire_idle_sessions(&self, idle: Duration) -> Result<u64>;
     async fn delete_session(&self, key: &str) -> Result<bool>;
     async fn get_session(&self, key: &str) -> Result<Option<SessionRecord>>;

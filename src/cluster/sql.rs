@@ -8,9 +8,11 @@
 
 /// Expand `impl Registry for $ty` over pool type `$db`. `$now` is the SQL
 /// expression for the database clock in ms; `$keys_in_json` a sub-select
-/// yielding the elements of the JSON array bound as `$1`.
+/// yielding the elements of the JSON array bound as `$1`; `$expire` the
+/// statement that ends sessions idle for more than `$1` ms, where `$2` ms is
+/// how long after another node's expiry a node's is skipped.
 macro_rules! impl_registry {
-    ($ty:ty, $db:ty, now = $now:literal, keys_in_json = $keys:literal) => {
+    ($ty:ty, $db:ty, now = $now:literal, keys_in_json = $keys:literal, expire = $expire:literal) => {
         const NODE_COLUMNS: &str = "id, host, port, ipv4, status, last_seen, load1, load5, load15, cpus, router, version, clock_skew_ms, offline_mode, started_at, pins_recent";
 
         fn node_from_row(row: &<$db as sqlx::Database>::Row) -> $crate::cluster::registry::Result<NodeRecord> {
@@ -333,8 +335,10 @@ macro_rules! impl_registry {
             }
 
             async fn expire_idle_sessions(&self, idle: Duration) -> Result<u64> {
-                let done = sqlx::query(concat!("DELETE FROM sessionlb_sessions WHERE last_active < ", $now, " - $1"))
-                    .bind(idle.as_millis() as i64)
+                let gate = $crate::cluster::registry::expiry_period(idle) * 9 / 10;
+                let done = sqlx::query($expire)
+                    .bind(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(gate.as_millis()).unwrap_or(i64::MAX))
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected())

@@ -146,5 +146,7 @@ impl_registry!(
     SqliteRegistry,
     sqlx::Sqlite,
     now = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
-    keys_in_json = "(SELECT value FROM json_each($1))"
+    keys_in_json = "(SELECT value FROM json_each($1))",
+    // One machine: no gate ($2 is bound for the shared statement shape).
+    expire = "DELETE FROM sessionlb_sessions WHERE last_active < CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) - $1 AND $2 >= 0"
 );

@@ -95,11 +95,41 @@ impl SessionEntry {
     }
 }
 
+/// An entry in the key index, hashed and compared by its record's key, so
+/// that the key is stored once (in the record), not again as the map's key.
+#[derive(Debug, Clone)]
+struct ByKey(Arc<SessionEntry>);
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: `Borrow<str>` lookups must agree.
+        self.0.record.key.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.record.key == other.0.record.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl std::borrow::Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.record.key
+    }
+}
+
+/// The sessions, indexed (issue 12: about 480 bytes per session in round 1,
+/// with the key stored three times and a hash set per user; now the key
+/// lives only in the record and a user's sessions are a short vector of the
+/// entries themselves).
 #[derive(Debug, Default)]
 struct SessionIndex {
-    by_key: HashMap<String, Arc<SessionEntry>>,
+    by_key: HashSet<ByKey>,
     per_node: HashMap<NodeId, usize>,
-    by_user: HashMap<String, HashSet<String>>,
+    by_user: HashMap<String, Vec<Arc<SessionEntry>>>,
 }
 
 impl SessionIndex {
@@ -113,27 +143,39 @@ impl SessionIndex {
         activity: Option<Arc<Activity>>,
         capacity: usize,
     ) -> (Arc<SessionEntry>, bool) {
-        let key = record.key.clone();
-        let known = self.by_key.get(&key).map(|e| e.activity.clone());
+        let known = self.get(&record.key).map(|e| e.activity.clone());
         let kept = known.is_some() || self.by_key.len() < capacity;
         let activity = activity.or(known).unwrap_or_default();
         let fresh = Arc::new(SessionEntry { record, activity });
         if !kept {
             return (fresh, false);
         }
-        self.remove(&key);
+        self.remove(&fresh.record.key);
         if let Some(node) = fresh.record.node_id {
             *self.per_node.entry(node).or_default() += 1;
         }
         if let Some(user) = &fresh.record.user_name {
-            self.by_user.entry(user.clone()).or_default().insert(key.clone());
+            match self.by_user.get_mut(user.as_str()) {
+                Some(entries) => entries.push(fresh.clone()),
+                None => {
+                    self.by_user.insert(user.clone(), vec![fresh.clone()]);
+                }
+            }
         }
-        self.by_key.insert(key, fresh.clone());
+        self.by_key.insert(ByKey(fresh.clone()));
         (fresh, true)
     }
 
+    fn get(&self, key: &str) -> Option<&Arc<SessionEntry>> {
+        self.by_key.get(key).map(|e| &e.0)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<SessionEntry>> {
+        self.by_key.iter().map(|e| &e.0)
+    }
+
     fn remove(&mut self, key: &str) -> Option<Arc<SessionEntry>> {
-        let old = self.by_key.remove(key)?;
+        let old = self.by_key.take(key)?.0;
         if let Some(node) = old.record.node_id
             && let Some(n) = self.per_node.get_mut(&node)
         {
@@ -143,10 +185,10 @@ impl SessionIndex {
             }
         }
         if let Some(user) = &old.record.user_name
-            && let Some(keys) = self.by_user.get_mut(user)
+            && let Some(entries) = self.by_user.get_mut(user.as_str())
         {
-            keys.remove(key);
-            if keys.is_empty() {
+            entries.retain(|e| !Arc::ptr_eq(e, &old));
+            if entries.is_empty() {
                 self.by_user.remove(user);
             }
         }
@@ -165,6 +207,15 @@ pub struct SessionMove {
     pub to: NodeId,
     /// When this node learned it (ms, local clock).
     pub at_ms: i64,
+}
+
+/// One announced change to the sessions (see [`ClusterView::apply_session_changes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionChange {
+    /// Added, moved, or its user set.
+    Upsert(SessionRecord),
+    /// Ended.
+    Remove(String),
 }
 
 /// How many recent moves the view keeps.
@@ -358,7 +409,7 @@ impl ClusterView {
     // --- sessions
 
     pub fn session(&self, key: &str) -> Option<Arc<SessionEntry>> {
-        self.sessions.read().by_key.get(key).cloned()
+        self.sessions.read().get(key).cloned()
     }
 
     /// The user's most recently active session that has a node.
@@ -373,7 +424,6 @@ impl ClusterView {
             .by_user
             .get(user)?
             .iter()
-            .filter_map(|k| index.by_key.get(k))
             .filter(|e| e.record.node_id.is_some_and(&usable))
             .max_by(|a, b| {
                 let recency = |e: &SessionEntry| (e.record.last_active.max(e.last_request()), e.record.created);
@@ -387,7 +437,7 @@ impl ClusterView {
     pub fn upsert_session(&self, record: SessionRecord) -> Arc<SessionEntry> {
         let (entry, kept) = {
             let mut index = self.sessions.write();
-            self.note_move(index.by_key.get(&record.key).map(|e| &e.record), &record);
+            self.note_move(index.get(&record.key).map(|e| &e.record), &record);
             let result = index.insert(record, None, self.session_capacity);
             METRICS.view_sessions.set(index.by_key.len() as i64);
             result
@@ -422,6 +472,30 @@ impl ClusterView {
         self.moves.lock().iter().rev().cloned().collect()
     }
 
+    /// Apply a batch of announced changes, in order, under one write lock
+    /// (a burst of notifications costs one lock, not one per change).
+    pub fn apply_session_changes(&self, changes: impl IntoIterator<Item = SessionChange>) {
+        let mut not_kept = 0;
+        {
+            let mut index = self.sessions.write();
+            for change in changes {
+                match change {
+                    SessionChange::Upsert(record) => {
+                        self.note_move(index.get(&record.key).map(|e| &e.record), &record);
+                        if !index.insert(record, None, self.session_capacity).1 {
+                            not_kept += 1;
+                        }
+                    }
+                    SessionChange::Remove(key) => {
+                        index.remove(&key);
+                    }
+                }
+            }
+            METRICS.view_sessions.set(index.by_key.len() as i64);
+        }
+        self.note_capacity(not_kept == 0, not_kept);
+    }
+
     pub fn remove_session(&self, key: &str) {
         let mut index = self.sessions.write();
         index.remove(key);
@@ -439,7 +513,7 @@ impl ClusterView {
             let mut index = self.sessions.write();
             let mut fresh = SessionIndex::default();
             for r in records {
-                let old = index.by_key.get(&r.key);
+                let old = index.get(&r.key);
                 self.note_move(old.map(|e| &e.record), &r);
                 let activity = old.map(|e| e.activity.clone());
                 if !fresh.insert(r, activity, self.session_capacity).1 {
@@ -488,7 +562,7 @@ impl ClusterView {
 
     /// All sessions (for the status page), sorted by key.
     pub fn sessions(&self) -> Vec<Arc<SessionEntry>> {
-        let mut all: Vec<_> = self.sessions.read().by_key.values().cloned().collect();
+        let mut all: Vec<_> = self.sessions.read().entries().cloned().collect();
         all.sort_by(|a, b| a.record.key.cmp(&b.record.key));
         all
     }
@@ -498,8 +572,7 @@ impl ClusterView {
     pub fn take_active_keys(&self) -> Vec<String> {
         let index = self.sessions.read();
         index
-            .by_key
-            .values()
+            .entries()
             .filter(|e| e.activity.last_request.swap(0, Ordering::Relaxed) != 0 || e.open_streams() > 0)
             .map(|e| e.record.key.clone())
             .collect()
@@ -511,7 +584,7 @@ impl ClusterView {
     pub fn restore_active_keys(&self, keys: &[String], now_ms: i64) {
         let index = self.sessions.read();
         for key in keys {
-            if let Some(entry) = index.by_key.get(key) {
+            if let Some(entry) = index.get(key) {
                 entry.touch(now_ms);
             }
         }
@@ -531,6 +604,26 @@ mod tests {
             created: 1,
             last_active,
         }
+    }
+
+    #[test]
+    fn a_batch_of_changes_applies_in_order_and_keeps_activity() {
+        let v = ClusterView::new(1);
+        let kept = v.upsert_session(session("a", Some(1), Some("ann"), 1));
+        kept.touch(50);
+        v.apply_session_changes([
+            SessionChange::Upsert(session("b", Some(2), None, 1)),
+            SessionChange::Upsert(session("a", Some(2), Some("ann"), 1)),
+            SessionChange::Remove("b".into()),
+            SessionChange::Upsert(session("b", Some(3), None, 1)),
+            SessionChange::Remove("never-seen".into()),
+        ]);
+        assert_eq!(v.session("a").unwrap().record.node_id, Some(2));
+        assert_eq!(v.session("b").unwrap().record.node_id, Some(3), "the later change wins");
+        assert_eq!(v.session_counts(), HashMap::from([(2, 1), (3, 1)]));
+        assert_eq!(v.take_active_keys(), vec!["a".to_string()], "a's activity carried over");
+        assert_eq!(v.recent_moves()[0].key, "a");
+        assert_eq!(v.latest_session_of("ann").unwrap().record.node_id, Some(2));
     }
 
     #[test]
@@ -748,5 +841,38 @@ mod tests {
         v.upsert_session(session("on-2", Some(2), Some("ann"), 200));
         assert_eq!(v.latest_session_where("ann", |n| n != 2).unwrap().record.key, "on-1");
         assert!(v.latest_session_where("ann", |_| false).is_none());
+    }
+}
+
+/// The view's memory per session, measured (issue 12): not a test, run with
+/// `cargo test --release --lib view_memory -- --ignored --nocapture`.
+#[cfg(test)]
+mod memory {
+    use super::*;
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn view_memory_per_session() {
+        let v = ClusterView::new(1);
+        let n = 100_000;
+        let before = rss_bytes();
+        for i in 0..n {
+            // Keys and users as the bulk phase of bench/scale.sh writes them.
+            v.upsert_session(SessionRecord {
+                key: format!("user:bulk-{i}"),
+                node_id: Some(i % 50),
+                user_name: Some(format!("bulk-{i}")),
+                kind: SessionKind::User,
+                created: 1,
+                last_active: 1,
+            });
+        }
+        let after = rss_bytes();
+        println!("view memory: {} bytes per session ({n} sessions)", (after - before) / n as u64);
     }
 }
