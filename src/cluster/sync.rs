@@ -30,6 +30,7 @@ const MAX_BATCH: usize = 4096;
 /// Load nodes, sessions and the cluster record into the view.
 pub async fn load_snapshot(registry: &dyn Registry, view: &ClusterView) -> Result<NodeChanges> {
     let nodes = registry.list_nodes().await?;
+    view.begin_snapshot();
     let sessions = registry.list_sessions().await?;
     let cluster = registry.cluster().await?;
     let changes = view.set_nodes(nodes);

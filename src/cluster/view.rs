@@ -246,6 +246,10 @@ pub struct ClusterView {
     /// Whether the capacity was reached (logged once per episode).
     at_capacity: AtomicBool,
     pins: RecentPins,
+    /// While a full snapshot is read ([`ClusterView::begin_snapshot`] until
+    /// [`ClusterView::set_sessions`]): the sessions this node upserted
+    /// meanwhile, which the snapshot may have been read too early to hold.
+    upserted_during_snapshot: parking_lot::Mutex<Option<Vec<SessionRecord>>>,
 }
 
 impl ClusterView {
@@ -267,6 +271,7 @@ impl ClusterView {
             session_capacity: capacity,
             at_capacity: AtomicBool::new(false),
             pins: RecentPins::new(),
+            upserted_during_snapshot: parking_lot::Mutex::new(None),
         }
     }
 
@@ -435,6 +440,9 @@ impl ClusterView {
     /// Insert or update a session; returns its entry as inserted (detached,
     /// not kept, when the view is full and the key is new).
     pub fn upsert_session(&self, record: SessionRecord) -> Arc<SessionEntry> {
+        if let Some(upserted) = self.upserted_during_snapshot.lock().as_mut() {
+            upserted.push(record.clone());
+        }
         let (entry, kept) = {
             let mut index = self.sessions.write();
             self.note_move(index.get(&record.key).map(|e| &e.record), &record);
@@ -502,9 +510,30 @@ impl ClusterView {
         METRICS.view_sessions.set(index.by_key.len() as i64);
     }
 
+    /// A full snapshot of the sessions is about to be read: remember the
+    /// sessions upserted from now on, so that [`ClusterView::set_sessions`]
+    /// keeps those the snapshot missed (a placement committed after the
+    /// snapshot's read is announced, but its notification can come before
+    /// the snapshot is installed and would be overwritten by it).
+    pub fn begin_snapshot(&self) {
+        *self.upserted_during_snapshot.lock() = Some(Vec::new());
+    }
+
     /// Replace all sessions (after a full reload), keeping local activity;
-    /// past the capacity, the most recently active ones are kept.
+    /// past the capacity, the most recently active ones are kept. Sessions
+    /// this node upserted since [`ClusterView::begin_snapshot`] that are not
+    /// in `records` are kept too.
     pub fn set_sessions(&self, mut records: Vec<SessionRecord>) {
+        if let Some(upserted) = self.upserted_during_snapshot.lock().take() {
+            let in_snapshot: HashSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
+            let mut missed: Vec<SessionRecord> =
+                upserted.into_iter().filter(|r| !in_snapshot.contains(r.key.as_str())).collect();
+            // The last upsert of a key wins, as it did in the view.
+            missed.reverse();
+            let mut seen = HashSet::new();
+            missed.retain(|r| seen.insert(r.key.clone()));
+            records.extend(missed);
+        }
         if records.len() > self.session_capacity {
             records.sort_by_key(|r| std::cmp::Reverse(r.last_active));
         }
@@ -669,6 +698,25 @@ mod tests {
         v.session("b").unwrap().stream_closed();
         v.session("b").unwrap().stream_closed();
         assert!(v.take_active_keys().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_read_before_a_local_placement_does_not_erase_it() {
+        let v = ClusterView::new(1);
+        v.upsert_session(session("old", Some(2), None, 1));
+        v.begin_snapshot();
+        // Placed here while the snapshot was being read (and not in it).
+        v.upsert_session(session("placed", Some(3), Some("ann"), 5));
+        v.upsert_session(session("moved", Some(2), None, 5));
+        v.upsert_session(session("moved", Some(3), None, 6));
+        v.set_sessions(vec![session("old", Some(2), None, 1), session("other", Some(2), None, 2)]);
+        assert_eq!(v.session("placed").unwrap().record.node_id, Some(3));
+        assert_eq!(v.session("moved").unwrap().record.node_id, Some(3), "the last upsert wins");
+        assert!(v.session("other").is_some());
+        // Without a snapshot in progress, a reload is the whole truth.
+        v.set_sessions(vec![session("other", Some(2), None, 2)]);
+        assert!(v.session("placed").is_none() && v.session("old").is_none());
+        assert_eq!(v.session_count(), 1);
     }
 
     #[test]
