@@ -258,5 +258,10 @@ async fn websocket_upgrades_are_never_torn_down_after_the_101() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {OPENS} WebSockets failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {OPENS} WebSockets failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }

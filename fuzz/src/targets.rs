@@ -293,7 +293,8 @@ pub fn forward_header(data: &[u8]) {
         if let Ok(f) = forward::verify(&KEY, value, ME, is_node, NOW_MS, WINDOW_MS, &REQUEST) {
             let time: i64 = value.split(';').nth(3).and_then(|t| t.parse().ok()).expect("a verified header has a time");
             let nonce = forward::nonce_of(value).expect("a verified header has a nonce");
-            let again = forward::sign_with_nonce(&KEY, f.sender, ME, time, nonce, &f.key, f.user.as_deref(), &REQUEST, "");
+            let again =
+                forward::sign_with_nonce(&KEY, f.sender, ME, time, nonce, &f.key, f.user.as_deref(), &REQUEST, "");
             assert_eq!(again, value, "a second spelling of a valid header verified");
         }
         assert!(forward::verify(&OTHER_KEY, value, ME, is_node, NOW_MS, WINDOW_MS, &REQUEST).is_err());

@@ -156,7 +156,8 @@ pub fn sign_with_nonce(
 ) -> String {
     let skey = B64.encode(session_key);
     let user = user.map(|u| B64.encode(u)).unwrap_or_default();
-    let (sender, target, time, nonce) = (sender.to_string(), target.to_string(), now_ms.to_string(), format!("{nonce:016x}"));
+    let (sender, target, time, nonce) =
+        (sender.to_string(), target.to_string(), now_ms.to_string(), format!("{nonce:016x}"));
     let tag = mac(key, &sender, &target, &time, &nonce, &skey, &user, req, framing).finalize().into_bytes();
     format!("{VERSION};{sender};{target};{time};{nonce};{skey};{user};{}", B64.encode(tag))
 }

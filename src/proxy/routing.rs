@@ -704,9 +704,13 @@ pub async fn fail_over(r: &Router, ctx: &mut RequestCtx) -> Result<()> {
         Via::Session(entry) if entry.record.kind == SessionKind::Backend => {
             if ctx.path_key.as_deref() == Some(entry.record.key.as_str()) {
                 // The key itself was asked for: it stays on its node while it may come back.
-                if let Some(left) =
-                    hold_backend_key(&r.view, &entry, reason, r.settings().config.cluster.backend_key_failover_after, now)
-                {
+                if let Some(left) = hold_backend_key(
+                    &r.view,
+                    &entry,
+                    reason,
+                    r.settings().config.cluster.backend_key_failover_after,
+                    now,
+                ) {
                     let result = hold(r, ctx, &entry, reason, left);
                     ctx.via = Via::Session(entry);
                     return result;
