@@ -6,8 +6,10 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, in a layer of their own that only Cargo.toml and
-# Cargo.lock invalidate: every target Cargo.toml names gets a stub.
+# Cargo.lock (and the patched crates in vendor/) invalidate: every target
+# Cargo.toml names gets a stub.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor ./vendor
 RUN mkdir -p src/bin benches integration && touch src/lib.rs \
     && for f in src/main.rs src/bin/demo_backend.rs integration/main.rs benches/locks.rs benches/routing.rs benches/cluster.rs benches/ops.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo build --release --locked --bins \

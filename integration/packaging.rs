@@ -152,6 +152,18 @@ fn the_docker_dependency_layer_stubs_every_cargo_target() {
     }
     let lib = manifest["lib"]["path"].as_str().unwrap();
     assert!(dockerfile.contains(&format!("touch {lib}")));
+    // Patched crates ([patch.crates-io] paths) must be there before the
+    // dependency build resolves them.
+    let dependency_build = dockerfile.find("&& cargo build").expect("the dependency build");
+    for (name, patch) in
+        manifest.get("patch").and_then(|p| p.get("crates-io")).and_then(|p| p.as_table()).into_iter().flatten()
+    {
+        let path = patch["path"].as_str().unwrap();
+        let top = path.split('/').next().unwrap();
+        let copied =
+            dockerfile.find(&format!("COPY {top} ./{top}")).unwrap_or_else(|| panic!("{name}: {top}/ is not copied"));
+        assert!(copied < dependency_build, "{name}: {top}/ is copied after the dependency build");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
