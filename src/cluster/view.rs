@@ -405,6 +405,27 @@ impl ClusterView {
         node.status == NodeStatus::Online && !node.offline_mode && !node.router && self.is_reachable(node.id)
     }
 
+    /// Every node of `nodes` for which `keep` holds among those eligible for
+    /// new sessions ([`ClusterView::is_eligible`]), with one read of the
+    /// reachability set for all of them (a request choosing a node reads it
+    /// once, not once per node).
+    pub fn eligible<'a, T>(
+        &self,
+        nodes: impl Iterator<Item = (&'a NodeRecord, T)>,
+        mut keep: impl FnMut(&NodeRecord) -> bool,
+    ) -> Vec<(&'a NodeRecord, T)> {
+        let unreachable = self.unreachable.read();
+        nodes
+            .filter(|(n, _)| {
+                n.status == NodeStatus::Online
+                    && !n.offline_mode
+                    && !n.router
+                    && !unreachable.contains(&n.id)
+                    && keep(n)
+            })
+            .collect()
+    }
+
     /// Whether existing sessions may be routed to this node: Online and
     /// reachable (offline mode still serves its sessions).
     pub fn can_serve(&self, node: &NodeRecord) -> bool {

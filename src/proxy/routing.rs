@@ -180,10 +180,10 @@ pub fn candidates(
     now: Instant,
 ) -> Vec<Candidate> {
     let nodes = view.nodes();
+    let eligible = view.eligible(nodes.with_addresses(), |n| !exclude.contains(&n.id) && (n.id != here || here_serves));
     let mut out: Vec<Candidate> = view.with_session_counts(|counts| {
-        nodes
-            .with_addresses()
-            .filter(|(n, _)| view.is_eligible(n) && !exclude.contains(&n.id) && (n.id != here || here_serves))
+        eligible
+            .into_iter()
             .map(|(n, address)| Candidate {
                 id: n.id,
                 address: address.clone(),
