@@ -91,6 +91,30 @@ pub struct NodeRecord {
     pub pins_recent: u64,
 }
 
+#[cfg(test)]
+impl NodeRecord {
+    /// A node row for tests: id 0, no address, Online, one CPU, nothing
+    /// else set; tests override what they need (`..NodeRecord::for_test()`).
+    pub(crate) fn for_test() -> NodeRecord {
+        NodeRecord {
+            id: 0,
+            host: String::new(),
+            port: 0,
+            ipv4: None,
+            status: NodeStatus::Online,
+            last_seen: None,
+            load: [0.0; 3],
+            cpus: 1,
+            router: false,
+            version: String::new(),
+            clock_skew_ms: None,
+            offline_mode: false,
+            started_at: None,
+            pins_recent: 0,
+        }
+    }
+}
+
 impl NodeRecord {
     /// `host:port`, the address peers use.
     pub fn address(&self) -> String {
@@ -298,17 +322,9 @@ mod tests {
             id: 1,
             host: "a".into(),
             port: 1,
-            ipv4: None,
             status: NodeStatus::Online,
             last_seen: Some(1_000_000),
-            load: [0.0; 3],
-            cpus: 1,
-            router: false,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
+            ..NodeRecord::for_test()
         };
         let interval = Duration::from_secs(300);
         assert_eq!(n.display_status(1_000_000 + 600_000, interval), "Online");

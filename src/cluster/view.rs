@@ -787,22 +787,8 @@ mod tests {
     #[test]
     fn node_changes_are_reported() {
         let v = ClusterView::new(1);
-        let mut n = NodeRecord {
-            id: 1,
-            host: "a".into(),
-            port: 1,
-            ipv4: None,
-            status: NodeStatus::Starting,
-            last_seen: None,
-            load: [0.0; 3],
-            cpus: 1,
-            router: false,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
-        };
+        let mut n =
+            NodeRecord { id: 1, host: "a".into(), port: 1, status: NodeStatus::Starting, ..NodeRecord::for_test() };
         assert_eq!(v.set_nodes(vec![n.clone()]).joined, vec!["a:1"]);
         n.status = NodeStatus::Online;
         n.offline_mode = true;
@@ -857,22 +843,8 @@ mod tests {
     #[test]
     fn an_outage_is_counted_from_when_the_node_was_first_seen_failing() {
         let v = ClusterView::new(1);
-        let mut n = NodeRecord {
-            id: 2,
-            host: "b".into(),
-            port: 1,
-            ipv4: None,
-            status: NodeStatus::Online,
-            last_seen: None,
-            load: [0.0; 3],
-            cpus: 1,
-            router: false,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
-        };
+        let mut n =
+            NodeRecord { id: 2, host: "b".into(), port: 1, status: NodeStatus::Online, ..NodeRecord::for_test() };
         v.set_nodes(vec![n.clone()]);
         let t0 = Instant::now();
         let later = t0 + std::time::Duration::from_secs(5);

@@ -147,17 +147,9 @@ mod tests {
             id,
             host: "10.0.0.1".into(),
             port: 8000 + id as u16,
-            ipv4: None,
             status: NodeStatus::Online,
             last_seen: Some(crate::cluster::node::local_now_ms()),
-            load: [0.0; 3],
-            cpus: 1,
-            router: false,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
+            ..NodeRecord::for_test()
         }
     }
 

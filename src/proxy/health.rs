@@ -319,22 +319,7 @@ mod tests {
     use crate::cluster::NodeRecord;
 
     fn node(id: NodeId, port: u16, status: NodeStatus, router: bool) -> NodeRecord {
-        NodeRecord {
-            id,
-            host: "127.0.0.1".into(),
-            port,
-            ipv4: None,
-            status,
-            last_seen: None,
-            load: [0.0; 3],
-            cpus: 1,
-            router,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
-        }
+        NodeRecord { id, host: "127.0.0.1".into(), port, status, router, ..NodeRecord::for_test() }
     }
 
     #[test]

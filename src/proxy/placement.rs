@@ -259,17 +259,9 @@ mod tests {
             id,
             host: format!("10.0.0.{id}"),
             port: 8787,
-            ipv4: None,
             status: NodeStatus::Online,
             last_seen: Some(0),
-            load: [0.0; 3],
-            cpus: 1,
-            router: false,
-            version: String::new(),
-            clock_skew_ms: None,
-            offline_mode: false,
-            started_at: None,
-            pins_recent: 0,
+            ..NodeRecord::for_test()
         }
     }
 

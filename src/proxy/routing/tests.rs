@@ -13,17 +13,9 @@ fn node(id: NodeId) -> NodeRecord {
         id,
         host: format!("127.0.0.{}", id + 1),
         port: 8787,
-        ipv4: None,
         status: NodeStatus::Online,
         last_seen: Some(0),
-        load: [0.0; 3],
-        cpus: 1,
-        router: false,
-        version: String::new(),
-        clock_skew_ms: None,
-        offline_mode: false,
-        started_at: None,
-        pins_recent: 0,
+        ..NodeRecord::for_test()
     }
 }
 
