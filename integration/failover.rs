@@ -189,20 +189,26 @@ async fn assert_moved_off(c: &Cluster, browser: &mut Browser, key: &str, dead: u
     }
 }
 
+/// A cluster probing every `interval`, a session on C, then C killed.
+async fn with_c_killed(interval: &str) -> (Cluster, Browser, String) {
+    let mut c = Cluster::start(ClusterOptions {
+        extra: format!("health-check-interval = \"{interval}\"\n{TRUST_LOOPBACK}"),
+        ..Default::default()
+    })
+    .await;
+    let browser = session_on(&c, 2).await;
+    let key = only_session_on(&c, 2).await;
+    c.nodes[2].proc.signal(Signal::KILL);
+    c.nodes[2].proc.wait_exit(Duration::from_secs(5));
+    (c, browser, key)
+}
+
 /// Passive health alone (probes off: one an hour): the first request that
 /// meets the dead node fails to connect, marks it and fails over; the move
 /// is counted as a connect failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_node_fails_over_by_the_passive_mark_with_probes_off() {
-    let mut c = Cluster::start(ClusterOptions {
-        extra: format!("health-check-interval = \"1h\"\n{TRUST_LOOPBACK}"),
-        ..Default::default()
-    })
-    .await;
-    let mut browser = session_on(&c, 2).await;
-    let key = only_session_on(&c, 2).await;
-    c.nodes[2].proc.signal(Signal::KILL);
-    c.nodes[2].proc.wait_exit(Duration::from_secs(5));
+    let (c, mut browser, key) = with_c_killed("1h").await;
     assert!(shown_reachable(&c, 0, 2).await, "no probe runs: A has not noticed yet");
     assert_moved_off(&c, &mut browser, &key, 2).await;
     assert_eq!(moves_for(&c, 0, "connect_failure").await, 1, "moved by the failed connect");
@@ -215,15 +221,7 @@ async fn killed_node_fails_over_by_the_passive_mark_with_probes_off() {
 /// request moves the session with the reason `unreachable`, no connect tried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_node_is_found_by_probes_alone_and_its_sessions_move_as_unreachable() {
-    let mut c = Cluster::start(ClusterOptions {
-        extra: format!("health-check-interval = \"300ms\"\n{TRUST_LOOPBACK}"),
-        ..Default::default()
-    })
-    .await;
-    let mut browser = session_on(&c, 2).await;
-    let key = only_session_on(&c, 2).await;
-    c.nodes[2].proc.signal(Signal::KILL);
-    c.nodes[2].proc.wait_exit(Duration::from_secs(5));
+    let (c, mut browser, key) = with_c_killed("300ms").await;
     eventually(Duration::from_secs(15), "A's probes to find C dead", || async {
         (!shown_reachable(&c, 0, 2).await).then_some(())
     })
